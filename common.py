@@ -1,0 +1,172 @@
+"""
+What train.py and sample.py share: nanoGPT-style command-line configuration
+(defaults -> --config NAME -> --key=value), device choice, and checkpoints
+(written atomically, read with weights_only=True, checked before use).
+"""
+
+import difflib
+import os
+import sys
+
+import torch
+
+from loopgpt import LoopGPT, LoopGPTConfig
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+CHECKPOINT_VERSION = 1
+
+
+def fail(msg):
+    """Stop with one readable line on stderr and exit code 1: no traceback for bad input."""
+    raise SystemExit(f"error: {msg}")
+
+
+def available_configs():
+    return sorted(f[:-3] for f in os.listdir(CONFIGS_DIR) if f.endswith(".py") and not f.startswith("_"))
+
+
+def _unknown_key(key, valid, where):
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    fail(f"unknown key '{key}' {where}{hint}. Valid keys: {', '.join(sorted(valid))}")
+
+
+def coerce(key, value, default):
+    """Turn a command-line string into the type of the key's default value."""
+    try:
+        if isinstance(default, bool):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            return tuple(int(v) for v in value.split(",") if v.strip())
+        return value
+    except ValueError:
+        kind = "comma-separated integers" if isinstance(default, tuple) else type(default).__name__
+        fail(f"--{key}={value}: expected {kind} (default is {default!r})")
+
+
+def _check_type(key, value, default, where):
+    ok = (isinstance(value, type(default)) or
+          (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)) or
+          (isinstance(default, tuple) and isinstance(value, list)))
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, bool):
+        ok = False
+    if not ok:
+        fail(f"{key}={value!r} {where}: expected {type(default).__name__} (default is {default!r})")
+    return tuple(value) if isinstance(default, tuple) else (float(value) if isinstance(default, float) else value)
+
+
+def parse_args(argv, defaults, allow_config=True, default_config=None):
+    """
+    defaults: {key: default value}; the default's type is the key's type.
+    Returns (values, explicitly_set_keys). Accepts `--config NAME`, `--config=NAME`
+    and `--key=value`, in any order; the config file is applied first.
+    """
+    values, explicit = dict(defaults), set()
+    config_name, overrides = default_config, []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            fail(f"unexpected argument '{arg}': use --key=value")
+        key, eq, val = arg[2:].partition("=")
+        if key == "config" and allow_config:
+            if not eq:
+                if not args:
+                    fail(f"--config needs a name. Available: {', '.join(available_configs())}")
+                val = args.pop(0)
+            config_name = val
+        elif not eq:
+            fail(f"'{arg}': use --{key}=value")
+        else:
+            overrides.append((key, val))
+    if config_name is not None:
+        path = os.path.join(CONFIGS_DIR, f"{config_name}.py")
+        if not os.path.isfile(path):
+            fail(f"unknown config '{config_name}'. Available: {', '.join(available_configs())}")
+        namespace = {}
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), namespace)
+        for key, val in namespace.items():
+            if key.startswith("_") or callable(val) or type(val).__name__ == "module":
+                continue
+            if key not in defaults:
+                _unknown_key(key, defaults, f"in configs/{config_name}.py")
+            values[key] = _check_type(key, val, defaults[key], f"in configs/{config_name}.py")
+            explicit.add(key)
+    for key, val in overrides:
+        if key not in defaults:
+            _unknown_key(key, defaults, "on the command line")
+        values[key] = coerce(key, val, defaults[key])
+        explicit.add(key)
+    values["config"] = config_name or ""
+    return values, explicit
+
+
+def model_config_defaults():
+    from dataclasses import fields
+    return {f.name: f.default for f in fields(LoopGPTConfig)}
+
+
+def detect_device(requested=""):
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            fail(f"device={requested} but CUDA is not available here; use --device=cpu")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- checkpoints -----------------------------------------------------------------------
+
+def save_checkpoint(obj, path):
+    """Write to a temp file, then rename: a crash mid-write never leaves a torn checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}; train one first, e.g.: python train.py --out_dir={os.path.dirname(path) or '.'}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holds objects we never save
+        fail(f"cannot read checkpoint {path} (corrupt or not a loopgpt checkpoint): {str(e).splitlines()[0]}")
+    needed = ("version", "model", "model_config", "iter_num", "data_meta")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+        fail(f"{path} is not a loopgpt checkpoint (needs keys: {', '.join(needed)})")
+    if ckpt["version"] != CHECKPOINT_VERSION:
+        fail(f"{path} has checkpoint version {ckpt['version']}, this code reads version {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, overrides=None):
+    """Build the model the checkpoint describes (optionally with some config keys changed) and load it."""
+    cfg_dict = dict(ckpt["model_config"])
+    valid = model_config_defaults()
+    unknown = [k for k in cfg_dict if k not in valid]
+    if unknown:
+        fail(f"checkpoint has model config keys this code does not know: {', '.join(unknown)}")
+    cfg_dict.update(overrides or {})
+    try:
+        model = LoopGPT(LoopGPTConfig(**cfg_dict))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError) as e:
+        fail(f"checkpoint does not fit the model config: {str(e).splitlines()[0]}")
+    return model
+
+
+def print_table(rows, header):
+    """A plain aligned table for the terminal."""
+    cols = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cols]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Dataset preparation: each data/<name>/prepare.py writes train.bin, val.bin and meta.json into its folder."""

@@ -1,0 +1,118 @@
+"""
+Shared helpers for the data/<name>/prepare.py scripts.
+
+A prepared dataset is a folder with (nanoGPT format):
+    train.bin, val.bin  flat np.uint16 token arrays; every document starts with EOT
+    meta.json           tokenizer dict, vocab size, token/doc/byte counts, source info
+meta.json is written last, so its presence (with both bins) means "prepared".
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+
+import numpy as np
+from tqdm import tqdm
+
+from tokenizer import load_tokenizer
+
+BATCH_DOCS = 256  # docs per encode_ordinary_batch call: big enough for tiktoken's threads
+
+
+def _encode_to_file(enc, docs, path, desc):
+    """Encode docs ([eot] + tokens each) and append them to path as uint16.
+    Streams batch by batch, so an iterator of docs never sits in memory at once.
+    Returns (n_tokens, n_docs, n_bytes)."""
+    n_tokens = n_docs = n_bytes = 0
+    total = len(docs) if hasattr(docs, "__len__") else None
+    with open(path, "wb") as f, tqdm(total=total, desc=desc, unit="doc",
+                                     disable=total is not None and total < 1000) as bar:
+        batch = []
+
+        def flush():
+            nonlocal n_tokens
+            for ids in enc.encode_ordinary_batch(batch):
+                arr = np.empty(len(ids) + 1, dtype=np.uint16)
+                arr[0] = enc.eot_token
+                arr[1:] = ids
+                arr.tofile(f)
+                n_tokens += len(arr)
+            bar.update(len(batch))
+            batch.clear()
+
+        for doc in docs:
+            batch.append(doc)
+            n_docs += 1
+            n_bytes += len(doc.encode("utf-8"))
+            if len(batch) == BATCH_DOCS:
+                flush()
+        flush()
+    return n_tokens, n_docs, n_bytes
+
+
+def write_dataset(out_dir, train_docs, val_docs, tok, source_meta):
+    """
+    Tokenize docs (lists or iterables of str) with the tokenizer dict tok and write
+    train.bin / val.bin / meta.json into out_dir, atomically: files are built in a
+    temp dir and moved into place with os.replace, meta.json last. Returns the meta dict.
+    """
+    enc = load_tokenizer(tok)
+    assert enc.n_vocab <= 65536, f"vocab of {enc.n_vocab} does not fit in uint16"
+    os.makedirs(out_dir, exist_ok=True)
+    # drop a stale meta.json first: otherwise, between the os.replace calls
+    # below, new bins next to the old meta would look like a prepared dataset
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=out_dir)  # same filesystem -> atomic rename
+    try:
+        counts = {}
+        for split, docs in (("train", train_docs), ("val", val_docs)):
+            counts[split] = _encode_to_file(enc, docs, os.path.join(tmp, f"{split}.bin"), split)
+        meta = {
+            "tokenizer": tok,
+            "vocab_size": enc.n_vocab,
+            "eot_token": enc.eot_token,
+            "dtype": "uint16",
+        }
+        for split, (n_tokens, n_docs, n_bytes) in counts.items():
+            meta[f"{split}_tokens"] = n_tokens
+            meta[f"{split}_docs"] = n_docs
+            meta[f"{split}_bytes"] = n_bytes  # utf-8 bytes of the text, for bits-per-byte
+        meta.update(source_meta)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        for name in ("train.bin", "val.bin", "meta.json"):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def is_prepared(out_dir):
+    """True if out_dir holds a complete dataset (meta.json is written last)."""
+    return all(os.path.exists(os.path.join(out_dir, n)) for n in ("meta.json", "train.bin", "val.bin"))
+
+
+def download(url, path, timeout=30):
+    """Stream url to path (temp file + rename). Offline: SystemExit with one line."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path),
+                      file=sys.stderr) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = (str(getattr(e, "reason", None) or e).splitlines() or ["?"])[0]
+        raise SystemExit(f"error: could not download {url} (no network?): {reason}") from None
+    return path

@@ -1,0 +1,80 @@
+"""
+Generate text from a trained LoopGPT at several loop budgets, side by side.
+
+    python sample.py                              # the model in out/, at its train budget
+    python sample.py --budgets=1,2,4,8            # same prompt and seed at four budgets
+    python sample.py --start="def " --max_new_tokens=100 --temperature=0.7
+    python sample.py --start=FILE:prompt.txt --num_samples=3
+
+Every budget restarts the random generator from the same seed, so the differences
+between budgets come from the loops alone.
+"""
+
+import sys
+import time
+
+import torch
+
+from common import detect_device, fail, load_checkpoint, model_from_checkpoint, parse_args, print_table
+from tokenizer import load_tokenizer
+
+defaults = dict(
+    out_dir="out",
+    start="\n",              # prompt text, or FILE:path to read it from a file
+    budgets=(),              # loop budgets M to compare; () = the train budget
+    num_samples=1,
+    max_new_tokens=200,
+    temperature=0.8,         # 0 = greedy
+    top_k=200,               # 0 = no top-k
+    seed=1337,
+    device="",
+    use_cache=True,
+)
+args, _ = parse_args(sys.argv[1:], defaults, allow_config=False)
+if args["num_samples"] < 1 or args["max_new_tokens"] < 1 or args["temperature"] < 0:
+    fail("need num_samples >= 1, max_new_tokens >= 1 and temperature >= 0")
+
+ckpt = load_checkpoint(f"{args['out_dir']}/ckpt.pt")
+model = model_from_checkpoint(ckpt)
+enc = load_tokenizer(ckpt["data_meta"]["tokenizer"])
+cfg = model.config
+budgets = args["budgets"] or (cfg.n_loops,)
+if any(M < 1 for M in budgets):
+    fail(f"budgets must be integers >= 1, got {','.join(map(str, budgets))}")
+device = detect_device(args["device"])
+model.to(device).eval()
+
+start = args["start"]
+if start.startswith("FILE:"):
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    except OSError as e:
+        fail(f"cannot read prompt file: {e}")
+start_ids = enc.encode(start, allowed_special="all") if start else [enc.eot_token]
+if len(start_ids) > cfg.block_size:
+    print(f"note: the prompt has {len(start_ids)} tokens; keeping the last block_size={cfg.block_size}")
+    start_ids = start_ids[-cfg.block_size:]
+x = torch.tensor([start_ids], dtype=torch.long, device=device)
+
+print(f"{args['out_dir']}/ckpt.pt: {model.summary()}, trained {ckpt['iter_num']} steps")
+rows = []
+for M in budgets:
+    torch.manual_seed(args["seed"])
+    t0 = time.time()
+    texts = []
+    for _ in range(args["num_samples"]):
+        y = model.generate(x, args["max_new_tokens"], loops=M, temperature=args["temperature"],
+                           top_k=args["top_k"] or None, use_cache=args["use_cache"])
+        new = [t for t in y[0, len(start_ids):].tolist() if t < enc.n_vocab]  # drop padded-vocab ids
+        texts.append(enc.decode(new))
+    dt = time.time() - t0
+    tok_s = args["num_samples"] * args["max_new_tokens"] / dt
+    rows.append((M, model.effective_depth(M), f"{tok_s:.1f}"))
+    print(f"\n━━━ budget M={M} | effective depth {model.effective_depth(M)} | {tok_s:.1f} tokens/s ━━━")
+    for i, text in enumerate(texts):
+        if i:
+            print("  ---")
+        print(start + text)
+print()
+print(print_table(rows, ["budget M", "depth", "tokens/s"]))

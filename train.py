@@ -1,0 +1,323 @@
+"""
+Train a LoopGPT. One file, nanoGPT-style:
+
+    python train.py                                  # config `tiny`: CPU, built-in corpus, minutes
+    python train.py --config base_loop --n_loops=8   # a named config, then --key=value overrides
+    torchrun --nproc_per_node=2 train.py --config tiny   # DDP (gloo on CPU, nccl on GPU)
+    python train.py --resume=True                    # continue exactly from out_dir/ckpt.pt
+
+Settings come from TrainConfig below and LoopGPTConfig (loopgpt.py), then configs/NAME.py,
+then the command line. Every process sees different batches; the batch of global
+micro-step m at step s depends only on (seed, s, m), so a run on W processes sees the
+same global batch as one process, and a resumed run sees the batches it would have seen.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (CHECKPOINT_VERSION, detect_device, fail, load_checkpoint, model_config_defaults,
+                    model_from_checkpoint, parse_args, save_checkpoint)
+from loopgpt import LoopGPT, LoopGPTConfig
+from tokenizer import load_tokenizer, token_byte_lengths
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    dataset: str = "pydoc"        # a folder data/<dataset>/ with train.bin, val.bin, meta.json
+    data_dir: str = ""            # override the folder
+    eval_interval: int = 100
+    eval_iters: int = 20          # val batches per budget
+    eval_budgets: tuple = ()      # loop budgets to evaluate; () = 1, L/2, L, 2L
+    log_interval: int = 10
+    always_save_checkpoint: bool = True
+    resume: bool = False
+    seed: int = 1337
+    # batch: tokens per step = batch_size * block_size * grad_accum_steps (global)
+    batch_size: int = 16          # rows per micro-step per process
+    grad_accum_steps: int = 1     # global micro-steps per step, split over processes
+    # optimizer: AdamW, warmup then cosine (or warmup-stable-decay) to min_lr
+    learning_rate: float = 3e-3
+    min_lr: float = 3e-4
+    max_iters: int = 1000
+    lr_decay_iters: int = 0       # 0 = max_iters; set it larger to stop a run early on purpose
+    warmup_iters: int = 50
+    lr_schedule: str = "cosine"   # cosine | wsd
+    wsd_decay_frac: float = 0.2   # wsd: the last fraction of steps decays linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0        # 0 = off
+    # system
+    device: str = ""              # "" = cuda if available, else cpu
+    compile: bool = False
+
+
+# ---- configuration -----------------------------------------------------------------------
+
+train_defaults = {f.name: f.default for f in fields(TrainConfig)}
+model_defaults = model_config_defaults()
+args, explicit = parse_args(sys.argv[1:], {**train_defaults, **model_defaults}, default_config="tiny")
+tc = TrainConfig(**{k: args[k] for k in train_defaults})
+if tc.lr_schedule not in ("cosine", "wsd"):
+    fail(f"lr_schedule={tc.lr_schedule!r} (valid: cosine, wsd)")
+for key in ("max_iters", "eval_interval", "eval_iters", "batch_size", "grad_accum_steps", "log_interval"):
+    if getattr(tc, key) < 1:
+        fail(f"{key} must be >= 1, got {getattr(tc, key)}")
+
+# ---- distributed setup -------------------------------------------------------------------
+
+ddp = int(os.environ.get("RANK", -1)) != -1
+device = detect_device(tc.device)
+if ddp:
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+else:
+    rank, local_rank, world = 0, 0, 1
+master = rank == 0
+if tc.grad_accum_steps % world:
+    fail(f"grad_accum_steps={tc.grad_accum_steps} must be divisible by the number of processes ({world})")
+accum_local = tc.grad_accum_steps // world
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+
+
+def log(msg):
+    if master:
+        tqdm.write(msg)
+
+
+# ---- data --------------------------------------------------------------------------------
+
+data_dir = tc.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", tc.dataset)
+meta_path = os.path.join(data_dir, "meta.json")
+if not os.path.exists(meta_path):
+    if tc.dataset == "pydoc":  # the built-in corpus needs no network: make it on first use
+        if master:
+            print(f"first use: preparing the built-in corpus (Python's pydoc topics) into {data_dir} ...")
+            from data.pydoc.prepare import prepare
+            prepare(out_dir=data_dir)
+    else:
+        fail(f"dataset '{tc.dataset}' is not prepared (no {meta_path}); prepare it with: "
+             f"python data/{tc.dataset}/prepare.py")
+if ddp:
+    dist.barrier()  # the other ranks wait for rank 0 to prepare the data
+with open(meta_path) as f:
+    meta = json.load(f)
+enc = load_tokenizer(meta["tokenizer"])
+token_bytes = torch.tensor(token_byte_lengths(enc), dtype=torch.float32, device=device)
+
+
+def load_split(split):
+    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+
+
+def get_batch(split, rng, B, T):
+    data = load_split(split)  # a fresh memmap per batch avoids a known memory leak (nanoGPT)
+    if len(data) <= T + 1:
+        fail(f"{split}.bin has {len(data)} tokens, fewer than block_size+1={T + 1}")
+    ix = rng.integers(0, len(data) - T - 1, size=B)
+    x = torch.from_numpy(np.stack([data[i:i + T].astype(np.int64) for i in ix]))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T].astype(np.int64) for i in ix]))
+    if device_type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
+
+
+# ---- model, optimizer, resume -----------------------------------------------------------
+
+ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+model_keys = {k: args[k] for k in model_defaults}
+if "vocab_size" not in explicit:  # from the data, padded up to a multiple of 64 for fast matmuls
+    model_keys["vocab_size"] = (enc.n_vocab + 63) // 64 * 64
+if model_keys["vocab_size"] < enc.n_vocab:
+    fail(f"vocab_size={model_keys['vocab_size']} is smaller than the tokenizer's {enc.n_vocab} tokens")
+iter_num, best_val_loss = 0, float("inf")
+if tc.resume:
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt["data_meta"].get("tokenizer") != meta["tokenizer"]:
+        fail(f"{ckpt_path} was trained with another tokenizer than {data_dir} has")
+    # the checkpoint's model config wins, except for keys given explicitly (e.g. n_loops)
+    changed = {k: model_keys[k] for k in explicit if k in model_defaults}
+    model = model_from_checkpoint(ckpt, changed)
+    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+else:
+    try:
+        model_cfg = LoopGPTConfig(**model_keys)
+    except ValueError as e:
+        fail(str(e))
+    torch.manual_seed(tc.seed)
+    model = LoopGPT(model_cfg)
+cfg = model.config
+model.to(device)
+optimizer = model.configure_optimizer(tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), device_type)
+if tc.resume:
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    del ckpt
+raw_model = model
+if tc.compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+T = cfg.block_size
+tokens_per_step = tc.batch_size * T * tc.grad_accum_steps
+eval_budgets = tc.eval_budgets or tuple(sorted({1, max(1, cfg.n_loops // 2), cfg.n_loops, 2 * cfg.n_loops}))
+if any(m < 1 for m in eval_budgets):
+    fail(f"eval_budgets must all be >= 1, got {eval_budgets}")
+flops_per_token = raw_model.flops_per_token()
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "3090": 71e12}
+peak_flops = None
+if device_type == "cuda":
+    name = torch.cuda.get_device_name(device)
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+if master:
+    os.makedirs(tc.out_dir, exist_ok=True)
+    print(raw_model.summary())
+    print(f"data: {data_dir} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {enc.n_vocab}) | "
+          f"device {device} x{world} | {tokens_per_step:,} tokens/step | "
+          f"{'resuming at step ' + str(iter_num) if tc.resume else 'from scratch'}")
+
+
+def get_lr(it):
+    decay_iters = tc.lr_decay_iters or tc.max_iters
+    if it < tc.warmup_iters:
+        return tc.learning_rate * (it + 1) / tc.warmup_iters
+    if it >= decay_iters:
+        return tc.min_lr
+    if tc.lr_schedule == "cosine":
+        ratio = (it - tc.warmup_iters) / max(1, decay_iters - tc.warmup_iters)
+        return tc.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (tc.learning_rate - tc.min_lr)
+    decay_start = decay_iters - int(tc.wsd_decay_frac * decay_iters)  # wsd: stable, then linear decay
+    if it < decay_start:
+        return tc.learning_rate
+    return tc.learning_rate + (tc.min_lr - tc.learning_rate) * (it - decay_start) / max(1, decay_iters - decay_start)
+
+
+@torch.no_grad()
+def evaluate():
+    """Val loss (nats/token) and bits per byte at each budget; the batches are split over ranks."""
+    raw_model.eval()
+    results = {}
+    for M in eval_budgets:
+        sums = torch.zeros(4, device=device)  # nats, tokens, bits on byte-carrying tokens, bytes
+        for i in range(rank, tc.eval_iters, world):
+            x, y = get_batch("val", np.random.default_rng([tc.seed, 1, i]), tc.batch_size, T)
+            with autocast:
+                logits, _ = raw_model(x, loops=M)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
+            nbytes = token_bytes[y.view(-1)]  # special tokens have no bytes and count in neither
+            sums += torch.stack([loss.sum(), loss.new_tensor(loss.numel()),
+                                 (loss * (nbytes > 0)).sum() / math.log(2), nbytes.sum()])
+        if ddp:
+            dist.all_reduce(sums)
+        results[M] = {"loss": (sums[0] / sums[1]).item(), "bpb": (sums[2] / sums[3]).item()}
+    raw_model.train()
+    return results
+
+
+def checkpoint():
+    save_checkpoint({
+        "version": CHECKPOINT_VERSION,
+        "model": raw_model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "model_config": cfg.to_dict(),
+        "train_config": asdict(tc),
+        "iter_num": iter_num,
+        "best_val_loss": best_val_loss,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
+        "data_meta": meta,
+    }, ckpt_path)
+
+
+def write_jsonl(record):
+    if master:
+        with open(os.path.join(tc.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ---- the training loop -----------------------------------------------------------------
+
+pbar = tqdm(total=tc.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc="train")
+t_start = time.time()
+tok_per_s = None
+while iter_num < tc.max_iters:
+    t0 = time.time()
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum_local):
+        m = rank * accum_local + micro  # this process's share of the global micro-steps
+        x, y = get_batch("train", np.random.default_rng([tc.seed, 0, iter_num, m]), tc.batch_size, T)
+        if ddp:  # all-reduce gradients only on the last micro-step
+            model.require_backward_grad_sync = micro == accum_local - 1
+        with autocast:
+            _, loss = model(x, targets=y)
+        (loss / accum_local).backward()
+        loss_sum += loss.detach()
+    if ddp:
+        dist.all_reduce(loss_sum)
+    train_loss = loss_sum.item() / tc.grad_accum_steps
+    if not math.isfinite(train_loss):
+        pbar.close()
+        fail(f"loss is {train_loss} at step {iter_num + 1}: training stopped, nothing saved; "
+             f"the last good checkpoint (if any) is still {ckpt_path}. Try a lower learning_rate.")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+
+    dt = time.time() - t0
+    if iter_num > 1 or tc.resume:  # the first step pays for warm-up; keep it out of the average
+        tok_per_s = tokens_per_step / dt if tok_per_s is None else 0.9 * tok_per_s + 0.1 * tokens_per_step / dt
+    mfu = flops_per_token * tok_per_s / (peak_flops * world) if (peak_flops and tok_per_s) else None
+    pbar.update(1)
+    pbar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_per_s or 0:,.0f}",
+                     mfu=f"{100 * mfu:.1f}%" if mfu else "n/a")
+    if iter_num % tc.log_interval == 0:
+        write_jsonl({"type": "train", "step": iter_num, "loss": train_loss, "lr": lr,
+                     "grad_norm": grad_norm.item(), "tok_per_s": tok_per_s, "mfu": mfu,
+                     "elapsed_s": time.time() - t_start})
+
+    if iter_num % tc.eval_interval == 0 or iter_num == tc.max_iters:
+        res = evaluate()
+        val = res[cfg.n_loops]["loss"] if cfg.n_loops in res else min(r["loss"] for r in res.values())
+        per_budget = "  ".join(f"M={M} {r['loss']:.3f} ({r['bpb']:.3f})" for M, r in res.items())
+        log(f"step {iter_num}/{tc.max_iters} | train {train_loss:.3f} | val loss (bpb): {per_budget} | "
+            f"lr {lr:.2e} | {time.time() - t_start:.0f}s")
+        write_jsonl({"type": "eval", "step": iter_num, "train_loss": train_loss,
+                     "val": {str(M): r for M, r in res.items()}, "elapsed_s": time.time() - t_start})
+        improved = val < best_val_loss
+        best_val_loss = min(best_val_loss, val)
+        if master and (tc.always_save_checkpoint or improved or iter_num == tc.max_iters):
+            checkpoint()
+pbar.close()
+if master:
+    print(f"done: {iter_num} steps in {time.time() - t_start:.0f}s; checkpoint {ckpt_path}, log {tc.out_dir}/log.jsonl")
+if ddp:
+    dist.destroy_process_group()
