@@ -72,6 +72,8 @@ train_defaults = {f.name: f.default for f in fields(TrainConfig)}
 model_defaults = model_config_defaults()
 args, explicit = parse_args(sys.argv[1:], {**train_defaults, **model_defaults}, default_config="tiny")
 tc = TrainConfig(**{k: args[k] for k in train_defaults})
+if not (0 < tc.learning_rate < math.inf and 0 <= tc.min_lr < math.inf):
+    fail(f"need a finite learning_rate > 0 and min_lr >= 0, got {tc.learning_rate} and {tc.min_lr}")
 if tc.lr_schedule not in ("cosine", "wsd"):
     fail(f"lr_schedule={tc.lr_schedule!r} (valid: cosine, wsd)")
 for key in ("max_iters", "eval_interval", "eval_iters", "batch_size", "grad_accum_steps", "log_interval"):

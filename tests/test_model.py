@@ -1,0 +1,243 @@
+"""Model tests: the block against a hand-written reference, weight sharing, the loop, KV cache."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loopgpt import INJECTIONS, KVCache, LoopGPT, LoopGPTConfig, apply_rotary, norm
+
+
+def small_config(**kw):
+    base = dict(vocab_size=61, block_size=24, n_embd=32, n_head=4, n_kv_head=2,
+                n_prelude=1, n_core=2, n_coda=1, n_loops=3)
+    base.update(kw)
+    return LoopGPTConfig(**base)
+
+
+def random_model(seed=0, **kw):
+    """A model whose output projections are not zero, so every block really acts."""
+    torch.manual_seed(seed)
+    model = LoopGPT(small_config(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.normal_(std=0.3 / math.sqrt(p.size(1)))
+    return model.eval()
+
+
+def reference_attention(attn, x, cos, sin):
+    """Causal attention written out with explicit loops-free math, RoPE, QK-norm and GQA."""
+    B, T, C = x.shape
+    H, Hkv, hd = attn.n_head, attn.n_kv_head, attn.head_dim
+    q = (x @ attn.q.weight.T).view(B, T, H, hd).transpose(1, 2)
+    k = (x @ attn.k.weight.T).view(B, T, Hkv, hd).transpose(1, 2)
+    v = (x @ attn.v.weight.T).view(B, T, Hkv, hd).transpose(1, 2)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q = q / q.pow(2).mean(-1, keepdim=True).add(torch.finfo(q.dtype).eps).sqrt()
+    k = k / k.pow(2).mean(-1, keepdim=True).add(torch.finfo(k.dtype).eps).sqrt()
+    k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+    att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    y = (att @ v).transpose(1, 2).reshape(B, T, C)
+    return y @ attn.proj.weight.T
+
+
+def test_attention_matches_reference():
+    model = random_model()
+    attn = model.core[0].attn
+    x = torch.randn(2, 10, 32)
+    cos, sin = model.rope_cos[:10], model.rope_sin[:10]
+    torch.testing.assert_close(attn(x, (cos, sin)), reference_attention(attn, x, cos, sin), atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_is_relative():
+    # RoPE: the score between positions i and j depends only on i - j
+    model = random_model()
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    cos, sin = model.rope_cos, model.rope_sin
+
+    def score(i, j):
+        return (apply_rotary(q, cos[i], sin[i]) * apply_rotary(k, cos[j], sin[j])).sum()
+
+    torch.testing.assert_close(score(5, 2), score(13, 10))
+    assert not torch.allclose(score(5, 2), score(5, 3))
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_param_count_independent_of_loops(injection):
+    counts = {L: LoopGPT(small_config(n_loops=L, injection=injection)).num_params() for L in (1, 4, 16)}
+    assert len(set(counts.values())) == 1
+    shapes = [{k: v.shape for k, v in LoopGPT(small_config(n_loops=L)).state_dict().items()} for L in (1, 9)]
+    assert shapes[0] == shapes[1]
+
+
+def test_core_weights_shared_across_loops():
+    model = random_model()
+    calls = []
+    hook = model.core[0].register_forward_hook(lambda mod, inp, out: calls.append(1))
+    idx = torch.randint(0, 61, (1, 8))
+    for M in (1, 3, 7):
+        calls.clear()
+        model(idx, loops=M)
+        assert len(calls) == M
+    hook.remove()
+    # the one set of core weights gets its gradient through the loops
+    model.train()
+    x, y = torch.randint(0, 61, (2, 8)), torch.randint(0, 61, (2, 8))
+    _, loss = model(x, y, loops=4)
+    loss.backward()
+    assert model.core[0].attn.q.weight.grad is not None
+    assert model.core[0].attn.q.weight.grad.abs().sum() > 0
+
+
+def test_budget_changes_output_and_accepts_M_beyond_L():
+    model = random_model()
+    idx = torch.randint(0, 61, (2, 8))
+    outs = [model(idx, loops=M)[0] for M in (1, 3, 6)]
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+    torch.testing.assert_close(model(idx)[0], outs[1])  # default budget = n_loops
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="loop budget"):
+            model(idx, loops=bad)
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_zero_init_blocks_are_identity(injection):
+    # zero-initialised output projections make every block the identity at init, so
+    # the untrained model's logits cannot depend on the loop budget
+    torch.manual_seed(0)
+    model = LoopGPT(small_config(injection=injection)).eval()
+    idx = torch.randint(0, 61, (2, 8))
+    torch.testing.assert_close(model(idx, loops=1)[0], model(idx, loops=9)[0])
+
+
+def test_looped_model_at_one_loop_is_the_plain_stack():
+    # prelude + core⊗1 + coda is just a stack of n_prelude + n_core + n_coda blocks
+    looped = random_model(n_prelude=1, n_core=2, n_coda=1, n_loops=3)
+    plain = LoopGPT(small_config(n_prelude=0, n_core=4, n_coda=0, n_loops=1)).eval()
+    sd = looped.state_dict()
+    # map: prelude.0 -> core.0, core.0 -> core.1, core.1 -> core.2, coda.0 -> core.3
+    mapping = {"prelude.0.": "core.0.", "core.0.": "core.1.", "core.1.": "core.2.", "coda.0.": "core.3."}
+    renamed = {}
+    for k, v in sd.items():
+        for src, dst in mapping.items():
+            if k.startswith(src):
+                k = dst + k[len(src):]
+                break
+        renamed[k] = v
+    plain.load_state_dict(renamed)
+    idx = torch.randint(0, 61, (2, 10))
+    torch.testing.assert_close(looped(idx, loops=1)[0], plain(idx)[0])
+
+
+def test_add_injection_reduces_to_none_at_one_loop():
+    # loop 1 is a plain pass in every variant: LTi == LT when M = 1, and differs after
+    a, b = random_model(injection="none"), random_model(injection="add")
+    idx = torch.randint(0, 61, (2, 8))
+    torch.testing.assert_close(a(idx, loops=1)[0], b(idx, loops=1)[0])
+    assert not torch.allclose(a(idx, loops=2)[0], b(idx, loops=2)[0])
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+@pytest.mark.parametrize("M", [1, 3, 6])  # 1, n_loops, 2 * n_loops
+def test_cached_decoding_equals_full_forward(injection, M):
+    model = random_model(injection=injection)
+    idx = torch.randint(0, 61, (2, 20))
+    full, _ = model(idx, loops=M)
+    cache = model.new_cache(M)
+    steps = [model(idx[:, :7], loops=M, cache=cache)[0]]              # prefill
+    steps.append(model(idx[:, 7:10], loops=M, cache=cache)[0])        # a chunk after a prefix
+    steps += [model(idx[:, t:t + 1], loops=M, cache=cache)[0] for t in range(10, 20)]  # one by one
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+@pytest.mark.parametrize("M", [1, 3, 6])
+def test_cached_generation_equals_uncached(injection, M):
+    model = random_model(injection=injection)
+    prompt = torch.randint(0, 61, (2, 5))
+    # 30 new tokens run past block_size=24, where the window starts to slide
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_k=20)):
+        out = []
+        for use_cache in (True, False):
+            g = torch.Generator().manual_seed(7)
+            out.append(model.generate(prompt, 30, loops=M, use_cache=use_cache, generator=g, **kw))
+        assert out[0].shape == (2, 35)
+        assert torch.equal(out[0], out[1])
+
+
+def test_cache_has_one_slot_per_loop_and_layer():
+    model = random_model()
+    cache = model.new_cache(5)
+    assert cache.n_slots == 1 + 2 * 5 + 1
+    model(torch.randint(0, 61, (1, 4)), loops=5, cache=cache)
+    assert cache.pos == 4 and cache.k.shape[:4] == (12, 1, 2, 24)
+    # every slot was written: keys of different loops differ
+    assert not torch.allclose(cache.k[1, :, :, :4], cache.k[3, :, :, :4])
+
+
+def test_too_long_input_is_an_error():
+    model = random_model()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_softcap_bounds_logits_and_tied_embeddings():
+    model = random_model(softcap=2.0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)
+    logits, _ = model(torch.randint(0, 61, (1, 8)))
+    assert logits.abs().max() <= 2.0
+    tied = LoopGPT(small_config(tie_embeddings=True))
+    assert tied.lm_head.weight is tied.wte.weight
+    assert LoopGPT(small_config()).num_params() - tied.num_params() == 61 * 32
+
+
+def test_gelu_mlp_and_no_gqa_run():
+    model = random_model(mlp="gelu", n_kv_head=0)
+    assert model.config.n_kv_head == 4
+    logits, loss = model(torch.randint(0, 61, (2, 8)), torch.randint(0, 61, (2, 8)))
+    assert logits.shape == (2, 8, 61) and loss.ndim == 0
+
+
+def test_bad_config_lists_valid_values():
+    with pytest.raises(ValueError, match="valid: none, add"):
+        small_config(injection="bogus")
+    with pytest.raises(ValueError, match="n_kv_head"):
+        small_config(n_head=4, n_kv_head=3)
+
+
+def test_loss_ignores_minus_one_targets():
+    model = random_model()
+    x, y = torch.randint(0, 61, (2, 8)), torch.randint(0, 61, (2, 8))
+    y_masked = y.clone()
+    y_masked[:, :4] = -1
+    logits, loss = model(x, y_masked)
+    expected = F.cross_entropy(logits[:, 4:].reshape(-1, 61), y[:, 4:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_overfits_one_batch(injection):
+    torch.manual_seed(0)
+    model = LoopGPT(small_config(injection=injection))
+    x = torch.randint(0, 61, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    opt = model.configure_optimizer(0.0, 1e-2, (0.9, 0.95), "cpu")
+    first = None
+    for _ in range(80):
+        _, loss = model(x, y)
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 4.0 and loss.item() < 0.5, (first, loss.item())
+
+
+def test_flops_grow_with_loops_params_do_not():
+    model = LoopGPT(small_config())
+    assert model.flops_per_token(6) > model.flops_per_token(3) > model.flops_per_token(1)
+    assert model.effective_depth(6) == 1 + 2 * 6 + 1
+    assert "unique params" in model.summary()

@@ -1,0 +1,135 @@
+"""train.py and sample.py end to end, run as a user runs them: config errors, resume exactness,
+NaN stop, checkpoints, a 2-process torchrun (gloo) against one process, sampling."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a very small model so that each run takes seconds
+SMALL = ["--n_embd=32", "--n_head=2", "--n_prelude=1", "--n_core=1", "--n_coda=1", "--n_loops=2",
+         "--block_size=32", "--batch_size=4", "--eval_iters=2", "--warmup_iters=2", "--log_interval=1"]
+
+
+def run(script, *args, ok=True, cmd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd or [sys.executable, script, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
+    if not ok:
+        assert proc.returncode != 0, proc.stdout
+        assert "Traceback" not in proc.stderr, proc.stderr  # bad input: one clear line, no traceback
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    # train.py prepares the built-in corpus on first use: exercise exactly that path
+    d = tmp_path_factory.mktemp("data") / "pydoc"
+    proc = run("train.py", f"--data_dir={d}", f"--out_dir={d.parent / 'out0'}", "--max_iters=1", *SMALL)
+    assert "preparing the built-in corpus" in proc.stdout
+    assert (d / "meta.json").exists()
+    return str(d)
+
+
+def records(out_dir, kind):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["type"] == kind]
+
+
+def test_config_errors(data_dir, tmp_path):
+    p = run("train.py", "--config", "no_such_config", ok=False)
+    assert "unknown config 'no_such_config'" in p.stderr and "tiny" in p.stderr
+    p = run("train.py", "--n_lops=3", ok=False)
+    assert "unknown key 'n_lops'" in p.stderr and "n_loops" in p.stderr and "max_iters" in p.stderr
+    p = run("train.py", "--max_iters=ten", ok=False)
+    assert "--max_iters=ten" in p.stderr and "int" in p.stderr
+    p = run("train.py", "--injection=bogus", f"--data_dir={data_dir}", ok=False)
+    assert "valid: none, add" in p.stderr
+    p = run("train.py", "--learning_rate=nan", ok=False)
+    assert "finite learning_rate" in p.stderr
+    p = run("train.py", "--dataset=nowhere", ok=False)
+    assert "python data/nowhere/prepare.py" in p.stderr
+    # `--config NAME` and `--config=NAME` both work
+    for form in (["--config", "base_loop"], ["--config=base_loop"]):
+        run("train.py", *form, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=1", *SMALL)
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", "--eval_interval=4", "--lr_decay_iters=8", *SMALL]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run("train.py", f"--out_dir={straight}", "--max_iters=8", *common)
+    run("train.py", f"--out_dir={split}", "--max_iters=4", *common)
+    run("train.py", f"--out_dir={split}", "--max_iters=8", "--resume=True", *common)
+    a, b = records(straight, "train"), records(split, "train")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-6)
+    ea, eb = records(straight, "eval")[-1], records(split, "eval")[-1]
+    for m in ea["val"]:
+        assert ea["val"][m]["loss"] == pytest.approx(eb["val"][m]["loss"], rel=1e-6)
+    ca = torch.load(straight / "ckpt.pt", weights_only=True)
+    cb = torch.load(split / "ckpt.pt", weights_only=True)
+    assert ca["iter_num"] == cb["iter_num"] == 8
+    for k in ca["model"]:
+        torch.testing.assert_close(ca["model"][k], cb["model"][k], atol=1e-6, rtol=1e-5)
+    # the checkpoint is self-contained: config as a plain dict, tokenizer, optimizer, RNG
+    assert isinstance(ca["model_config"], dict) and ca["model_config"]["n_loops"] == 2
+    assert ca["data_meta"]["tokenizer"]["kind"] == "bpe" and "optimizer" in ca and "rng" in ca
+
+    # a NaN loss stops training with a clear message and leaves the last good checkpoint alone
+    before = os.path.getmtime(split / "ckpt.pt")
+    p = run("train.py", f"--out_dir={split}", "--max_iters=12", "--resume=True", "--learning_rate=1e30", "--min_lr=1e30",
+            *common, ok=False)  # an absurd step size blows the weights up within a few steps
+    assert "loss is nan" in p.stderr or "loss is inf" in p.stderr
+    assert os.path.getmtime(split / "ckpt.pt") == before
+    assert torch.load(split / "ckpt.pt", weights_only=True)["iter_num"] == 8
+
+
+def test_bad_checkpoints_give_clear_errors(data_dir, tmp_path):
+    p = run("train.py", f"--out_dir={tmp_path}", "--resume=True", f"--data_dir={data_dir}", ok=False)
+    assert "no checkpoint" in p.stderr
+    (tmp_path / "ckpt.pt").write_bytes(b"this is not a checkpoint")
+    p = run("train.py", f"--out_dir={tmp_path}", "--resume=True", f"--data_dir={data_dir}", ok=False)
+    assert "cannot read checkpoint" in p.stderr
+    p = run("sample.py", f"--out_dir={tmp_path}", ok=False)
+    assert "cannot read checkpoint" in p.stderr
+    p = run("sample.py", f"--out_dir={tmp_path / 'missing'}", ok=False)
+    assert "no checkpoint" in p.stderr and "python train.py" in p.stderr
+
+
+def test_torchrun_two_processes_match_one(data_dir, tmp_path):
+    # same global batch (2 micro-steps of 4 rows): 1 process accumulates both, 2 processes one each
+    common = [f"--data_dir={data_dir}", "--max_iters=3", "--eval_interval=3", "--grad_accum_steps=2", *SMALL]
+    run("train.py", f"--out_dir={tmp_path / 'one'}", *common)
+    run("torchrun", cmd=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         "train.py", f"--out_dir={tmp_path / 'two'}", *common])
+    one, two = records(tmp_path / "one", "train"), records(tmp_path / "two", "train")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    va, vb = records(tmp_path / "one", "eval")[-1]["val"], records(tmp_path / "two", "eval")[-1]["val"]
+    for m in va:
+        assert va[m]["loss"] == pytest.approx(vb[m]["loss"], rel=1e-5)
+
+
+def test_sample_budgets_side_by_side(data_dir, tmp_path):
+    run("train.py", f"--out_dir={tmp_path}", f"--data_dir={data_dir}", "--max_iters=2", *SMALL)
+    p = run("sample.py", f"--out_dir={tmp_path}", "--budgets=1,2,4", "--max_new_tokens=40",
+            "--start=def f(x):", "--seed=3")
+    for M in (1, 2, 4):
+        assert f"budget M={M}" in p.stdout
+    assert "tokens/s" in p.stdout
+    # a prompt longer than the context is cropped with a notice
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the quick brown fox " * 50)
+    p = run("sample.py", f"--out_dir={tmp_path}", f"--start=FILE:{prompt}", "--max_new_tokens=5")
+    assert "keeping the last block_size=32" in p.stdout
+    for bad, msg in (("--budgets=0,2", "budgets must be integers >= 1"), ("--budgets=x", "comma-separated integers")):
+        p = run("sample.py", f"--out_dir={tmp_path}", bad, ok=False)
+        assert msg in p.stderr
