@@ -1,12 +1,12 @@
 """
-What train.py and sample.py share: nanoGPT-style command-line configuration
+What train.py and sample.py share: TrainConfig, nanoGPT-style command-line configuration
 (defaults -> --config NAME -> --key=value), device choice, and checkpoints
 (written atomically, read with weights_only=True, checked before use).
 """
 
 import difflib
 import os
-import sys
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -14,6 +14,39 @@ from loopgpt import LoopGPT, LoopGPTConfig
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    dataset: str = "pydoc"        # a folder data/<dataset>/ with train.bin, val.bin, meta.json
+    data_dir: str = ""            # override the folder
+    eval_interval: int = 100
+    eval_iters: int = 20          # val batches per budget
+    eval_budgets: tuple = ()      # loop budgets to evaluate; () = 1, L/2, L, 2L
+    log_interval: int = 10
+    always_save_checkpoint: bool = True
+    resume: bool = False
+    seed: int = 1337
+    # batch: tokens per step = batch_size * block_size * grad_accum_steps (global)
+    batch_size: int = 16          # rows per micro-step per process
+    grad_accum_steps: int = 1     # global micro-steps per step, split over processes
+    # optimizer: AdamW, warmup then cosine (or warmup-stable-decay) to min_lr
+    learning_rate: float = 3e-3
+    min_lr: float = 3e-4
+    max_iters: int = 1000
+    lr_decay_iters: int = 0       # 0 = max_iters; set it larger to stop a run early on purpose
+    warmup_iters: int = 50
+    lr_schedule: str = "cosine"   # cosine | wsd
+    wsd_decay_frac: float = 0.2   # wsd: the last fraction of steps decays linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0        # 0 = off
+    # system
+    device: str = ""              # "" = cuda if available, else cpu
+    compile: bool = False
 
 
 def fail(msg):
@@ -110,8 +143,11 @@ def parse_args(argv, defaults, allow_config=True, default_config=None):
     return values, explicit
 
 
+def train_config_defaults():
+    return {f.name: f.default for f in fields(TrainConfig)}
+
+
 def model_config_defaults():
-    from dataclasses import fields
     return {f.name: f.default for f in fields(LoopGPTConfig)}
 
 

@@ -18,7 +18,6 @@ QK-norm, optional GQA, ReLU² MLP, no biases, zero-initialised output projection
 logit soft-cap.
 """
 
-import math
 from dataclasses import dataclass, fields
 
 import torch

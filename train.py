@@ -6,7 +6,7 @@ Train a LoopGPT. One file, nanoGPT-style:
     torchrun --nproc_per_node=2 train.py --config tiny   # DDP (gloo on CPU, nccl on GPU)
     python train.py --resume=True                    # continue exactly from out_dir/ckpt.pt
 
-Settings come from TrainConfig below and LoopGPTConfig (loopgpt.py), then configs/NAME.py,
+Settings come from TrainConfig (common.py) and LoopGPTConfig (loopgpt.py), then configs/NAME.py,
 then the command line. Every process sees different batches; the batch of global
 micro-step m at step s depends only on (seed, s, m), so a run on W processes sees the
 same global batch as one process, and a resumed run sees the batches it would have seen.
@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -27,48 +27,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (CHECKPOINT_VERSION, detect_device, fail, load_checkpoint, model_config_defaults,
-                    model_from_checkpoint, parse_args, save_checkpoint)
+from common import (CHECKPOINT_VERSION, TrainConfig, detect_device, fail, load_checkpoint, model_config_defaults,
+                    model_from_checkpoint, parse_args, save_checkpoint, train_config_defaults)
 from loopgpt import LoopGPT, LoopGPTConfig
 from tokenizer import load_tokenizer, token_byte_lengths
 
 
-@dataclass
-class TrainConfig:
-    # I/O
-    out_dir: str = "out"
-    dataset: str = "pydoc"        # a folder data/<dataset>/ with train.bin, val.bin, meta.json
-    data_dir: str = ""            # override the folder
-    eval_interval: int = 100
-    eval_iters: int = 20          # val batches per budget
-    eval_budgets: tuple = ()      # loop budgets to evaluate; () = 1, L/2, L, 2L
-    log_interval: int = 10
-    always_save_checkpoint: bool = True
-    resume: bool = False
-    seed: int = 1337
-    # batch: tokens per step = batch_size * block_size * grad_accum_steps (global)
-    batch_size: int = 16          # rows per micro-step per process
-    grad_accum_steps: int = 1     # global micro-steps per step, split over processes
-    # optimizer: AdamW, warmup then cosine (or warmup-stable-decay) to min_lr
-    learning_rate: float = 3e-3
-    min_lr: float = 3e-4
-    max_iters: int = 1000
-    lr_decay_iters: int = 0       # 0 = max_iters; set it larger to stop a run early on purpose
-    warmup_iters: int = 50
-    lr_schedule: str = "cosine"   # cosine | wsd
-    wsd_decay_frac: float = 0.2   # wsd: the last fraction of steps decays linearly
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0        # 0 = off
-    # system
-    device: str = ""              # "" = cuda if available, else cpu
-    compile: bool = False
-
-
 # ---- configuration -----------------------------------------------------------------------
 
-train_defaults = {f.name: f.default for f in fields(TrainConfig)}
+train_defaults = train_config_defaults()
 model_defaults = model_config_defaults()
 args, explicit = parse_args(sys.argv[1:], {**train_defaults, **model_defaults}, default_config="tiny")
 tc = TrainConfig(**{k: args[k] for k in train_defaults})

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loopgpt import INJECTIONS, KVCache, LoopGPT, LoopGPTConfig, apply_rotary, norm
+from loopgpt import INJECTIONS, LoopGPT, LoopGPTConfig, apply_rotary
 
 
 def small_config(**kw):

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a very small model so that each run takes seconds
 SMALL = ["--n_embd=32", "--n_head=2", "--n_prelude=1", "--n_core=1", "--n_coda=1", "--n_loops=2",
@@ -133,3 +135,14 @@ def test_sample_budgets_side_by_side(data_dir, tmp_path):
     for bad, msg in (("--budgets=0,2", "budgets must be integers >= 1"), ("--budgets=x", "comma-separated integers")):
         p = run("sample.py", f"--out_dir={tmp_path}", bad, ok=False)
         assert msg in p.stderr
+
+
+@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py")))
+def test_every_config_builds_a_model(name):
+    # each configs/NAME.py uses only known keys of the right type and makes a valid model
+    from common import model_config_defaults, parse_args, train_config_defaults
+    from loopgpt import LoopGPT, LoopGPTConfig
+    model_defaults = model_config_defaults()
+    values, _ = parse_args(["--config", name], {**train_config_defaults(), **model_defaults})
+    model = LoopGPT(LoopGPTConfig(**{k: values[k] for k in model_defaults}))
+    assert model.num_params() > 0 and values["max_iters"] >= 1
