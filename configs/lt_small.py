@@ -1,7 +1,8 @@
 # LT (Looped Transformer, injection "none") at the FLT paper's small size, for GPUs:
 # depth 6, d = 64 * depth = 384, head dim 128 (3 heads), seq 1024, the whole 6-block
 # stack looped (FLT Table 1 trains 3 / 6 / 9 loops: --n_loops=6 or 9), FineWeb-Edu with
-# the GPT-2 tokenizer. Data first: python data/fineweb_edu/prepare.py --num_shards=8
+# the GPT-2 tokenizer. Data first: python data/fineweb_edu/prepare.py --num_shards=20
+# (~55M GPT-2 tokens per shard: 20 shards hold the ~1B tokens of one epoch)
 #   torchrun --nproc_per_node=8 train.py --config lt_small
 dataset = "fineweb_edu"
 out_dir = "out-lt-small"

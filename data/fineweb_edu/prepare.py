@@ -62,13 +62,14 @@ def write_docs(train_docs, val_docs, out_dir, tok=None, source_meta=None):
 def prepare(num_shards=1, out_dir=None):
     """Download shards 0..num_shards-1 (+ the val shard) and build the dataset; returns out_dir."""
     out_dir = out_dir or HERE
+    if not 0 < num_shards <= VAL_SHARD:
+        raise SystemExit(f"error: --num_shards must be in 1..{VAL_SHARD}, got {num_shards}")
     require_pyarrow()  # fail before any download
     tok = tokenizer_to_dict(None)
     try:
         load_tokenizer(tok)
     except RuntimeError as e:
         raise SystemExit(f"error: {e}") from None
-    assert 0 < num_shards <= VAL_SHARD, f"--num_shards must be in 1..{VAL_SHARD}"
     ids = list(range(num_shards)) + [VAL_SHARD]
     paths = {}
     for i in ids:
