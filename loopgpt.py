@@ -18,13 +18,16 @@ QK-norm, optional GQA, ReLU² MLP, no biases, zero-initialised output projection
 logit soft-cap.
 """
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-INJECTIONS = ("none", "add")
+INJECTIONS = ("none", "add", "concat", "diag", "attn_first", "full_res", "full_attn")
+STATE_INITS = ("prelude", "randn", "zero")
+BLOCK_NORMS = ("pre", "sandwich")
 MLPS = ("relu2", "gelu")
 
 
@@ -39,7 +42,9 @@ class LoopGPTConfig:
     n_core: int = 2            # k: blocks in the looped core
     n_coda: int = 1            # blocks run once after the loop
     n_loops: int = 4           # L: loops at train time, and the default budget M
-    injection: str = "none"    # one of INJECTIONS
+    injection: str = "none"    # one of INJECTIONS: how h_{t-1} and the input enter loop t
+    state_init: str = "prelude"  # one of STATE_INITS: h_0 = prelude output, random, or zero
+    block_norm: str = "pre"    # one of BLOCK_NORMS
     mlp: str = "relu2"         # one of MLPS
     tie_embeddings: bool = False
     softcap: float = 15.0      # logits = c * tanh(logits / c); 0 turns it off
@@ -51,8 +56,11 @@ class LoopGPTConfig:
         problems = []
         if self.injection not in INJECTIONS:
             problems.append(f"injection={self.injection!r} (valid: {', '.join(INJECTIONS)})")
-        if self.mlp not in MLPS:
-            problems.append(f"mlp={self.mlp!r} (valid: {', '.join(MLPS)})")
+        for key, valid in (("state_init", STATE_INITS), ("block_norm", BLOCK_NORMS), ("mlp", MLPS)):
+            if getattr(self, key) not in valid:
+                problems.append(f"{key}={getattr(self, key)!r} (valid: {', '.join(valid)})")
+        if self.injection == "none" and self.state_init != "prelude":
+            problems.append(f"injection='none' with state_init={self.state_init!r} never reads the input")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             problems.append(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size")
         if self.n_head % self.n_kv_head:
@@ -118,9 +126,11 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x, rope, cache=None, slot=0):
+    def forward(self, x, rope, cache=None, slot=0, xq=None):
+        # xq: where the queries come from (default x). FLT / LTai take them from the
+        # previous loop's state while keys and values come from the current stream.
         B, T, C = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q = self.q(x if xq is None else xq).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         cos, sin = rope
@@ -157,26 +167,42 @@ class Block(nn.Module):
         super().__init__()
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
+        self.sandwich = cfg.block_norm == "sandwich"
 
-    def forward(self, x, rope, cache=None, slot=0):
-        x = x + self.attn(norm(x), rope, cache, slot)
-        x = x + self.mlp(norm(x))
-        return x
+    def forward(self, x, rope, cache=None, slot=0, xq=None):
+        xq = None if xq is None else norm(xq)
+        if self.sandwich:
+            # Huginn's sandwich norm: also normalise each sub-layer's sum, which keeps
+            # the stream's scale fixed however many times the block is looped
+            x = norm(x + self.attn(norm(x), rope, cache, slot, xq))
+            return norm(x + self.mlp(norm(x)))
+        x = x + self.attn(norm(x), rope, cache, slot, xq)
+        return x + self.mlp(norm(x))
 
 
 class LoopGPT(nn.Module):
     def __init__(self, cfg: LoopGPTConfig):
         super().__init__()
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        d = cfg.n_embd
+        self.wte = nn.Embedding(cfg.vocab_size, d)
         self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
         self.core = nn.ModuleList(Block(cfg) for _ in range(cfg.n_core))  # looped, weight-tied
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.injection == "concat":  # Huginn's adapter W_a: [h; e] (2d) -> d
+            self.adapter = nn.Linear(2 * d, d, bias=False)
+        if cfg.injection == "diag":  # Parcae: per-channel decay A, step size Δ, input matrix B
+            self.diag_A_log = nn.Parameter(torch.zeros(d))
+            self.diag_dt_bias = nn.Parameter(torch.zeros(d))
+            self.diag_B = nn.Linear(d, d, bias=False)
         # RoPE tables are recomputed, not saved: they are a function of the config
-        cos, sin = rotary_table(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_base)
+        cos, sin = rotary_table(cfg.block_size, d // cfg.n_head, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.state_init == "randn":  # the fixed draw used at inference, see initial_state
+            self.register_buffer("state_noise", huginn_noise(cfg.block_size, d, torch.Generator().manual_seed(0)),
+                                 persistent=False)
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -196,31 +222,84 @@ class LoopGPT(nn.Module):
         # matrix also produces the logits, so it gets the small output scale
         nn.init.normal_(self.wte.weight, std=cfg.n_embd ** -0.5 if cfg.tie_embeddings else 1.0)
         nn.init.normal_(self.lm_head.weight, std=cfg.n_embd ** -0.5 if cfg.tie_embeddings else 0.001)
+        if cfg.injection == "concat":
+            # W_a = [I | 0]: at init the adapter passes the state through (as Huginn's
+            # small peers do); the input half starts at zero and is learned
+            self.adapter.weight.zero_()
+            self.adapter.weight[:, :cfg.n_embd].copy_(torch.eye(cfg.n_embd))
+        if cfg.injection == "diag":
+            # A_log = 0 and Δ = 0.805 give Ā = exp(-Δ) ≈ 0.447 (Parcae's init); B = I
+            self.diag_A_log.zero_()
+            self.diag_dt_bias.fill_(math.log(math.expm1(-math.log(0.447))))  # softplus⁻¹(0.805)
+            self.diag_B.weight.copy_(torch.eye(cfg.n_embd))
 
     # ---- the loop --------------------------------------------------------------------
 
-    def inject(self, h, e, t):
+    def initial_state(self, e, pos):
+        """h_0 (DESIGN §4, `state_init`)."""
+        init = self.config.state_init
+        if init == "prelude":
+            return e
+        if init == "zero":
+            return torch.zeros_like(e)
+        # randn (Huginn): a fresh random state every training forward, so the core learns
+        # to start from anywhere. At inference a fixed draw per position is used instead:
+        # the same prompt then gives the same text, and the KV cache stays exact.
+        if self.training:
+            return huginn_noise(e.size(0) * e.size(1), e.size(2), device=e.device).view_as(e).to(e.dtype)
+        return self.state_noise[pos:pos + e.size(1)].to(e.dtype).expand_as(e)
+
+    def core_pass(self, h, e, t, rope, cache, slot):
         """
-        The core's input at loop t (0-based) from the previous state h = h_{t-1} and the
-        loop input e (the prelude output, i.e. the normed embedding when n_prelude = 0).
-        Loop 0 is a plain pass in every variant: h_0 = e. DESIGN §4.
+        Loop t (0-based) of the core: previous state h = h_{t-1}, loop input e (prelude
+        output, i.e. the normed embedding when n_prelude = 0). Returns the core's output.
+        Each `injection` is one branch here (DESIGN §4). With state_init='prelude',
+        h_0 = e and loop 1 is a plain pass of the core in every variant.
         """
         inj = self.config.injection
-        if t == 0 or inj == "none":
+        plain = t == 0 and self.config.state_init == "prelude"
+        # 1) what enters the core
+        if plain or inj == "none":
             # LT / Base-Loop (Saunshi et al. 2025): the state flows straight through
-            return h
-        if inj == "add":
-            # LTi, input injection (Yang et al. 2024, looped transformers): re-add the
-            # input every loop, x = norm(e + h_{t-1}), so the model cannot forget it
-            return norm(e + h)
-        raise AssertionError(inj)
+            x = h
+        elif inj == "add":
+            # LTi, input injection (Yang et al. 2024): x = norm(e + h_{t-1})
+            x = norm(e + h)
+        elif inj == "concat":
+            # Huginn adapter (Geiping et al. 2025): x = W_a [h_{t-1}; e]
+            x = self.adapter(torch.cat([h, e], dim=-1))
+        elif inj == "diag":
+            # Parcae: a stable diagonal linear recurrence around the core,
+            # x = Ā ⊙ h_{t-1} + Δ ⊙ (B ē), Δ = softplus(dt_bias), Ā = exp(-Δ ⊙ exp(A_log))
+            # so 0 < Ā < 1 by construction whatever the weights; ē = norm(e)
+            A_bar, dt = self.parcae_decay()
+            x = A_bar * h + dt * self.diag_B(norm(e))
+        else:
+            # attn_first / full_res / full_attn (FLT paper, Fu et al. 2026): the stream
+            # restarts from the input every loop; h_{t-1} enters inside the layers below
+            x = norm(e)
+        # 2) the core's layers
+        for j, block in enumerate(self.core):
+            xq = None
+            if not plain:
+                if inj == "full_res":
+                    # FLTres: before every layer, x = norm(x + h_{t-1})
+                    x = norm(x + h)
+                elif inj == "full_attn" or (inj == "attn_first" and j == 0):
+                    # FLT: every layer's attention takes its queries from h_{t-1} and its
+                    # keys/values from the current stream; LTai does it in layer 1 only
+                    xq = h
+            x = block(x, rope, cache, slot + j, xq)
+        return x
 
-    def forward(self, idx, targets=None, loops=None, cache=None):
-        """
-        idx (B, T) token ids; targets (B, T) or None (-1 = ignored position);
-        loops = budget M (default n_loops, any M >= 1); cache = KVCache for generation.
-        Returns (logits (B, T, V) in float32, loss or None).
-        """
+    def parcae_decay(self):
+        """Parcae's (Ā, Δ): Δ = softplus(dt_bias) > 0 and Ā = exp(-Δ ⊙ exp(A_log)) in (0, 1)."""
+        dt = F.softplus(self.diag_dt_bias)
+        return torch.exp(-dt * torch.exp(self.diag_A_log)), dt
+
+    def trunk(self, idx, loops=None, cache=None, states=None):
+        """Everything up to the final norm: returns the coda's output (B, T, d).
+        If `states` is a list, each loop's output is appended to it (diagnostics)."""
         cfg = self.config
         M = check_loops(cfg.n_loops if loops is None else loops)
         B, T = idx.shape
@@ -234,26 +313,44 @@ class LoopGPT(nn.Module):
         for block in self.prelude:
             x = block(x, rope, cache, slot)
             slot += 1
-        e = h = x  # loop input and initial state h_0
+        e = x  # the loop input
+        h = self.initial_state(e, pos)
         for t in range(M):
-            x = self.inject(h, e, t)
-            for block in self.core:
-                x = block(x, rope, cache, slot)
-                slot += 1
-            h = x
+            x = self.core_pass(h, e, t, rope, cache, slot)
+            slot += cfg.n_core
+            if states is not None:
+                states.append(x)
+            # the FLT family passes on the normalised output, h_t = norm(x) (FLT code)
+            h = norm(x) if cfg.injection in ("attn_first", "full_res", "full_attn") else x
         for block in self.coda:
             x = block(x, rope, cache, slot)
             slot += 1
         if cache is not None:
             cache.pos += T
+        return x
 
+    def forward(self, idx, targets=None, loops=None, cache=None):
+        """
+        idx (B, T) token ids; targets (B, T) or None (-1 = ignored position);
+        loops = budget M (default n_loops, any M >= 1); cache = KVCache for generation.
+        Returns (logits (B, T, V) in float32, loss or None).
+        """
+        x = self.trunk(idx, loops, cache)
         logits = self.lm_head(norm(x)).float()
-        if cfg.softcap > 0:
-            logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
+        if self.config.softcap > 0:
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    @torch.no_grad()
+    def residual_rms(self, idx, loops=None):
+        """FLT's stability diagnostic: RMS over features of each loop's output h_t,
+        averaged over batch and sequence; one float per loop t = 1..M."""
+        states = []
+        self.trunk(idx, loops, states=states)
+        return [s.float().pow(2).mean(-1).sqrt().mean().item() for s in states]
 
     # ---- generation --------------------------------------------------------------------
 
@@ -328,14 +425,24 @@ class LoopGPT(nn.Module):
                 f"{self.flops_per_token() / 1e6:.1f} MFLOPs/token (train, M={cfg.n_loops})")
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
-        # weight decay on matrices (linear layers, embeddings) only, never on vectors
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        # weight decay on matrices (linear layers, embeddings) only, never on vectors;
+        # Parcae's recurrence parameters (A_log, dt_bias, B) are not decayed either:
+        # decaying B towards 0 would cut the input out of the loop
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            (decay if p.dim() >= 2 and not name.startswith("diag_") else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+
+def huginn_noise(n, d, generator=None, device=None):
+    """Huginn's random initial state: truncated normal, std sqrt(2/(5d)) cut at ±3 std,
+    scaled by sqrt(d) so that it has the scale of a normed state."""
+    std = math.sqrt(2 / (5 * d))
+    x = torch.empty(n, d, device=device)
+    nn.init.trunc_normal_(x, std=std, a=-3 * std, b=3 * std, generator=generator)
+    return x * math.sqrt(d)
 
 
 def check_loops(M):

@@ -204,8 +204,12 @@ def evaluate():
         if ddp:
             dist.all_reduce(sums)
         results[M] = {"loss": (sums[0] / sums[1]).item(), "bpb": (sums[2] / sums[3]).item()}
+    # FLT's stability diagnostic: RMS of each loop's output h_t, at the train budget, on one val batch
+    x, _ = get_batch("val", np.random.default_rng([tc.seed, 1, 0]), tc.batch_size, T)
+    with autocast:
+        rms = raw_model.residual_rms(x, cfg.n_loops)
     raw_model.train()
-    return results
+    return results, rms
 
 
 def checkpoint():
@@ -256,6 +260,8 @@ while iter_num < tc.max_iters:
         pbar.close()
         fail(f"loss is {train_loss} at step {iter_num + 1}: training stopped, nothing saved; "
              f"the last good checkpoint (if any) is still {ckpt_path}. Try a lower learning_rate.")
+    # FLT's stability diagnostic: gradient L2 norm of the first core block's MLP, before clipping
+    mlp_grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in raw_model.core[0].mlp.parameters()])).item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -270,17 +276,20 @@ while iter_num < tc.max_iters:
                      mfu=f"{100 * mfu:.1f}%" if mfu else "n/a")
     if iter_num % tc.log_interval == 0:
         write_jsonl({"type": "train", "step": iter_num, "loss": train_loss, "lr": lr,
-                     "grad_norm": grad_norm.item(), "tok_per_s": tok_per_s, "mfu": mfu,
+                     "grad_norm": grad_norm.item(), "core0_mlp_grad_norm": mlp_grad_norm, "tok_per_s": tok_per_s, "mfu": mfu,
                      "elapsed_s": time.time() - t_start})
 
     if iter_num % tc.eval_interval == 0 or iter_num == tc.max_iters:
-        res = evaluate()
+        res, rms = evaluate()
         val = res[cfg.n_loops]["loss"] if cfg.n_loops in res else min(r["loss"] for r in res.values())
         per_budget = "  ".join(f"M={M} {r['loss']:.3f} ({r['bpb']:.3f})" for M, r in res.items())
         log(f"step {iter_num}/{tc.max_iters} | train {train_loss:.3f} | val loss (bpb): {per_budget} | "
             f"lr {lr:.2e} | {time.time() - t_start:.0f}s")
+        log(f"    residual rms per loop: {' '.join(f'{r:.2f}' for r in rms)} | "
+            f"core[0] mlp grad norm {mlp_grad_norm:.3f}")
         write_jsonl({"type": "eval", "step": iter_num, "train_loss": train_loss,
-                     "val": {str(M): r for M, r in res.items()}, "elapsed_s": time.time() - t_start})
+                     "val": {str(M): r for M, r in res.items()}, "residual_rms": rms,
+                     "core0_mlp_grad_norm": mlp_grad_norm, "elapsed_s": time.time() - t_start})
         improved = val < best_val_loss
         best_val_loss = min(best_val_loss, val)
         if master and (tc.always_save_checkpoint or improved or iter_num == tc.max_iters):

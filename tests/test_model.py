@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loopgpt import INJECTIONS, LoopGPT, LoopGPTConfig, apply_rotary
+from loopgpt import INJECTIONS, LoopGPT, LoopGPTConfig, apply_rotary, norm
 
 
 def small_config(**kw):
@@ -27,11 +27,11 @@ def random_model(seed=0, **kw):
     return model.eval()
 
 
-def reference_attention(attn, x, cos, sin):
-    """Causal attention written out with explicit loops-free math, RoPE, QK-norm and GQA."""
+def reference_attention(attn, x, cos, sin, xq=None):
+    """Causal attention written out by hand: RoPE, QK-norm, GQA; queries from xq if given."""
     B, T, C = x.shape
     H, Hkv, hd = attn.n_head, attn.n_kv_head, attn.head_dim
-    q = (x @ attn.q.weight.T).view(B, T, H, hd).transpose(1, 2)
+    q = ((x if xq is None else xq) @ attn.q.weight.T).view(B, T, H, hd).transpose(1, 2)
     k = (x @ attn.k.weight.T).view(B, T, Hkv, hd).transpose(1, 2)
     v = (x @ attn.v.weight.T).view(B, T, Hkv, hd).transpose(1, 2)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -241,3 +241,160 @@ def test_flops_grow_with_loops_params_do_not():
     assert model.flops_per_token(6) > model.flops_per_token(3) > model.flops_per_token(1)
     assert model.effective_depth(6) == 1 + 2 * 6 + 1
     assert "unique params" in model.summary()
+
+
+# ---- injection variants (DESIGN §4) -------------------------------------------------------
+
+def ref_block(block, x, cos, sin, xq=None):
+    """A pre-norm block written out by hand; queries from norm(xq) when given."""
+    a = reference_attention(block.attn, norm(x), cos, sin, xq=None if xq is None else norm(xq))
+    x = x + a
+    return x + block.mlp(norm(x))
+
+
+def reference_loop(model, idx, M):
+    """The injection table of DESIGN §4, written independently of LoopGPT.core_pass,
+    for models with no prelude/coda and state_init='prelude'."""
+    cfg = model.config
+    T = idx.size(1)
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    e = norm(model.wte(idx))
+    h = e
+    for t in range(M):
+        inj = "none" if t == 0 else cfg.injection  # loop 1 is a plain pass
+        if inj == "none":
+            x = h
+        elif inj == "add":
+            x = norm(e + h)
+        elif inj == "concat":
+            x = torch.cat([h, e], -1) @ model.adapter.weight.T
+        elif inj == "diag":
+            dt = F.softplus(model.diag_dt_bias)
+            x = torch.exp(-dt * torch.exp(model.diag_A_log)) * h + dt * (norm(e) @ model.diag_B.weight.T)
+        else:
+            x = norm(e)
+        for j, block in enumerate(model.core):
+            if inj == "full_res":
+                x = norm(x + h)
+            use_q = inj == "full_attn" or (inj == "attn_first" and j == 0)
+            x = ref_block(block, x, cos, sin, xq=h if use_q else None)
+        h = norm(x) if cfg.injection in ("attn_first", "full_res", "full_attn") else x
+    return (norm(x) @ model.lm_head.weight.T).float()
+
+
+def randomize_extras(model):
+    with torch.no_grad():
+        if model.config.injection == "concat":
+            model.adapter.weight.normal_(std=0.1)
+        if model.config.injection == "diag":
+            model.diag_A_log.normal_(std=0.5)
+            model.diag_dt_bias.normal_(std=0.5)
+            model.diag_B.weight.normal_(std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_injection_matches_design_table(injection):
+    model = randomize_extras(random_model(injection=injection, n_prelude=0, n_coda=0, softcap=0.0))
+    idx = torch.randint(0, 61, (2, 12))
+    for M in (1, 2, 4):
+        torch.testing.assert_close(model(idx, loops=M)[0], reference_loop(model, idx, M), atol=2e-5, rtol=2e-5)
+
+
+def test_injection_parameter_counts():
+    d = 32
+    n = {inj: LoopGPT(small_config(injection=inj)).num_params() for inj in INJECTIONS}
+    for inj in ("add", "attn_first", "full_res", "full_attn"):  # no new parameters
+        assert n[inj] == n["none"], inj
+    assert n["concat"] == n["none"] + 2 * d * d          # W_a: 2d -> d
+    assert n["diag"] == n["none"] + 2 * d + d * d        # A_log, dt_bias, B
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_every_injection_at_one_loop_is_the_plain_model(injection):
+    # with h_0 = prelude output, loop 1 is a plain pass in every variant
+    plain = random_model(injection="none")
+    model = randomize_extras(random_model(injection=injection))
+    model.load_state_dict(plain.state_dict(), strict=False)  # same blocks, extra params random
+    idx = torch.randint(0, 61, (2, 10))
+    torch.testing.assert_close(model(idx, loops=1)[0], plain(idx, loops=1)[0])
+    if injection != "none":
+        assert not torch.allclose(model(idx, loops=3)[0], plain(idx, loops=3)[0])
+
+
+def test_zero_state_init_differs_from_plain_except_add():
+    # with h_0 = 0, loop 1 already injects: add gives norm(e + 0) = e when e is already
+    # normed (no prelude: e = norm(wte)), the plain pass; concat gives W_a[0; e] (= 0 at
+    # init), diag Δ ⊙ B ē, full_res inserts norms between layers, and full_attn /
+    # attn_first take their queries from a zero state
+    plain = random_model(injection="none", n_prelude=0)
+    idx = torch.randint(0, 61, (2, 10))
+    ref = plain(idx, loops=1)[0]
+    for inj in INJECTIONS[1:]:
+        model = random_model(injection=inj, state_init="zero", n_prelude=0)
+        model.load_state_dict(plain.state_dict(), strict=False)
+        same = torch.allclose(model(idx, loops=1)[0], ref, atol=1e-6)
+        assert same == (inj == "add"), inj
+    with pytest.raises(ValueError, match="never reads the input"):
+        small_config(injection="none", state_init="zero")
+
+
+def test_parcae_decay_in_unit_interval_and_not_decayed():
+    model = LoopGPT(small_config(injection="diag"))
+    A_bar, dt = model.parcae_decay()
+    torch.testing.assert_close(A_bar, torch.full_like(A_bar, 0.447), atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.diag_B.weight, torch.eye(32))
+    with torch.no_grad():
+        model.diag_A_log.normal_(std=1.0)  # far beyond init; much larger underflows fp32
+        model.diag_dt_bias.normal_(std=1.0)
+    A_bar, dt = model.parcae_decay()
+    assert (A_bar > 0).all() and (A_bar < 1).all() and (dt > 0).all()
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    for p in (model.diag_A_log, model.diag_dt_bias, model.diag_B.weight):
+        assert id(p) in no_decay
+    assert id(model.core[0].attn.q.weight) not in no_decay
+
+
+def test_concat_adapter_starts_as_identity_on_the_state():
+    model = LoopGPT(small_config(injection="concat"))
+    h, e = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+    torch.testing.assert_close(model.adapter(torch.cat([h, e], -1)), h)
+
+
+def test_randn_state_is_random_in_training_and_fixed_at_inference():
+    model = random_model(injection="concat", state_init="randn")
+    idx = torch.randint(0, 61, (2, 8))
+    model.train()
+    assert not torch.allclose(model(idx)[0], model(idx)[0])
+    model.eval()
+    torch.testing.assert_close(model(idx)[0], model(idx)[0])
+    noise = model.state_noise
+    assert noise.std().item() == pytest.approx(math.sqrt(2 / 5), rel=0.1)  # sqrt(2/(5d)) * sqrt(d)
+
+
+@pytest.mark.parametrize("injection", ["concat", "full_attn"])
+def test_cached_generation_with_random_state_and_sandwich(injection):
+    model = random_model(injection=injection, state_init="randn", block_norm="sandwich")
+    prompt = torch.randint(0, 61, (1, 4))
+    for M in (1, 3, 6):
+        a = model.generate(prompt, 25, loops=M, temperature=0, use_cache=True)
+        b = model.generate(prompt, 25, loops=M, temperature=0, use_cache=False)
+        assert torch.equal(a, b)
+
+
+def test_sandwich_norm_keeps_loop_outputs_at_unit_rms():
+    model = random_model(block_norm="sandwich")
+    rms = model.residual_rms(torch.randint(0, 61, (2, 8)), loops=6)
+    assert len(rms) == 6
+    assert all(r == pytest.approx(1.0, abs=1e-3) for r in rms)
+
+
+def test_residual_rms_grows_for_plain_loop_with_large_updates():
+    # the diagnostic itself: LT adds each loop's update to an ever larger residual
+    model = random_model(injection="none")
+    with torch.no_grad():
+        for p in model.core.parameters():
+            p.mul_(3.0)
+    rms = model.residual_rms(torch.randint(0, 61, (2, 8)), loops=5)
+    assert len(rms) == 5 and rms[-1] > rms[0]
