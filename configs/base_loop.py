@@ -1,20 +1,11 @@
 # Base-Loop, k ⊗ L = 2 ⊗ 4 (Saunshi et al. 2025): a 2-block core looped 4 times, nothing
 # else, effective depth 8 like configs/base.py with a quarter of its block parameters.
-dataset = "pydoc"
+# Training as tiny.
+from configs.tiny import *  # noqa: F401,F403
+
 out_dir = "out-base-loop"
-n_embd = 128
-n_head = 4
 n_prelude = 0
 n_core = 2
 n_coda = 0
 n_loops = 4
 injection = "none"
-block_size = 128
-batch_size = 8
-grad_accum_steps = 2       # 16 rows per step; on 2 processes each runs one micro-step
-max_iters = 600
-eval_interval = 100
-eval_iters = 10
-warmup_iters = 30
-learning_rate = 3e-3
-min_lr = 3e-4

@@ -1,20 +1,6 @@
-# CPU twin of lti_small: LTi (input injection: core input = norm(e + h_{t-1})), Yang et al. 2024.
-# A 2-block core looped 12 times (--n_loops=3, 6 ...), d=128, on the built-in corpus: minutes.
-dataset = "pydoc"
-out_dir = "out-lti-tiny"
-n_embd = 128
-n_head = 4
-n_prelude = 0
-n_core = 2
-n_coda = 0
-n_loops = 12
+# LTi (input injection: core input = norm(e + h_{t-1})), Yang et al. 2024.
+# Everything else as configs/flt_tiny.py (FLT paper Table 1 CPU twin): only the injection differs.
+from configs.flt_tiny import *  # noqa: F401,F403
+
 injection = "add"
-block_size = 128
-batch_size = 8
-grad_accum_steps = 2
-max_iters = 300
-eval_interval = 100
-eval_iters = 10
-warmup_iters = 30
-learning_rate = 3e-3
-min_lr = 3e-4
+out_dir = "out-lti-tiny"
