@@ -28,6 +28,7 @@ import torch.nn.functional as F
 INJECTIONS = ("none", "add", "concat", "diag", "attn_first", "full_res", "full_attn")
 STATE_INITS = ("prelude", "randn", "zero")
 BLOCK_NORMS = ("pre", "sandwich")
+MODULATIONS = ("none", "tmlt", "loopformer")
 MLPS = ("relu2", "gelu")
 
 
@@ -45,6 +46,7 @@ class LoopGPTConfig:
     injection: str = "none"    # one of INJECTIONS: how h_{t-1} and the input enter loop t
     state_init: str = "prelude"  # one of STATE_INITS: h_0 = prelude output, random, or zero
     block_norm: str = "pre"    # one of BLOCK_NORMS
+    modulation: str = "none"   # one of MODULATIONS: condition each loop on its index or on (t, Δ)
     mlp: str = "relu2"         # one of MLPS
     tie_embeddings: bool = False
     softcap: float = 15.0      # logits = c * tanh(logits / c); 0 turns it off
@@ -56,7 +58,8 @@ class LoopGPTConfig:
         problems = []
         if self.injection not in INJECTIONS:
             problems.append(f"injection={self.injection!r} (valid: {', '.join(INJECTIONS)})")
-        for key, valid in (("state_init", STATE_INITS), ("block_norm", BLOCK_NORMS), ("mlp", MLPS)):
+        for key, valid in (("state_init", STATE_INITS), ("block_norm", BLOCK_NORMS), ("modulation", MODULATIONS),
+                           ("mlp", MLPS)):
             if getattr(self, key) not in valid:
                 problems.append(f"{key}={getattr(self, key)!r} (valid: {', '.join(valid)})")
         if self.injection == "none" and self.state_init != "prelude":
@@ -163,21 +166,45 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, modulated=False):
         super().__init__()
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.sandwich = cfg.block_norm == "sandwich"
+        if modulated:
+            # adaLN-Zero without shift (LoopFormer): SiLU(c) -> gates and norm scales for
+            # both sub-layers. Zero-initialised (init_weights), so at init the block is the
+            # identity whatever c is. DiT keeps biases here, and so do we.
+            self.modulation = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
 
-    def forward(self, x, rope, cache=None, slot=0, xq=None):
+    def forward(self, x, rope, cache=None, slot=0, xq=None, c=None):
         xq = None if xq is None else norm(xq)
-        if self.sandwich:
-            # Huginn's sandwich norm: also normalise each sub-layer's sum, which keeps
-            # the stream's scale fixed however many times the block is looped
-            x = norm(x + self.attn(norm(x), rope, cache, slot, xq))
-            return norm(x + self.mlp(norm(x)))
-        x = x + self.attn(norm(x), rope, cache, slot, xq)
-        return x + self.mlp(norm(x))
+        if c is None:
+            a = self.attn(norm(x), rope, cache, slot, xq)
+            x = norm(x + a) if self.sandwich else x + a  # Huginn's sandwich norm keeps unit RMS
+            m = self.mlp(norm(x))
+            return norm(x + m) if self.sandwich else x + m
+        gate_attn, gate_mlp, scale_attn, scale_mlp = self.modulation(F.silu(c)).chunk(4, dim=-1)
+        a = gate_attn * self.attn(norm(x) * (1 + scale_attn), rope, cache, slot, xq)
+        x = norm(x + a) if self.sandwich else x + a
+        m = gate_mlp * self.mlp(norm(x) * (1 + scale_mlp))
+        return norm(x + m) if self.sandwich else x + m
+
+
+class TimestepEmbedder(nn.Module):
+    """DiT's embedding of a scalar s: 256 sinusoidal features [cos(s ω_j), sin(s ω_j)],
+    ω_j = exp(-ln(1e4) j / 128), then Linear(256, d) -> SiLU -> Linear(d, d)."""
+
+    def __init__(self, d, n_freq=256):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(n_freq // 2) / (n_freq // 2)),
+                             persistent=False)
+        self.fc1 = nn.Linear(n_freq, d)
+        self.fc2 = nn.Linear(d, d)
+
+    def forward(self, s):
+        args = s * self.freqs
+        return self.fc2(F.silu(self.fc1(torch.cat([args.cos(), args.sin()]))))
 
 
 class LoopGPT(nn.Module):
@@ -187,7 +214,8 @@ class LoopGPT(nn.Module):
         d = cfg.n_embd
         self.wte = nn.Embedding(cfg.vocab_size, d)
         self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
-        self.core = nn.ModuleList(Block(cfg) for _ in range(cfg.n_core))  # looped, weight-tied
+        modulated = cfg.modulation != "none"
+        self.core = nn.ModuleList(Block(cfg, modulated) for _ in range(cfg.n_core))  # looped, weight-tied
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.injection == "concat":  # Huginn's adapter W_a: [h; e] (2d) -> d
@@ -196,6 +224,11 @@ class LoopGPT(nn.Module):
             self.diag_A_log = nn.Parameter(torch.zeros(d))
             self.diag_dt_bias = nn.Parameter(torch.zeros(d))
             self.diag_B = nn.Linear(d, d, bias=False)
+        if cfg.modulation == "tmlt":  # embeds the loop index i (LoopFormer's TMLT baseline)
+            self.time_embed = TimestepEmbedder(d)
+        if cfg.modulation == "loopformer":  # embeds the normalised time t and the step size Δ
+            self.time_embed = TimestepEmbedder(d)
+            self.step_embed = TimestepEmbedder(d)
         # RoPE tables are recomputed, not saved: they are a function of the config
         cos, sin = rotary_table(cfg.block_size, d // cfg.n_head, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -211,10 +244,17 @@ class LoopGPT(nn.Module):
     def init_weights(self):
         cfg = self.config
         for name, p in self.named_parameters():
-            if p.dim() == 2 and name.startswith(("prelude", "core", "coda")):
-                if name.endswith("proj.weight"):
+            if ".modulation." in name:
+                # adaLN-Zero: zero gates make a modulated block the identity at init. The
+                # LoopFormer paper says so; its public code re-initialises these to
+                # N(0, 0.02) by accident. Here it is deliberate (and tested).
+                nn.init.zeros_(p)
+            elif p.dim() == 2 and name.startswith(("prelude", "core", "coda")):
+                if name.endswith("proj.weight") and not (cfg.modulation != "none" and name.startswith("core")):
                     # zero-init output projections: every block starts as the identity,
-                    # so at init looping more cannot blow the residual stream up
+                    # so at init looping more cannot blow the residual stream up. A
+                    # modulated block is already the identity through its zero gates, and
+                    # zero gates times a zero projection would never get a gradient.
                     nn.init.zeros_(p)
                 else:
                     nn.init.normal_(p, std=p.size(1) ** -0.5)
@@ -249,12 +289,13 @@ class LoopGPT(nn.Module):
             return huginn_noise(e.size(0) * e.size(1), e.size(2), device=e.device).view_as(e).to(e.dtype)
         return self.state_noise[pos:pos + e.size(1)].to(e.dtype).expand_as(e)
 
-    def core_pass(self, h, e, t, rope, cache, slot):
+    def core_pass(self, h, e, t, rope, cache, slot, c=None):
         """
         Loop t (0-based) of the core: previous state h = h_{t-1}, loop input e (prelude
         output, i.e. the normed embedding when n_prelude = 0). Returns the core's output.
         Each `injection` is one branch here (DESIGN §4). With state_init='prelude',
-        h_0 = e and loop 1 is a plain pass of the core in every variant.
+        h_0 = e and loop 1 is a plain pass of the core in every variant. c is the loop's
+        conditioning vector when the core is modulated (see `conditioning`).
         """
         inj = self.config.injection
         plain = t == 0 and self.config.state_init == "prelude"
@@ -289,7 +330,7 @@ class LoopGPT(nn.Module):
                     # FLT: every layer's attention takes its queries from h_{t-1} and its
                     # keys/values from the current stream; LTai does it in layer 1 only
                     xq = h
-            x = block(x, rope, cache, slot + j, xq)
+            x = block(x, rope, cache, slot + j, xq, c)
         return x
 
     def parcae_decay(self):
@@ -297,11 +338,31 @@ class LoopGPT(nn.Module):
         dt = F.softplus(self.diag_dt_bias)
         return torch.exp(-dt * torch.exp(self.diag_A_log)), dt
 
-    def trunk(self, idx, loops=None, cache=None, states=None):
-        """Everything up to the final norm: returns the coda's output (B, T, d).
-        If `states` is a list, each loop's output is appended to it (diagnostics)."""
+    def steps(self, loops=None, schedule=None):
+        """The loop schedule as step sizes Δ_1..Δ_M that sum to 1: `schedule` if given,
+        else M = `loops` (default n_loops) uniform steps of 1/M (DESIGN §8)."""
+        if schedule is None:
+            M = check_loops(self.config.n_loops if loops is None else loops)
+            return [1.0 / M] * M
+        return check_schedule(schedule, loops, self.config.modulation)
+
+    def conditioning(self, i, t, dt):
+        """The vector c that modulates loop i (0-based), which starts at time t with step dt."""
+        mod = self.config.modulation
+        if mod == "none":
+            return None
+        device = self.wte.weight.device
+        if mod == "tmlt":
+            # TMLT: condition on the integer loop index only (LoopFormer's baseline)
+            return self.time_embed(torch.tensor(float(i), device=device))
+        # LoopFormer: c = TE_t(t) + TE_Δ(Δ), t = time already travelled in [0, 1), Δ = this
+        # step's size; a coarse step can learn to do more than a fine one
+        return self.time_embed(torch.tensor(t, device=device)) + self.step_embed(torch.tensor(dt, device=device))
+
+    def trunk(self, idx, steps, cache=None, states=None):
+        """Everything up to the final norm for the schedule `steps`: returns the coda's
+        output (B, T, d). If `states` is a list, each loop's output is appended to it."""
         cfg = self.config
-        M = check_loops(cfg.n_loops if loops is None else loops)
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
         if pos + T > cfg.block_size:
@@ -315,33 +376,66 @@ class LoopGPT(nn.Module):
             slot += 1
         e = x  # the loop input
         h = self.initial_state(e, pos)
-        for t in range(M):
-            x = self.core_pass(h, e, t, rope, cache, slot)
+        for i, dt in enumerate(steps):
+            c = self.conditioning(i, math.fsum(steps[:i]), dt)
+            x = self.core_pass(h, e, i, rope, cache, slot, c)
             slot += cfg.n_core
             if states is not None:
                 states.append(x)
             # the FLT family passes on the normalised output, h_t = norm(x) (FLT code)
             h = norm(x) if cfg.injection in ("attn_first", "full_res", "full_attn") else x
-        for block in self.coda:
-            x = block(x, rope, cache, slot)
-            slot += 1
+        x = self.run_coda(x, rope, cache, slot)
         if cache is not None:
             cache.pos += T
         return x
 
-    def forward(self, idx, targets=None, loops=None, cache=None):
-        """
-        idx (B, T) token ids; targets (B, T) or None (-1 = ignored position);
-        loops = budget M (default n_loops, any M >= 1); cache = KVCache for generation.
-        Returns (logits (B, T, V) in float32, loss or None).
-        """
-        x = self.trunk(idx, loops, cache)
-        logits = self.lm_head(norm(x)).float()
+    def run_coda(self, x, rope=None, cache=None, slot=0):
+        if rope is None:  # a prefix route in training: positions start at 0
+            rope = (self.rope_cos[:x.size(1)], self.rope_sin[:x.size(1)])
+        for block in self.coda:
+            x = block(x, rope, cache, slot)
+            slot += 1
+        return x
+
+    def logits(self, h):
+        logits = self.lm_head(h).float()
         if self.config.softcap > 0:
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits
+
+    def forward(self, idx, targets=None, loops=None, cache=None, schedule=None,
+                short=None, lambda_short=0.1, lambda_cons=0.1):
+        """
+        idx (B, T) token ids; targets (B, T) or None (-1 = ignored position);
+        loops = budget M (default n_loops, any M >= 1) or schedule = step sizes summing to 1
+        (modulation='loopformer'); cache = KVCache for generation.
+        Returns (logits (B, T, V) in float32, loss or None).
+
+        short (training): an auxiliary short route, DESIGN §7. A schedule (list) is
+        LoopFormer's shortcut route, run as a second forward; an int S is the prefix route
+        of the early-exit baselines, the first S loops of the full route read off its
+        intermediate state (no second forward). The loss is then
+        CE(full) + lambda_short * CE(short) + lambda_cons * MSE(sg(h_full), h_short),
+        h = the hidden state after the final norm.
+        """
+        steps = self.steps(loops, schedule)
+        states = [] if isinstance(short, int) else None
+        h = norm(self.trunk(idx, steps, cache, states))
+        logits = self.logits(h)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if short is not None:
+            if isinstance(short, int):
+                if not 1 <= short <= len(steps):
+                    raise ValueError(f"prefix route of {short} loops in a route of {len(steps)}")
+                h_short = norm(self.run_coda(states[short - 1]))
+            else:
+                h_short = norm(self.trunk(idx, self.steps(None, short)))
+            ce_short = F.cross_entropy(self.logits(h_short).view(-1, logits.size(-1)), targets.reshape(-1),
+                                       ignore_index=-1)
+            # stop-gradient on the full route: the short route learns to match it, not vice versa
+            loss = loss + lambda_short * ce_short + lambda_cons * F.mse_loss(h_short, h.detach())
         return logits, loss
 
     @torch.no_grad()
@@ -349,7 +443,7 @@ class LoopGPT(nn.Module):
         """FLT's stability diagnostic: RMS over features of each loop's output h_t,
         averaged over batch and sequence; one float per loop t = 1..M."""
         states = []
-        self.trunk(idx, loops, states=states)
+        self.trunk(idx, self.steps(loops), states=states)
         return [s.float().pow(2).mean(-1).sqrt().mean().item() for s in states]
 
     # ---- generation --------------------------------------------------------------------
@@ -360,26 +454,27 @@ class LoopGPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None,
-                 use_cache=True, generator=None):
+                 use_cache=True, generator=None, schedule=None):
         """
-        Sample max_new_tokens tokens after idx (B, T) at loop budget `loops`.
+        Sample max_new_tokens tokens after idx (B, T) at loop budget `loops` (or with
+        the loop schedule `schedule`).
         temperature 0 means greedy. The context is cropped to the last block_size
         tokens. With use_cache the prompt is prefilled once and each new token runs one
         position through every (loop, layer); once the text outgrows block_size, each
         step rebuilds the cache from the cropped window (every position's K/V depends on
         the window it saw), so cached and uncached decoding stay identical.
         """
-        M = check_loops(self.config.n_loops if loops is None else loops)
+        steps = self.steps(loops, schedule)
         bs = self.config.block_size
         cache = None
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits, _ = self(idx[:, -bs:], loops=M)
+                logits, _ = self(idx[:, -bs:], schedule=steps)
             elif cache is None or idx.size(1) > bs:
-                cache = self.new_cache(M)
-                logits, _ = self(idx[:, -bs:], loops=M, cache=cache)
+                cache = self.new_cache(len(steps))
+                logits, _ = self(idx[:, -bs:], schedule=steps, cache=cache)
             else:
-                logits, _ = self(idx[:, -1:], loops=M, cache=cache)
+                logits, _ = self(idx[:, -1:], schedule=steps, cache=cache)
             logits = logits[:, -1, :]
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
@@ -443,6 +538,22 @@ def huginn_noise(n, d, generator=None, device=None):
     x = torch.empty(n, d, device=device)
     nn.init.trunc_normal_(x, std=std, a=-3 * std, b=3 * std, generator=generator)
     return x * math.sqrt(d)
+
+
+def check_schedule(schedule, loops=None, modulation="loopformer"):
+    """A schedule is a non-empty list of positive step sizes that sum to 1 (± 1e-6)."""
+    try:
+        steps = [float(s) for s in schedule]
+    except (TypeError, ValueError):
+        raise ValueError(f"a schedule is a list of step sizes, got {schedule!r}") from None
+    if not steps or any(not (0 < s <= 1) for s in steps) or abs(math.fsum(steps) - 1) > 1e-6:
+        raise ValueError(f"a schedule needs step sizes in (0, 1] that sum to 1, got {steps} (sum {math.fsum(steps)})")
+    if loops is not None and loops != len(steps):
+        raise ValueError(f"loops={loops} but the schedule has {len(steps)} steps")
+    if modulation != "loopformer" and max(steps) - min(steps) > 1e-9:
+        raise ValueError(f"a schedule with unequal steps needs modulation='loopformer' "
+                         f"(this model has modulation={modulation!r}); use loops=M")
+    return steps
 
 
 def check_loops(M):

@@ -398,3 +398,112 @@ def test_residual_rms_grows_for_plain_loop_with_large_updates():
             p.mul_(3.0)
     rms = model.residual_rms(torch.randint(0, 61, (2, 8)), loops=5)
     assert len(rms) == 5 and rms[-1] > rms[0]
+
+
+# ---- modulation and schedules (DESIGN §5, §7, §8) -------------------------------------------
+
+def modulated_model(modulation, seed=0, **kw):
+    """A model whose modulation is not zero (as after training), so t, Δ and i matter."""
+    model = random_model(seed=seed, modulation=modulation, **kw)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".modulation." in name or "_embed." in name:
+                p.normal_(std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("modulation", ["tmlt", "loopformer"])
+def test_modulated_block_is_identity_at_init(modulation):
+    torch.manual_seed(0)
+    model = LoopGPT(small_config(modulation=modulation)).eval()
+    block = model.core[0]
+    assert block.attn.proj.weight.abs().sum() > 0  # not zero: the zero gates alone make it the identity
+    x = torch.randn(2, 6, 32)
+    rope = (model.rope_cos[:6], model.rope_sin[:6])
+    c = model.conditioning(2, 0.25, 0.125)
+    torch.testing.assert_close(block(x, rope, c=c), x)
+    idx = torch.randint(0, 61, (2, 8))
+    torch.testing.assert_close(model(idx, loops=1)[0], model(idx, loops=5)[0])
+    if modulation == "loopformer":
+        torch.testing.assert_close(model(idx, loops=1)[0], model(idx, schedule=[0.5, 0.25, 0.25])[0])
+
+
+def test_modulated_core_learns_from_zero_gates():
+    # zero gates with zero output projections would never get a gradient; ours do
+    torch.manual_seed(0)
+    model = LoopGPT(small_config(modulation="loopformer"))
+    x, y = torch.randint(0, 61, (2, 8)), torch.randint(0, 61, (2, 8))
+    model(x, y)[1].backward()
+    assert model.core[0].modulation.weight.grad.abs().sum() > 0
+
+
+def test_schedules():
+    model = modulated_model("loopformer")
+    idx = torch.randint(0, 61, (2, 8))
+    torch.testing.assert_close(model(idx, loops=4)[0], model(idx, schedule=[0.25] * 4)[0])
+    a = model(idx, schedule=[0.5, 0.25, 0.25])[0]
+    b = model(idx, schedule=[0.25, 0.25, 0.5])[0]
+    assert not torch.allclose(a, b)  # same budget, different schedule, different model
+    for bad in ([0.5, 0.4], [1.2, -0.2], [], [0.5, "x"], [0.5, 0.5, 0.0]):
+        with pytest.raises(ValueError, match="schedule"):
+            model(idx, schedule=bad)
+    with pytest.raises(ValueError, match="loops=3 but the schedule has 2 steps"):
+        model(idx, loops=3, schedule=[0.5, 0.5])
+    plain = random_model()
+    with pytest.raises(ValueError, match="needs modulation='loopformer'"):
+        plain(idx, schedule=[0.75, 0.25])
+    torch.testing.assert_close(plain(idx, schedule=[0.5, 0.5])[0], plain(idx, loops=2)[0])
+
+
+@pytest.mark.parametrize("schedule", [[0.5, 0.25, 0.125, 0.125], [0.125] * 8, [1.0]])
+def test_cached_generation_under_schedules(schedule):
+    model = modulated_model("loopformer", injection="add")
+    prompt = torch.randint(0, 61, (2, 5))
+    a = model.generate(prompt, 25, schedule=schedule, temperature=0, use_cache=True)
+    b = model.generate(prompt, 25, schedule=schedule, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_tmlt_changes_with_loop_index():
+    model = modulated_model("tmlt")
+    c = [model.conditioning(i, 0.0, 1.0) for i in range(3)]
+    assert not torch.allclose(c[0], c[1])
+    # TMLT ignores t and Δ: only the index matters
+    torch.testing.assert_close(model.conditioning(1, 0.5, 0.5), model.conditioning(1, 0.0, 0.1))
+
+
+def hidden(model, idx, **kw):
+    return norm(model.trunk(idx, model.steps(**kw)))
+
+
+@pytest.mark.parametrize("modulation", ["none", "tmlt"])
+def test_prefix_route_equals_a_separate_prefix_forward(modulation):
+    # EE baselines: the short route's loss, read off the full route's loop-S state, equals
+    # the loss of a separate forward at M = S: no second forward is needed
+    model = modulated_model(modulation)
+    x, y = torch.randint(0, 61, (2, 10)), torch.randint(0, 61, (2, 10))
+    for S in (1, 2, 3):
+        _, loss = model(x, y, short=S, lambda_short=0.1, lambda_cons=0.1)
+        full_logits, ce_full = model(x, y)
+        _, ce_short = model(x, y, loops=S)
+        mse = F.mse_loss(hidden(model, x, loops=S), hidden(model, x))
+        torch.testing.assert_close(loss, ce_full + 0.1 * ce_short + 0.1 * mse)
+
+
+def test_shortcut_route_loss_and_stop_gradient():
+    model = modulated_model("loopformer")
+    x, y = torch.randint(0, 61, (2, 10)), torch.randint(0, 61, (2, 10))
+    short = [0.5, 0.25, 0.25]  # L = 3 full route vs a route of coarse-then-fine steps
+    _, loss = model(x, y, short=short, lambda_short=0.1, lambda_cons=0.2)
+    _, ce_full = model(x, y)
+    _, ce_short = model(x, y, schedule=short)
+    mse = F.mse_loss(hidden(model, x, schedule=short), hidden(model, x))
+    torch.testing.assert_close(loss, ce_full + 0.1 * ce_short + 0.2 * mse)
+    # with only the consistency term, the full route gets no gradient from it: the lm_head
+    # sees only the full CE, exactly as without a short route
+    model.zero_grad()
+    model(x, y, short=short, lambda_short=0.0, lambda_cons=1.0)[1].backward()
+    g_with = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    model(x, y)[1].backward()
+    torch.testing.assert_close(g_with, model.lm_head.weight.grad)
