@@ -25,10 +25,19 @@ class TrainConfig:
     eval_interval: int = 100
     eval_iters: int = 20          # val batches per budget
     eval_budgets: tuple = ()      # loop budgets to evaluate; () = 1, L/2, L, 2L
+    eval_only: bool = False       # with resume=True: sweep budgets 1..2L (and schedules), then exit
+    sweep_max_steps: int = 4      # eval_only, modulation=loopformer: every schedule of <= this many steps
     log_interval: int = 10
     always_save_checkpoint: bool = True
     resume: bool = False
     seed: int = 1337
+    # objective: final = CE at the train budget; shortcut = LoopFormer's shortcut-consistency
+    # (a random short route as a second forward); prefix = the early-exit baselines' short
+    # route, the first S loops of the full route. Both add lambda_short * CE(short) +
+    # lambda_cons * MSE(sg(h_full), h_short) (DESIGN §7)
+    objective: str = "final"
+    lambda_short: float = 0.1
+    lambda_cons: float = 0.1
     # batch: tokens per step = batch_size * block_size * grad_accum_steps (global)
     batch_size: int = 16          # rows per micro-step per process
     grad_accum_steps: int = 1     # global micro-steps per step, split over processes

@@ -540,6 +540,22 @@ def huginn_noise(n, d, generator=None, device=None):
     return x * math.sqrt(d)
 
 
+def sample_short_route(L, rng):
+    """
+    LoopFormer's random shortcut route on the 1/L grid (DESIGN §7): S ~ U{1..L-1} steps;
+    each of the first S-1 steps draws its size from {1/L, 2/L, ...}, leaving at least 1/L
+    for every step still to come; the last step takes the rest. rng: numpy Generator.
+    """
+    S = int(rng.integers(1, L))
+    units, left = [], L
+    for k in range(S - 1):
+        u = int(rng.integers(1, left - (S - 1 - k) + 1))  # leave >= 1 unit per later step
+        units.append(u)
+        left -= u
+    units.append(left)
+    return [u / L for u in units]
+
+
 def check_schedule(schedule, loops=None, modulation="loopformer"):
     """A schedule is a non-empty list of positive step sizes that sum to 1 (± 1e-6)."""
     try:

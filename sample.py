@@ -5,6 +5,8 @@ Generate text from a trained LoopGPT at several loop budgets, side by side.
     python sample.py --budgets=1,2,4,8            # same prompt and seed at four budgets
     python sample.py --start="def " --max_new_tokens=100 --temperature=0.7
     python sample.py --start=FILE:prompt.txt --num_samples=3
+    python sample.py --schedule=3,2,2,1           # LoopFormer: 4 steps of 3/8, 2/8, 2/8, 1/8
+    python sample.py --budgets=2,8 --schedule=3,2,2,1/0.5,0.5   # several, side by side
 
 Every budget restarts the random generator from the same seed, so the differences
 between budgets come from the loops alone.
@@ -16,12 +18,15 @@ import time
 import torch
 
 from common import detect_device, fail, load_checkpoint, model_from_checkpoint, parse_args, print_table
+from loopgpt import check_schedule
 from tokenizer import load_tokenizer
 
 defaults = dict(
     out_dir="out",
     start="\n",              # prompt text, or FILE:path to read it from a file
     budgets=(),              # loop budgets M to compare; () = the train budget
+    schedule="",             # LoopFormer schedules: step sizes in units of 1/L (or fractions),
+                             # several separated by "/"
     num_samples=1,
     max_new_tokens=200,
     temperature=0.8,         # 0 = greedy
@@ -38,9 +43,30 @@ ckpt = load_checkpoint(f"{args['out_dir']}/ckpt.pt")
 model = model_from_checkpoint(ckpt)
 enc = load_tokenizer(ckpt["data_meta"]["tokenizer"])
 cfg = model.config
-budgets = args["budgets"] or (cfg.n_loops,)
+budgets = args["budgets"] or (() if args["schedule"] else (cfg.n_loops,))
 if any(M < 1 for M in budgets):
     fail(f"budgets must be integers >= 1, got {','.join(map(str, budgets))}")
+
+
+def parse_schedule(text):
+    """'3,2,2,1' in units of 1/L (integers summing to L), or fractions summing to 1."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        fail(f"--schedule: '{text}' is not a comma-separated list of numbers")
+    if all(v.is_integer() for v in values) and sum(values) == cfg.n_loops:
+        values = [v / cfg.n_loops for v in values]
+    try:
+        return check_schedule(values, modulation=cfg.modulation)
+    except ValueError as e:
+        fail(f"--schedule={text}: {e} (integers must sum to L={cfg.n_loops})")
+
+
+# what to compare: budgets M (uniform steps), then schedules
+routes = [(f"M={M}", {"loops": M}, M) for M in budgets]
+for text in filter(None, args["schedule"].split("/")):
+    steps = parse_schedule(text)
+    routes.append((f"schedule {text}", {"schedule": steps}, len(steps)))
 device = detect_device(args["device"])
 model.to(device).eval()
 
@@ -59,22 +85,22 @@ x = torch.tensor([start_ids], dtype=torch.long, device=device)
 
 print(f"{args['out_dir']}/ckpt.pt: {model.summary()}, trained {ckpt['iter_num']} steps")
 rows = []
-for M in budgets:
+for name, route, M in routes:
     torch.manual_seed(args["seed"])
     t0 = time.time()
     texts = []
     for _ in range(args["num_samples"]):
-        y = model.generate(x, args["max_new_tokens"], loops=M, temperature=args["temperature"],
-                           top_k=args["top_k"] or None, use_cache=args["use_cache"])
+        y = model.generate(x, args["max_new_tokens"], temperature=args["temperature"],
+                           top_k=args["top_k"] or None, use_cache=args["use_cache"], **route)
         new = [t for t in y[0, len(start_ids):].tolist() if t < enc.n_vocab]  # drop padded-vocab ids
         texts.append(enc.decode(new))
     dt = time.time() - t0
     tok_s = args["num_samples"] * args["max_new_tokens"] / dt
-    rows.append((M, model.effective_depth(M), f"{tok_s:.1f}"))
-    print(f"\n━━━ budget M={M} | effective depth {model.effective_depth(M)} | {tok_s:.1f} tokens/s ━━━")
+    rows.append((name, model.effective_depth(M), f"{tok_s:.1f}"))
+    print(f"\n━━━ {name} | effective depth {model.effective_depth(M)} | {tok_s:.1f} tokens/s ━━━")
     for i, text in enumerate(texts):
         if i:
             print("  ---")
         print(start + text)
 print()
-print(print_table(rows, ["budget M", "depth", "tokens/s"]))
+print(print_table(rows, ["route", "depth", "tokens/s"]))

@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (CHECKPOINT_VERSION, TrainConfig, detect_device, fail, load_checkpoint, model_config_defaults,
-                    model_from_checkpoint, parse_args, save_checkpoint, train_config_defaults)
-from loopgpt import LoopGPT, LoopGPTConfig
+                    model_from_checkpoint, parse_args, print_table, save_checkpoint, train_config_defaults)
+from loopgpt import LoopGPT, LoopGPTConfig, sample_short_route
 from tokenizer import load_tokenizer, token_byte_lengths
 
 
@@ -43,6 +43,10 @@ if not (0 < tc.learning_rate < math.inf and 0 <= tc.min_lr < math.inf):
     fail(f"need a finite learning_rate > 0 and min_lr >= 0, got {tc.learning_rate} and {tc.min_lr}")
 if tc.lr_schedule not in ("cosine", "wsd"):
     fail(f"lr_schedule={tc.lr_schedule!r} (valid: cosine, wsd)")
+if tc.objective not in ("final", "shortcut", "prefix"):
+    fail(f"objective={tc.objective!r} (valid: final, shortcut, prefix)")
+if tc.eval_only and not tc.resume:
+    fail("eval_only evaluates a checkpoint: add --resume=True")
 for key in ("max_iters", "eval_interval", "eval_iters", "batch_size", "grad_accum_steps", "log_interval"):
     if getattr(tc, key) < 1:
         fail(f"{key} must be >= 1, got {getattr(tc, key)}")
@@ -151,6 +155,10 @@ if tc.compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
+if tc.objective == "shortcut" and cfg.modulation != "loopformer":
+    fail("objective=shortcut samples schedules with unequal steps: it needs modulation=loopformer")
+if tc.objective != "final" and cfg.n_loops < 2:
+    fail(f"objective={tc.objective} needs a short route shorter than the full one: n_loops >= 2")
 T = cfg.block_size
 tokens_per_step = tc.batch_size * T * tc.grad_accum_steps
 eval_budgets = tc.eval_budgets or tuple(sorted({1, max(1, cfg.n_loops // 2), cfg.n_loops, 2 * cfg.n_loops}))
@@ -187,29 +195,73 @@ def get_lr(it):
 
 
 @torch.no_grad()
+def eval_route(**route):
+    """Val loss (nats/token) and bits per byte for one route: loops=M or schedule=[...].
+    The eval batches are fixed (the same at every eval) and split over the ranks."""
+    sums = torch.zeros(4, device=device)  # nats, tokens, bits on byte-carrying tokens, bytes
+    for i in range(rank, tc.eval_iters, world):
+        x, y = get_batch("val", np.random.default_rng([tc.seed, 1, i]), tc.batch_size, T)
+        with autocast:
+            logits, _ = raw_model(x, **route)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
+        nbytes = token_bytes[y.view(-1)]  # special tokens have no bytes and count in neither
+        sums += torch.stack([loss.sum(), loss.new_tensor(loss.numel()),
+                             (loss * (nbytes > 0)).sum() / math.log(2), nbytes.sum()])
+    if ddp:
+        dist.all_reduce(sums)
+    return {"loss": (sums[0] / sums[1]).item(), "bpb": (sums[2] / sums[3]).item()}
+
+
+@torch.no_grad()
 def evaluate():
-    """Val loss (nats/token) and bits per byte at each budget; the batches are split over ranks."""
     raw_model.eval()
-    results = {}
-    for M in eval_budgets:
-        sums = torch.zeros(4, device=device)  # nats, tokens, bits on byte-carrying tokens, bytes
-        for i in range(rank, tc.eval_iters, world):
-            x, y = get_batch("val", np.random.default_rng([tc.seed, 1, i]), tc.batch_size, T)
-            with autocast:
-                logits, _ = raw_model(x, loops=M)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
-            nbytes = token_bytes[y.view(-1)]  # special tokens have no bytes and count in neither
-            sums += torch.stack([loss.sum(), loss.new_tensor(loss.numel()),
-                                 (loss * (nbytes > 0)).sum() / math.log(2), nbytes.sum()])
-        if ddp:
-            dist.all_reduce(sums)
-        results[M] = {"loss": (sums[0] / sums[1]).item(), "bpb": (sums[2] / sums[3]).item()}
+    results = {M: eval_route(loops=M) for M in eval_budgets}
     # FLT's stability diagnostic: RMS of each loop's output h_t, at the train budget, on one val batch
     x, _ = get_batch("val", np.random.default_rng([tc.seed, 1, 0]), tc.batch_size, T)
     with autocast:
         rms = raw_model.residual_rms(x, cfg.n_loops)
     raw_model.train()
     return results, rms
+
+
+def compositions(n, k):
+    """Every way to write n as an ordered sum of k positive integers."""
+    if k == 1:
+        yield (n,)
+        return
+    for first in range(1, n - k + 2):
+        for rest in compositions(n - first, k - 1):
+            yield (first,) + rest
+
+
+@torch.no_grad()
+def budget_sweep():
+    """eval_only: val loss at every budget M = 1..L and beyond, and, for LoopFormer, at
+    every schedule of a few steps on the 1/L grid (the LoopFormer paper's Figure 6)."""
+    raw_model.eval()
+    L = cfg.n_loops
+    budgets = sorted(set(range(1, L + 1)) | {L + L // 2, 2 * L})
+    rows, record = [], {"type": "budget_sweep", "step": iter_num, "budgets": {}, "schedules": {}}
+    for M in tqdm(budgets, desc="budgets", disable=not master, leave=False):
+        r = eval_route(loops=M)
+        record["budgets"][str(M)] = r
+        rows.append((M, raw_model.effective_depth(M), f"{r['loss']:.4f}", f"{r['bpb']:.4f}"))
+    log(print_table(rows, ["budget M", "depth", "val loss", "bpb"]))
+    if cfg.modulation == "loopformer":
+        rows = []
+        for M in range(2, min(tc.sweep_max_steps, L - 1) + 1):
+            results = []
+            for units in tqdm(list(compositions(L, M)), desc=f"{M}-step schedules", disable=not master, leave=False):
+                results.append((eval_route(schedule=[u / L for u in units])["loss"], units))
+            results.sort()
+            record["schedules"][str(M)] = [{"units": list(u), "loss": l} for l, u in results]
+            uniform = record["budgets"][str(M)]["loss"]
+            fmt = lambda lu: f"{lu[0]:.4f} ({','.join(map(str, lu[1]))})"  # noqa: E731
+            rows.append((M, len(results), f"{uniform:.4f}", fmt(results[0]), fmt(results[-1]),
+                         f"{results[-1][0] - results[0][0]:.4f}"))
+        log(f"\nevery schedule of M steps on the 1/{L} grid (in units of 1/{L}):")
+        log(print_table(rows, ["M", "schedules", "uniform 1/M", "best", "worst", "spread"]))
+    write_jsonl(record)
 
 
 def checkpoint():
@@ -235,6 +287,12 @@ def write_jsonl(record):
 
 # ---- the training loop -----------------------------------------------------------------
 
+if tc.eval_only:
+    budget_sweep()
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(0)
+
 pbar = tqdm(total=tc.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc="train")
 t_start = time.time()
 tok_per_s = None
@@ -249,8 +307,13 @@ while iter_num < tc.max_iters:
         x, y = get_batch("train", np.random.default_rng([tc.seed, 0, iter_num, m]), tc.batch_size, T)
         if ddp:  # all-reduce gradients only on the last micro-step
             model.require_backward_grad_sync = micro == accum_local - 1
+        short = None  # the auxiliary short route: the same on every rank (seeded by the local micro-step)
+        if tc.objective != "final":
+            route_rng = np.random.default_rng([tc.seed, 2, iter_num, micro])
+            short = (sample_short_route(cfg.n_loops, route_rng) if tc.objective == "shortcut"
+                     else int(route_rng.integers(1, cfg.n_loops)))
         with autocast:
-            _, loss = model(x, targets=y)
+            _, loss = model(x, targets=y, short=short, lambda_short=tc.lambda_short, lambda_cons=tc.lambda_cons)
         (loss / accum_local).backward()
         loss_sum += loss.detach()
     if ddp:

@@ -507,3 +507,21 @@ def test_shortcut_route_loss_and_stop_gradient():
     model.zero_grad()
     model(x, y)[1].backward()
     torch.testing.assert_close(g_with, model.lm_head.weight.grad)
+
+
+def test_short_routes_lie_on_the_grid():
+    import numpy as np
+    from loopgpt import sample_short_route
+    rng = np.random.default_rng(0)
+    for L in (2, 3, 8):
+        lengths, firsts = set(), set()
+        for _ in range(400):
+            route = sample_short_route(L, rng)
+            units = [round(s * L) for s in route]
+            assert all(u >= 1 and abs(s * L - u) < 1e-9 for s, u in zip(route, units))
+            assert sum(units) == L and 1 <= len(route) <= L - 1
+            lengths.add(len(route))
+            firsts.add(units[0])
+        assert lengths == set(range(1, L))  # S ~ U{1..L-1}: every length occurs
+        # the first step takes anything from 1/L (S > 1) to all of it (S = 1)
+        assert firsts == (set(range(1, L + 1)) if L > 2 else {2})

@@ -125,7 +125,7 @@ def test_sample_budgets_side_by_side(data_dir, tmp_path):
     p = run("sample.py", f"--out_dir={tmp_path}", "--budgets=1,2,4", "--max_new_tokens=40",
             "--start=def f(x):", "--seed=3")
     for M in (1, 2, 4):
-        assert f"budget M={M}" in p.stdout
+        assert f"M={M} | effective depth" in p.stdout
     assert "tokens/s" in p.stdout
     # a prompt longer than the context is cropped with a notice
     prompt = tmp_path / "prompt.txt"
@@ -144,7 +144,8 @@ def test_every_config_builds_a_model(name):
     from loopgpt import LoopGPT, LoopGPTConfig
     model_defaults = model_config_defaults()
     values, _ = parse_args(["--config", name], {**train_config_defaults(), **model_defaults})
-    model = LoopGPT(LoopGPTConfig(**{k: values[k] for k in model_defaults}))
+    with torch.device("meta"):  # shapes only: the GPU configs have up to a billion parameters
+        model = LoopGPT(LoopGPTConfig(**{k: values[k] for k in model_defaults}))
     assert model.num_params() > 0 and values["max_iters"] >= 1
 
 
@@ -159,3 +160,37 @@ def test_flt_small_runs_on_cpu(data_dir, tmp_path):
     assert "injection=full_attn" in p.stdout and "1 + 6⊗12" not in p.stdout and "0 + 6⊗12 + 0" in p.stdout
     ev = records(tmp_path, "eval")[-1]
     assert len(ev["residual_rms"]) == 12 and ev["core0_mlp_grad_norm"] > 0
+
+
+LOOPFORMER = ["--config=loopformer_3x8_tiny", "--n_embd=32", "--n_head=2", "--n_core=1", "--n_loops=4",
+              "--block_size=32", "--batch_size=4", "--eval_iters=2", "--warmup_iters=2", "--log_interval=1"]
+
+
+def test_loopformer_trains_sweeps_budgets_and_samples_schedules(data_dir, tmp_path):
+    run("train.py", *LOOPFORMER, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=3")
+    p = run("train.py", *LOOPFORMER, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=3",
+            "--eval_only=True", "--resume=True")
+    assert "every schedule of M steps on the 1/4 grid" in p.stdout
+    sweep = records(tmp_path, "budget_sweep")[-1]
+    assert set(sweep["budgets"]) == {"1", "2", "3", "4", "6", "8"}
+    # L = 4: 3 schedules of 2 steps (1+3, 2+2, 3+1), 3 of 3 steps; sorted best first
+    assert [len(sweep["schedules"][m]) for m in ("2", "3")] == [3, 3]
+    losses = [r["loss"] for r in sweep["schedules"]["2"]]
+    assert losses == sorted(losses)
+    p = run("sample.py", f"--out_dir={tmp_path}", "--budgets=2", "--schedule=2,1,1/0.5,0.5", "--max_new_tokens=5")
+    assert "schedule 2,1,1" in p.stdout and "schedule 0.5,0.5" in p.stdout and "M=2 |" in p.stdout
+    for bad in ("--schedule=3,3", "--schedule=a,b", "--schedule=0.5,0.6"):
+        p = run("sample.py", f"--out_dir={tmp_path}", bad, ok=False)
+        assert "--schedule" in p.stderr
+
+
+def test_prefix_objective_and_objective_errors(data_dir, tmp_path):
+    args = [a for a in LOOPFORMER if not a.startswith("--config")]
+    run("train.py", "--config=tmlt_ee_3x8_tiny", *args, f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+        "--max_iters=2")
+    assert records(tmp_path, "train")[-1]["loss"] > 0
+    p = run("train.py", "--config=base_loop_3x8_tiny", *args, "--objective=shortcut", f"--data_dir={data_dir}",
+            ok=False)
+    assert "needs modulation=loopformer" in p.stderr
+    p = run("train.py", *args, "--eval_only=True", f"--data_dir={data_dir}", ok=False)
+    assert "add --resume=True" in p.stderr

@@ -1,0 +1,6 @@
+# TMLT 3⊗8: each loop conditioned on its index (LoopFormer's baseline), final loss only.
+# Everything else as configs/base_loop_3x8.py.
+from configs.base_loop_3x8 import *  # noqa: F401,F403
+
+out_dir = "out-tmlt-3x8"
+modulation = "tmlt"
