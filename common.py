@@ -38,6 +38,17 @@ class TrainConfig:
     objective: str = "final"
     lambda_short: float = 0.1
     lambda_cons: float = 0.1
+    # loops per step (DESIGN §7): fixed = n_loops; uniform = U{loop_min..loop_max or n_loops};
+    # poisson_lognormal = Huginn's Poisson(e^τ) + 1, τ ~ N(log n_loops - σ²/2, σ = loop_sigma);
+    # per_sequence = Parcae: every row draws its own depth that way, finished rows are frozen.
+    # Every DDP rank uses the same depth in a step. loop_max > 0 caps the sampled depth.
+    loop_sampling: str = "fixed"
+    loop_min: int = 1
+    loop_max: int = 0
+    loop_sigma: float = 0.5
+    # depth curriculum: the depth is capped at curriculum_start + curriculum_rate * step (0 = off)
+    curriculum_start: int = 0
+    curriculum_rate: float = 0.0
     # batch: tokens per step = batch_size * block_size * grad_accum_steps (global)
     batch_size: int = 16          # rows per micro-step per process
     grad_accum_steps: int = 1     # global micro-steps per step, split over processes

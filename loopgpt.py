@@ -19,11 +19,13 @@ logit soft-cap.
 """
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 INJECTIONS = ("none", "add", "concat", "diag", "attn_first", "full_res", "full_attn")
 STATE_INITS = ("prelude", "randn", "zero")
@@ -47,6 +49,8 @@ class LoopGPTConfig:
     state_init: str = "prelude"  # one of STATE_INITS: h_0 = prelude output, random, or zero
     block_norm: str = "pre"    # one of BLOCK_NORMS
     modulation: str = "none"   # one of MODULATIONS: condition each loop on its index or on (t, Δ)
+    bptt_k: int = 0            # truncated backprop: only the last k loops get gradients; 0 = all
+    checkpoint_loops: bool = False  # recompute each loop's activations in backward (memory)
     mlp: str = "relu2"         # one of MLPS
     tie_embeddings: bool = False
     softcap: float = 15.0      # logits = c * tanh(logits / c); 0 turns it off
@@ -62,6 +66,8 @@ class LoopGPTConfig:
                            ("mlp", MLPS)):
             if getattr(self, key) not in valid:
                 problems.append(f"{key}={getattr(self, key)!r} (valid: {', '.join(valid)})")
+        if self.bptt_k < 0:
+            problems.append(f"bptt_k={self.bptt_k} must be >= 0 (0 = full backprop)")
         if self.injection == "none" and self.state_init != "prelude":
             problems.append(f"injection='none' with state_init={self.state_init!r} never reads the input")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
@@ -359,9 +365,11 @@ class LoopGPT(nn.Module):
         # step's size; a coarse step can learn to do more than a fine one
         return self.time_embed(torch.tensor(t, device=device)) + self.step_embed(torch.tensor(dt, device=device))
 
-    def trunk(self, idx, steps, cache=None, states=None):
+    def trunk(self, idx, steps, cache=None, states=None, depths=None):
         """Everything up to the final norm for the schedule `steps`: returns the coda's
-        output (B, T, d). If `states` is a list, each loop's output is appended to it."""
+        output (B, T, d). If `states` is a list, each loop's output is appended to it.
+        depths (B,): Parcae's per-sequence depth, row b runs depths[b] <= len(steps)
+        loops and keeps its state after that."""
         cfg = self.config
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
@@ -376,9 +384,21 @@ class LoopGPT(nn.Module):
             slot += 1
         e = x  # the loop input
         h = self.initial_state(e, pos)
+        M = len(steps)
         for i, dt in enumerate(steps):
             c = self.conditioning(i, math.fsum(steps[:i]), dt)
-            x = self.core_pass(h, e, i, rope, cache, slot, c)
+            # truncated backprop through depth (Huginn): loops before the last bptt_k run
+            # without a graph; e still gets gradients through the later loops' injection
+            truncated = cfg.bptt_k > 0 and i < M - cfg.bptt_k
+            with torch.no_grad() if truncated else nullcontext():
+                if cfg.checkpoint_loops and torch.is_grad_enabled() and cache is None:
+                    # keep only each loop's input; recompute the loop's activations in backward
+                    x_new = checkpoint(self.core_pass, h, e, i, rope, None, slot, c, use_reentrant=False)
+                else:
+                    x_new = self.core_pass(h, e, i, rope, cache, slot, c)
+            if depths is not None and i > 0:  # rows whose depth is reached keep their state
+                x_new = torch.where((i < depths).view(-1, 1, 1), x_new, x)
+            x = x_new
             slot += cfg.n_core
             if states is not None:
                 states.append(x)
@@ -404,12 +424,15 @@ class LoopGPT(nn.Module):
         return logits
 
     def forward(self, idx, targets=None, loops=None, cache=None, schedule=None,
-                short=None, lambda_short=0.1, lambda_cons=0.1):
+                short=None, lambda_short=0.1, lambda_cons=0.1, depths=None):
         """
         idx (B, T) token ids; targets (B, T) or None (-1 = ignored position);
         loops = budget M (default n_loops, any M >= 1) or schedule = step sizes summing to 1
         (modulation='loopformer'); cache = KVCache for generation.
         Returns (logits (B, T, V) in float32, loss or None).
+
+        depths (B,) ints (training, Parcae's per-sequence depth): row b runs depths[b]
+        loops and is then frozen; the batch runs max(depths) loops.
 
         short (training): an auxiliary short route, DESIGN §7. A schedule (list) is
         LoopFormer's shortcut route, run as a second forward; an int S is the prefix route
@@ -418,9 +441,13 @@ class LoopGPT(nn.Module):
         CE(full) + lambda_short * CE(short) + lambda_cons * MSE(sg(h_full), h_short),
         h = the hidden state after the final norm.
         """
+        if depths is not None:
+            if schedule is not None or short is not None or cache is not None:
+                raise ValueError("per-sequence depths go with loops only (no schedule, short route or cache)")
+            loops = int(depths.max())
         steps = self.steps(loops, schedule)
         states = [] if isinstance(short, int) else None
-        h = norm(self.trunk(idx, steps, cache, states))
+        h = norm(self.trunk(idx, steps, cache, states, depths))
         logits = self.logits(h)
         if targets is None:
             return logits, None

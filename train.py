@@ -45,6 +45,12 @@ if tc.lr_schedule not in ("cosine", "wsd"):
     fail(f"lr_schedule={tc.lr_schedule!r} (valid: cosine, wsd)")
 if tc.objective not in ("final", "shortcut", "prefix"):
     fail(f"objective={tc.objective!r} (valid: final, shortcut, prefix)")
+if tc.loop_sampling not in ("fixed", "uniform", "poisson_lognormal", "per_sequence"):
+    fail(f"loop_sampling={tc.loop_sampling!r} (valid: fixed, uniform, poisson_lognormal, per_sequence)")
+if tc.loop_sampling != "fixed" and tc.objective != "final":
+    fail(f"objective={tc.objective} draws its short route from a fixed full route: use loop_sampling=fixed")
+if tc.loop_min < 1 or tc.loop_max < 0 or tc.curriculum_start < 0 or tc.curriculum_rate < 0:
+    fail("need loop_min >= 1, loop_max >= 0, curriculum_start >= 0 and curriculum_rate >= 0")
 if tc.eval_only and not tc.resume:
     fail("eval_only evaluates a checkpoint: add --resume=True")
 for key in ("max_iters", "eval_interval", "eval_iters", "batch_size", "grad_accum_steps", "log_interval"):
@@ -164,7 +170,6 @@ tokens_per_step = tc.batch_size * T * tc.grad_accum_steps
 eval_budgets = tc.eval_budgets or tuple(sorted({1, max(1, cfg.n_loops // 2), cfg.n_loops, 2 * cfg.n_loops}))
 if any(m < 1 for m in eval_budgets):
     fail(f"eval_budgets must all be >= 1, got {eval_budgets}")
-flops_per_token = raw_model.flops_per_token()
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "3090": 71e12}
 peak_flops = None
 if device_type == "cuda":
@@ -177,6 +182,27 @@ if master:
     print(f"data: {data_dir} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {enc.n_vocab}) | "
           f"device {device} x{world} | {tokens_per_step:,} tokens/step | "
           f"{'resuming at step ' + str(iter_num) if tc.resume else 'from scratch'}")
+
+
+def sample_depth(step, m):
+    """Loops for this step: an int, the same on every rank (seeded by the step alone), or
+    for per_sequence a (batch_size,) tensor of per-row depths for global micro-step m."""
+    L = cfg.n_loops
+    rng = np.random.default_rng([tc.seed, 3, step] + ([m] if tc.loop_sampling == "per_sequence" else []))
+    size = tc.batch_size if tc.loop_sampling == "per_sequence" else None
+    if tc.loop_sampling == "fixed":
+        M = np.full(size or (), L)
+    elif tc.loop_sampling == "uniform":
+        M = rng.integers(tc.loop_min, (tc.loop_max or L) + 1, size=size)
+    else:  # Huginn: a log-normal Poisson with mean ~ L, plus one
+        tau = rng.normal(math.log(L) - tc.loop_sigma ** 2 / 2, tc.loop_sigma, size=size)
+        M = rng.poisson(np.exp(tau)) + 1
+    cap = tc.loop_max if tc.loop_max and tc.loop_sampling != "uniform" else None
+    if tc.curriculum_start:  # L_max(s) = min(L_target, L0 + k s)
+        curriculum = int(tc.curriculum_start + tc.curriculum_rate * step)
+        cap = curriculum if cap is None else min(cap, curriculum)
+    M = np.clip(M, tc.loop_min, cap)
+    return torch.as_tensor(M, device=device) if size else int(M)
 
 
 def get_lr(it):
@@ -302,23 +328,34 @@ while iter_num < tc.max_iters:
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
+    loops_used = []
     for micro in range(accum_local):
         m = rank * accum_local + micro  # this process's share of the global micro-steps
         x, y = get_batch("train", np.random.default_rng([tc.seed, 0, iter_num, m]), tc.batch_size, T)
         if ddp:  # all-reduce gradients only on the last micro-step
             model.require_backward_grad_sync = micro == accum_local - 1
+        depth = sample_depth(iter_num, m)
+        route = {"depths": depth} if torch.is_tensor(depth) else {"loops": depth}
+        loops_used.append(depth.float().mean().item() if torch.is_tensor(depth) else depth)
         short = None  # the auxiliary short route: the same on every rank (seeded by the local micro-step)
         if tc.objective != "final":
             route_rng = np.random.default_rng([tc.seed, 2, iter_num, micro])
             short = (sample_short_route(cfg.n_loops, route_rng) if tc.objective == "shortcut"
                      else int(route_rng.integers(1, cfg.n_loops)))
         with autocast:
-            _, loss = model(x, targets=y, short=short, lambda_short=tc.lambda_short, lambda_cons=tc.lambda_cons)
+            _, loss = model(x, targets=y, short=short, lambda_short=tc.lambda_short, lambda_cons=tc.lambda_cons,
+                            **route)
         (loss / accum_local).backward()
         loss_sum += loss.detach()
     if ddp:
         dist.all_reduce(loss_sum)
+        if tc.loop_sampling != "per_sequence":  # by construction every rank ran the same depth: check it
+            depths = torch.tensor([loops_used[0], -loops_used[0]], device=device)
+            dist.all_reduce(depths, op=dist.ReduceOp.MAX)
+            if depths[0] != -depths[1]:
+                fail(f"ranks disagree on the loop count at step {iter_num}: {depths.tolist()}")
     train_loss = loss_sum.item() / tc.grad_accum_steps
+    mean_loops = sum(loops_used) / len(loops_used)
     if not math.isfinite(train_loss):
         pbar.close()
         fail(f"loss is {train_loss} at step {iter_num + 1}: training stopped, nothing saved; "
@@ -333,12 +370,13 @@ while iter_num < tc.max_iters:
     dt = time.time() - t0
     if iter_num > 1 or tc.resume:  # the first step pays for warm-up; keep it out of the average
         tok_per_s = tokens_per_step / dt if tok_per_s is None else 0.9 * tok_per_s + 0.1 * tokens_per_step / dt
-    mfu = flops_per_token * tok_per_s / (peak_flops * world) if (peak_flops and tok_per_s) else None
+    mfu = (raw_model.flops_per_token(max(1, round(mean_loops))) * tok_per_s / (peak_flops * world)
+           if (peak_flops and tok_per_s) else None)
     pbar.update(1)
     pbar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_per_s or 0:,.0f}",
                      mfu=f"{100 * mfu:.1f}%" if mfu else "n/a")
     if iter_num % tc.log_interval == 0:
-        write_jsonl({"type": "train", "step": iter_num, "loss": train_loss, "lr": lr,
+        write_jsonl({"type": "train", "step": iter_num, "loss": train_loss, "lr": lr, "loops": mean_loops,
                      "grad_norm": grad_norm.item(), "core0_mlp_grad_norm": mlp_grad_norm, "tok_per_s": tok_per_s, "mfu": mfu,
                      "elapsed_s": time.time() - t_start})
 

@@ -525,3 +525,47 @@ def test_short_routes_lie_on_the_grid():
         assert lengths == set(range(1, L))  # S ~ U{1..L-1}: every length occurs
         # the first step takes anything from 1/L (S > 1) to all of it (S = 1)
         assert firsts == (set(range(1, L + 1)) if L > 2 else {2})
+
+
+# ---- training recipes: truncated backprop, checkpointing, per-sequence depth (DESIGN §7) ----
+
+def grads(model, x, y, **kw):
+    model.zero_grad()
+    model(x, y, **kw)[1].backward()
+    return {n: p.grad.clone() if p.grad is not None else None for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("injection", ["none", "add", "concat", "full_attn"])
+def test_bptt_k_at_least_loops_is_full_backprop(injection):
+    x, y = torch.randint(0, 61, (2, 10)), torch.randint(0, 61, (2, 10))
+    full = grads(randomize_extras(random_model(injection=injection)).train(), x, y, loops=4)
+    for k in (4, 9):
+        g = grads(randomize_extras(random_model(injection=injection, bptt_k=k)).train(), x, y, loops=4)
+        for n in full:
+            torch.testing.assert_close(g[n], full[n], msg=n)
+    g = grads(randomize_extras(random_model(injection=injection, bptt_k=2)).train(), x, y, loops=4)
+    assert not torch.allclose(g["core.0.attn.q.weight"], full["core.0.attn.q.weight"])
+    assert g["core.0.attn.q.weight"].abs().sum() > 0
+    # the prelude is reached only through inputs the last k loops re-read: not through LT's
+    prelude_grad = g["prelude.0.attn.q.weight"]
+    assert (prelude_grad is None or prelude_grad.abs().sum() == 0) == (injection == "none")
+
+
+@pytest.mark.parametrize("injection", ["add", "full_res"])
+def test_checkpointed_loops_give_the_same_gradients(injection):
+    x, y = torch.randint(0, 61, (2, 10)), torch.randint(0, 61, (2, 10))
+    plain = grads(random_model(injection=injection).train(), x, y, loops=3)
+    ckpt = grads(random_model(injection=injection, checkpoint_loops=True).train(), x, y, loops=3)
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_per_sequence_depth_freezes_finished_rows():
+    model = modulated_model("none", injection="add")
+    idx = torch.randint(0, 61, (3, 8))
+    depths = torch.tensor([1, 4, 2])
+    logits, _ = model(idx, depths=depths)
+    for b in range(3):
+        torch.testing.assert_close(logits[b:b + 1], model(idx[b:b + 1], loops=int(depths[b]))[0])
+    with pytest.raises(ValueError, match="per-sequence"):
+        model(idx, depths=depths, schedule=[0.5, 0.5])

@@ -106,8 +106,11 @@ def test_bad_checkpoints_give_clear_errors(data_dir, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(data_dir, tmp_path):
-    # same global batch (2 micro-steps of 4 rows): 1 process accumulates both, 2 processes one each
-    common = [f"--data_dir={data_dir}", "--max_iters=3", "--eval_interval=3", "--grad_accum_steps=2", *SMALL]
+    # same global batch (2 micro-steps of 4 rows): 1 process accumulates both, 2 processes one
+    # each; the depth is sampled per step (Huginn) and must be the same on both ranks
+    # (train.py checks that with an all-reduce and stops if not)
+    common = [f"--data_dir={data_dir}", "--max_iters=3", "--eval_interval=3", "--grad_accum_steps=2",
+              "--loop_sampling=poisson_lognormal", *SMALL]
     run("train.py", f"--out_dir={tmp_path / 'one'}", *common)
     run("torchrun", cmd=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                          "train.py", f"--out_dir={tmp_path / 'two'}", *common])
@@ -115,6 +118,7 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path):
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["loops"] == b["loops"]
     va, vb = records(tmp_path / "one", "eval")[-1]["val"], records(tmp_path / "two", "eval")[-1]["val"]
     for m in va:
         assert va[m]["loss"] == pytest.approx(vb[m]["loss"], rel=1e-5)
@@ -194,3 +198,18 @@ def test_prefix_objective_and_objective_errors(data_dir, tmp_path):
     assert "needs modulation=loopformer" in p.stderr
     p = run("train.py", *args, "--eval_only=True", f"--data_dir={data_dir}", ok=False)
     assert "add --resume=True" in p.stderr
+
+
+def test_depth_sampling_and_curriculum(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=6", *SMALL]
+    run("train.py", f"--out_dir={tmp_path / 'u'}", "--loop_sampling=uniform", "--loop_min=1", "--loop_max=5",
+        "--curriculum_start=1", "--curriculum_rate=0.5", *common)
+    loops = [r["loops"] for r in records(tmp_path / "u", "train")]
+    for step, M in enumerate(loops):  # record k is step k+1, which drew its depth at step k
+        assert 1 <= M <= min(5, int(1 + 0.5 * step))
+    run("train.py", f"--out_dir={tmp_path / 'p'}", "--loop_sampling=per_sequence", "--bptt_k=2",
+        "--checkpoint_loops=True", *common)
+    loops = [r["loops"] for r in records(tmp_path / "p", "train")]
+    assert len(set(loops)) > 1 and any(not float(M).is_integer() for M in loops)  # per-row depths average
+    p = run("train.py", "--loop_sampling=sometimes", f"--data_dir={data_dir}", ok=False)
+    assert "valid: fixed, uniform, poisson_lognormal, per_sequence" in p.stderr
