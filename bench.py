@@ -9,9 +9,16 @@ verdict against its target.
 Measured now:
 - training-step cost of LoopFormer's shortcut-consistency and of the early-exit baselines'
   prefix route, relative to a plain 3⊗8 Base-Loop step (targets: <= 1.5x and <= 1.05x).
+- peak training memory at L = 16 vs L = 4: plain backprop grows with L; truncated
+  backprop (bptt_k = 4) and per-loop activation checkpointing should not (target <= 1.3x).
+  On CPU each setting runs in a fresh process and the peak is the process's high-water
+  RSS during one training step minus its RSS before it; on CUDA, max_memory_allocated.
 """
 
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -21,7 +28,7 @@ import torch
 from common import detect_device, parse_args, print_table
 from loopgpt import LoopGPT, LoopGPTConfig, sample_short_route
 
-args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0}, allow_config=False)
+args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "memory_probe": ""}, allow_config=False)
 device = detect_device(args["device"])
 quick = args["quick"]
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
@@ -91,8 +98,58 @@ def bench_short_routes():
     print(print_table(rows, ["variant", "ms/step", "vs Base-Loop", "target", "verdict"]))
 
 
-if __name__ == "__main__":
+def rss_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def memory_probe(spec):
+    """One training step of the model `spec` = 'L,bptt_k,checkpoint'; prints its peak memory in MB."""
+    L, k, ckpt = (int(v) for v in spec.split(","))
+    d, T, B = (128, 256, 8) if quick else (256, 512, 8)
+    torch.manual_seed(0)
+    cfg = LoopGPTConfig(vocab_size=2048, block_size=T, n_embd=d, n_head=d // 64, n_prelude=1, n_core=2, n_coda=1,
+                        n_loops=L, injection="add", bptt_k=k, checkpoint_loops=bool(ckpt))
+    model = LoopGPT(cfg).to(device)
+    x, y = (torch.randint(0, 2048, (B, T), device=device) for _ in range(2))
+    model(x[:1, :8], y[:1, :8])[1].backward()  # allocate the gradients before measuring
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_kb("VmRSS") * 1024
+    model(x, y)[1].backward()
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else rss_kb("VmHWM") * 1024
+    print(json.dumps({"mb": (peak - base) / 2 ** 20}))
+
+
+def bench_loop_memory():
+    rows, mb = [], {}
+    for name, k, ckpt in (("full backprop", 0, 0), ("bptt_k=4", 4, 0), ("checkpoint_loops", 0, 1)):
+        for L in (4, 16):
+            # big CPU allocations straight from mmap, so that freed activations go back to the
+            # OS: otherwise glibc keeps them in its heap and the high-water RSS measures the
+            # allocator's fragmentation rather than what the model holds
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+            out = subprocess.run([sys.executable, __file__, f"--memory_probe={L},{k},{ckpt}", f"--quick={quick}",
+                                  f"--device={device}"], capture_output=True, text=True, check=True, env=env).stdout
+            mb[name, L] = json.loads(out.strip().splitlines()[-1])["mb"]
+        ratio = mb[name, 16] / mb[name, 4]
+        target = None if name == "full backprop" else 1.3
+        verdict = "grows, as expected" if target is None else ("ok" if ratio <= target else "OVER")
+        rows.append((name, f"{mb[name, 4]:.0f}", f"{mb[name, 16]:.0f}", f"{ratio:.2f}x",
+                     f"<= {target}x" if target else "-", verdict))
+    d, T = (128, 256) if quick else (256, 512)
+    print(f"\npeak training memory, 1 + 2⊗L + 1, d={d}, T={T}, B=8 on {device} (MB above the model)")
+    print(print_table(rows, ["setting", "L=4", "L=16", "L16 / L4", "target", "verdict"]))
+
+
+if __name__ == "__main__" and args["memory_probe"]:
+    memory_probe(args["memory_probe"])
+elif __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     print(f"bench.py on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
           f"{' (quick)' if quick else ''}")
     bench_short_routes()
+    bench_loop_memory()
