@@ -49,6 +49,7 @@ class LoopGPTConfig:
     state_init: str = "prelude"  # one of STATE_INITS: h_0 = prelude output, random, or zero
     block_norm: str = "pre"    # one of BLOCK_NORMS
     modulation: str = "none"   # one of MODULATIONS: condition each loop on its index or on (t, Δ)
+    lora_rank: int = 0         # per-loop LoRA on the core's q and v (Relaxed Recursive Transformers); 0 = off
     bptt_k: int = 0            # truncated backprop: only the last k loops get gradients; 0 = all
     checkpoint_loops: bool = False  # recompute each loop's activations in backward (memory)
     mlp: str = "relu2"         # one of MLPS
@@ -66,6 +67,8 @@ class LoopGPTConfig:
                            ("mlp", MLPS)):
             if getattr(self, key) not in valid:
                 problems.append(f"{key}={getattr(self, key)!r} (valid: {', '.join(valid)})")
+        if self.lora_rank < 0:
+            problems.append(f"lora_rank={self.lora_rank} must be >= 0 (0 = off)")
         if self.bptt_k < 0:
             problems.append(f"bptt_k={self.bptt_k} must be >= 0 (0 = full backprop)")
         if self.injection == "none" and self.state_init != "prelude":
@@ -135,13 +138,20 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x, rope, cache=None, slot=0, xq=None):
+    def forward(self, x, rope, cache=None, slot=0, xq=None, lora=None):
         # xq: where the queries come from (default x). FLT / LTai take them from the
         # previous loop's state while keys and values come from the current stream.
+        # lora: this loop's low-rank deltas (A_q, B_q, A_v, B_v) on the shared q and v
         B, T, C = x.shape
-        q = self.q(x if xq is None else xq).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        xq = x if xq is None else xq
+        q, v = self.q(xq), self.v(x)
+        if lora is not None:
+            A_q, B_q, A_v, B_v = lora
+            q = q + (xq @ A_q.T) @ B_q.T
+            v = v + (x @ A_v.T) @ B_v.T
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm after RoPE
         if cache is not None:
@@ -183,15 +193,15 @@ class Block(nn.Module):
             # identity whatever c is. DiT keeps biases here, and so do we.
             self.modulation = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
 
-    def forward(self, x, rope, cache=None, slot=0, xq=None, c=None):
+    def forward(self, x, rope, cache=None, slot=0, xq=None, c=None, lora=None):
         xq = None if xq is None else norm(xq)
         if c is None:
-            a = self.attn(norm(x), rope, cache, slot, xq)
+            a = self.attn(norm(x), rope, cache, slot, xq, lora)
             x = norm(x + a) if self.sandwich else x + a  # Huginn's sandwich norm keeps unit RMS
             m = self.mlp(norm(x))
             return norm(x + m) if self.sandwich else x + m
         gate_attn, gate_mlp, scale_attn, scale_mlp = self.modulation(F.silu(c)).chunk(4, dim=-1)
-        a = gate_attn * self.attn(norm(x) * (1 + scale_attn), rope, cache, slot, xq)
+        a = gate_attn * self.attn(norm(x) * (1 + scale_attn), rope, cache, slot, xq, lora)
         x = norm(x + a) if self.sandwich else x + a
         m = gate_mlp * self.mlp(norm(x) * (1 + scale_mlp))
         return norm(x + m) if self.sandwich else x + m
@@ -230,6 +240,16 @@ class LoopGPT(nn.Module):
             self.diag_A_log = nn.Parameter(torch.zeros(d))
             self.diag_dt_bias = nn.Parameter(torch.zeros(d))
             self.diag_B = nn.Linear(d, d, bias=False)
+        if cfg.lora_rank:
+            # Relaxed Recursive Transformers: loop t's core block j adds B A x to its q and v,
+            # one (A, B) pair per loop and block; B starts at zero, so at init every loop is
+            # the shared block. These are the only parameters that grow with n_loops.
+            r, kv = cfg.lora_rank, cfg.n_kv_head * (d // cfg.n_head)
+            shape = (cfg.n_loops, cfg.n_core)
+            self.lora_A_q = nn.Parameter(torch.empty(*shape, r, d))
+            self.lora_B_q = nn.Parameter(torch.zeros(*shape, d, r))
+            self.lora_A_v = nn.Parameter(torch.empty(*shape, r, d))
+            self.lora_B_v = nn.Parameter(torch.zeros(*shape, kv, r))
         if cfg.modulation == "tmlt":  # embeds the loop index i (LoopFormer's TMLT baseline)
             self.time_embed = TimestepEmbedder(d)
         if cfg.modulation == "loopformer":  # embeds the normalised time t and the step size Δ
@@ -268,6 +288,11 @@ class LoopGPT(nn.Module):
         # matrix also produces the logits, so it gets the small output scale
         nn.init.normal_(self.wte.weight, std=cfg.n_embd ** -0.5 if cfg.tie_embeddings else 1.0)
         nn.init.normal_(self.lm_head.weight, std=cfg.n_embd ** -0.5 if cfg.tie_embeddings else 0.001)
+        if cfg.lora_rank:
+            nn.init.normal_(self.lora_A_q, std=cfg.n_embd ** -0.5)
+            nn.init.normal_(self.lora_A_v, std=cfg.n_embd ** -0.5)
+            self.lora_B_q.zero_()
+            self.lora_B_v.zero_()
         if cfg.injection == "concat":
             # W_a = [I | 0]: at init the adapter passes the state through (as Huginn's
             # small peers do); the input half starts at zero and is learned
@@ -336,8 +361,15 @@ class LoopGPT(nn.Module):
                     # FLT: every layer's attention takes its queries from h_{t-1} and its
                     # keys/values from the current stream; LTai does it in layer 1 only
                     xq = h
-            x = block(x, rope, cache, slot + j, xq, c)
+            x = block(x, rope, cache, slot + j, xq, c, self.lora(t, j))
         return x
+
+    def lora(self, t, j):
+        """Loop t's LoRA factors for core block j; loops past n_loops reuse the last loop's."""
+        if not self.config.lora_rank:
+            return None
+        t = min(t, self.config.n_loops - 1)
+        return self.lora_A_q[t, j], self.lora_B_q[t, j], self.lora_A_v[t, j], self.lora_B_v[t, j]
 
     def parcae_decay(self):
         """Parcae's (Ā, Δ): Δ = softplus(dt_bias) > 0 and Ā = exp(-Δ ⊙ exp(A_log)) in (0, 1)."""

@@ -569,3 +569,24 @@ def test_per_sequence_depth_freezes_finished_rows():
         torch.testing.assert_close(logits[b:b + 1], model(idx[b:b + 1], loops=int(depths[b]))[0])
     with pytest.raises(ValueError, match="per-sequence"):
         model(idx, depths=depths, schedule=[0.5, 0.5])
+
+
+def test_per_loop_lora_starts_as_the_shared_model():
+    shared = random_model(injection="add")
+    lora = random_model(injection="add", lora_rank=4)
+    lora.load_state_dict(shared.state_dict(), strict=False)
+    idx = torch.randint(0, 61, (2, 10))
+    for M in (1, 3, 5):  # B = 0: every loop is the shared block
+        torch.testing.assert_close(lora(idx, loops=M)[0], shared(idx, loops=M)[0])
+    assert lora.num_params() - shared.num_params() == 3 * 2 * 4 * (32 + 32 + 32 + 16)  # L k r (d_in + d_out), q and v
+    with torch.no_grad():
+        lora.lora_B_q[1].normal_(std=0.5)  # loop 2 only
+    torch.testing.assert_close(lora(idx, loops=1)[0], shared(idx, loops=1)[0])
+    assert not torch.allclose(lora(idx, loops=2)[0], shared(idx, loops=2)[0])
+    # the KV cache stays exact with per-loop adapters, beyond n_loops too
+    with torch.no_grad():
+        lora.lora_B_v.normal_(std=0.5)
+    prompt = torch.randint(0, 61, (1, 4))
+    for M in (3, 6):
+        a = lora.generate(prompt, 12, loops=M, temperature=0)
+        assert torch.equal(a, lora.generate(prompt, 12, loops=M, temperature=0, use_cache=False))
