@@ -46,6 +46,14 @@ class TrainConfig:
     loop_min: int = 1
     loop_max: int = 0
     loop_sigma: float = 0.5
+    # exits (DESIGN §6): step_loss = final | all | last_third: supervise every loop's state
+    # through the shared coda and head (FLT's STEP / FEW). gate_stage (needs exit_gate=True):
+    # 1 = Ouro's stage 1, Σ p_t CE_t - gate_beta H(p); 2 = train the gate alone, the LM frozen
+    step_loss: str = "final"
+    gate_stage: int = 0
+    gate_beta: float = 0.1
+    gate_k: float = 50.0
+    gate_gamma: float = 0.005
     # depth curriculum: the depth is capped at curriculum_start + curriculum_rate * step (0 = off)
     curriculum_start: int = 0
     curriculum_rate: float = 0.0

@@ -49,6 +49,7 @@ class LoopGPTConfig:
     state_init: str = "prelude"  # one of STATE_INITS: h_0 = prelude output, random, or zero
     block_norm: str = "pre"    # one of BLOCK_NORMS
     modulation: str = "none"   # one of MODULATIONS: condition each loop on its index or on (t, Δ)
+    exit_gate: bool = False    # Ouro's exit gate λ_t = σ(w·norm(h_t) + b) on every loop's state
     lora_rank: int = 0         # per-loop LoRA on the core's q and v (Relaxed Recursive Transformers); 0 = off
     bptt_k: int = 0            # truncated backprop: only the last k loops get gradients; 0 = all
     checkpoint_loops: bool = False  # recompute each loop's activations in backward (memory)
@@ -250,6 +251,8 @@ class LoopGPT(nn.Module):
             self.lora_B_q = nn.Parameter(torch.zeros(*shape, d, r))
             self.lora_A_v = nn.Parameter(torch.empty(*shape, r, d))
             self.lora_B_v = nn.Parameter(torch.zeros(*shape, kv, r))
+        if cfg.exit_gate:  # Ouro: after each loop, the probability of stopping there, per token
+            self.exit_gate = nn.Linear(d, 1)
         if cfg.modulation == "tmlt":  # embeds the loop index i (LoopFormer's TMLT baseline)
             self.time_embed = TimestepEmbedder(d)
         if cfg.modulation == "loopformer":  # embeds the normalised time t and the step size Δ
@@ -456,7 +459,8 @@ class LoopGPT(nn.Module):
         return logits
 
     def forward(self, idx, targets=None, loops=None, cache=None, schedule=None,
-                short=None, lambda_short=0.1, lambda_cons=0.1, depths=None):
+                short=None, lambda_short=0.1, lambda_cons=0.1, depths=None,
+                step_weights=None, gate_stage=0, gate_beta=0.1, gate_k=50.0, gate_gamma=0.005):
         """
         idx (B, T) token ids; targets (B, T) or None (-1 = ignored position);
         loops = budget M (default n_loops, any M >= 1) or schedule = step sizes summing to 1
@@ -465,6 +469,13 @@ class LoopGPT(nn.Module):
 
         depths (B,) ints (training, Parcae's per-sequence depth): row b runs depths[b]
         loops and is then frozen; the batch runs max(depths) loops.
+
+        step_weights (training): per-step supervision, loss = Σ_t w_t CE_t / Σ_t w_t with
+        CE_t the loss of the shared coda and head on loop t's state (FLT's STEP / FEW).
+        gate_stage (training, needs exit_gate): Ouro's gate. Stage 1: loss =
+        Σ_t p_t CE_t - gate_beta * H(p), p_t = λ_t Π_{j<t}(1-λ_j), the last loop takes the
+        rest. Stage 2 (the LM frozen): BCE(1 - λ_t, σ(gate_k (I_t - gate_gamma))) with
+        I_t = max(0, CE_t - CE_{t+1}) detached: continue where the next loop still helps.
 
         short (training): an auxiliary short route, DESIGN §7. A schedule (list) is
         LoopFormer's shortcut route, run as a second forward; an int S is the prefix route
@@ -477,12 +488,19 @@ class LoopGPT(nn.Module):
             if schedule is not None or short is not None or cache is not None:
                 raise ValueError("per-sequence depths go with loops only (no schedule, short route or cache)")
             loops = int(depths.max())
+        per_step = targets is not None and (step_weights is not None or gate_stage)
+        if per_step and (short is not None or (step_weights is not None and gate_stage)):
+            raise ValueError("use one of: a short route, step_weights, gate_stage")
         steps = self.steps(loops, schedule)
-        states = [] if isinstance(short, int) else None
-        h = norm(self.trunk(idx, steps, cache, states, depths))
-        logits = self.logits(h)
+        states = [] if isinstance(short, int) or per_step else None
+        with torch.no_grad() if gate_stage == 2 else nullcontext():  # stage 2 trains the gate only
+            h = norm(self.trunk(idx, steps, cache, states, depths))
+            logits = self.logits(h)
         if targets is None:
             return logits, None
+        if per_step:
+            return logits, self.per_step_loss(states, logits, targets, step_weights, gate_stage, gate_beta,
+                                              gate_k, gate_gamma)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         if short is not None:
             if isinstance(short, int):
@@ -496,6 +514,39 @@ class LoopGPT(nn.Module):
             # stop-gradient on the full route: the short route learns to match it, not vice versa
             loss = loss + lambda_short * ce_short + lambda_cons * F.mse_loss(h_short, h.detach())
         return logits, loss
+
+    def per_step_loss(self, states, logits, targets, step_weights, gate_stage, beta, k, gamma):
+        """Losses that read every loop's state (see forward): per-step supervision, Ouro's gate."""
+        M, V = len(states), logits.size(-1)
+        if gate_stage and not self.config.exit_gate:
+            raise ValueError("gate_stage needs a model with exit_gate=True")
+        if gate_stage == 2 and M < 2:
+            raise ValueError("gate stage 2 compares consecutive loops: it needs at least 2")
+        y = targets.reshape(-1)
+        valid = (y != -1).float()
+
+        def ce(lg):  # per-token cross-entropy, (B*T,)
+            return F.cross_entropy(lg.view(-1, V), y, ignore_index=-1, reduction="none")
+
+        with torch.no_grad() if gate_stage == 2 else nullcontext():
+            # the last loop's logits are the forward's; earlier loops go through the coda and head
+            ce_t = torch.stack([ce(self.logits(norm(self.run_coda(s)))) for s in states[:-1]] + [ce(logits)])
+        if step_weights is not None:
+            w = torch.as_tensor(step_weights, dtype=ce_t.dtype, device=ce_t.device)
+            if w.numel() != M or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"step_weights needs {M} weights >= 0 with a positive sum, got {step_weights}")
+            return (w @ (ce_t * valid).sum(1)) / (w.sum() * valid.sum())
+        lam = torch.sigmoid(self.exit_gate(norm(torch.stack(states).detach() if gate_stage == 2 else torch.stack(states))))
+        lam = lam.view(M, -1)  # λ_t per token
+        if gate_stage == 1:
+            survive = torch.cumprod(torch.cat([torch.ones_like(lam[:1]), 1 - lam[:-1]]), dim=0)  # Π_{j<t}(1-λ_j)
+            p = torch.cat([lam[:-1] * survive[:-1], survive[-1:]])  # the last loop takes the rest
+            entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(0)
+            return (((p * ce_t).sum(0) - beta * entropy) * valid).sum() / valid.sum()
+        improve = (ce_t[:-1] - ce_t[1:]).clamp_min(0)  # what the next loop still gains, detached
+        target = torch.sigmoid(k * (improve - gamma))
+        bce = F.binary_cross_entropy(1 - lam[:-1], target, reduction="none")
+        return (bce * valid).sum() / (valid.sum() * (M - 1))
 
     @torch.no_grad()
     def residual_rms(self, idx, loops=None):
@@ -513,7 +564,7 @@ class LoopGPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None,
-                 use_cache=True, generator=None, schedule=None):
+                 use_cache=True, generator=None, schedule=None, exit=None, min_loops=1, loops_used=None):
         """
         Sample max_new_tokens tokens after idx (B, T) at loop budget `loops` (or with
         the loop schedule `schedule`).
@@ -522,8 +573,19 @@ class LoopGPT(nn.Module):
         position through every (loop, layer); once the text outgrows block_size, each
         step rebuilds the cache from the cropped window (every position's K/V depends on
         the window it saw), so cached and uncached decoding stay identical.
+
+        exit: per-token early exit while decoding (DESIGN §6), loops = the maximum:
+        ("kl", 1e-3): KL(p_{t-1} || p_t) of the next-token distributions < threshold (Huginn);
+        ("latent", 0.03): relative change ||h_t - h_{t-1}|| / ||h_t|| < threshold (Huginn);
+        ("gate", 0.9): Ouro's gate, stop once the exit CDF reaches q (needs exit_gate).
+        No token stops before min_loops. The prompt runs at the full budget. loops_used, a
+        list, receives the loops each decoded token ran (a list per step, one per row).
         """
         steps = self.steps(loops, schedule)
+        if exit is not None:
+            check_exit(exit, self.config)
+            if not use_cache:
+                raise ValueError("early exit decodes with the KV cache: use_cache=True")
         bs = self.config.block_size
         cache = None
         for _ in range(max_new_tokens):
@@ -532,8 +594,12 @@ class LoopGPT(nn.Module):
             elif cache is None or idx.size(1) > bs:
                 cache = self.new_cache(len(steps))
                 logits, _ = self(idx[:, -bs:], schedule=steps, cache=cache)
-            else:
+            elif exit is None:
                 logits, _ = self(idx[:, -1:], schedule=steps, cache=cache)
+            else:
+                logits, used = self.decode_with_exit(idx[:, -1:], steps, cache, exit, min_loops)
+                if loops_used is not None:
+                    loops_used.append(used.tolist())
             logits = logits[:, -1, :]
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
@@ -546,6 +612,58 @@ class LoopGPT(nn.Module):
                 idx_next = torch.multinomial(probs, 1, generator=generator)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+    def decode_with_exit(self, idx, steps, cache, exit, min_loops):
+        """
+        One new token (B, 1) through the model, each row stopping after the first loop
+        whose exit criterion fires. A row that stopped keeps its state, and the K/V of
+        the loops it skipped are filled from its last computed loop for the same layer
+        (Huginn's latest-m4), so later tokens attending to it find an entry in every
+        (loop, layer) slot. Returns (logits (B, 1, V), loops used per row).
+        """
+        cfg, kind, threshold = self.config, exit[0], exit[1]
+        B, pos, M = idx.size(0), cache.pos, len(steps)
+        rope = (self.rope_cos[pos:pos + 1], self.rope_sin[pos:pos + 1])
+        x = norm(self.wte(idx))
+        for j, block in enumerate(self.prelude):
+            x = block(x, rope, cache, j)
+        e = x
+        h = self.initial_state(e, pos)
+        first, coda_slot = cfg.n_prelude, cfg.n_prelude + cfg.n_core * M
+        used = torch.full((B,), M, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        logp_prev = torch.full((B, cfg.vocab_size), -math.log(cfg.vocab_size), device=idx.device)  # p_0 uniform
+        continue_prob = torch.ones(B, device=idx.device)  # gate: Π_{j<t} (1 - λ_j)
+        for i, dt in enumerate(steps):
+            x_new = self.core_pass(h, e, i, rope, cache, first + i * cfg.n_core, self.conditioning(i, math.fsum(steps[:i]), dt))
+            if done.any():
+                x_new = torch.where(done.view(-1, 1, 1), x, x_new)
+                for b in done.nonzero().flatten().tolist():
+                    src = first + (int(used[b]) - 1) * cfg.n_core
+                    for j in range(cfg.n_core):
+                        cache.k[first + i * cfg.n_core + j, b, :, pos] = cache.k[src + j, b, :, pos]
+                        cache.v[first + i * cfg.n_core + j, b, :, pos] = cache.v[src + j, b, :, pos]
+            x_prev, x = x, x_new
+            h = norm(x) if cfg.injection in ("attn_first", "full_res", "full_attn") else x
+            if i == M - 1:
+                break
+            if kind == "kl":  # the next-token distribution after this loop, through coda and head
+                logp = F.log_softmax(self.logits(norm(self.run_coda(x, rope, cache, coda_slot)))[:, -1], dim=-1)
+                kl = (logp_prev.exp() * (logp_prev - logp)).sum(-1)  # KL(p_{t-1} || p_t)
+                logp_prev = logp
+                fire = kl < threshold
+            elif kind == "latent":
+                fire = ((x - x_prev).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12))[:, -1] < threshold
+            else:  # gate: p_t = λ_t Π_{j<t}(1 - λ_j); stop once Σ p_t >= q
+                lam = torch.sigmoid(self.exit_gate(norm(x)))[:, -1, 0]
+                continue_prob = continue_prob * (1 - lam)
+                fire = 1 - continue_prob >= threshold
+            newly = fire & ~done & (i + 1 >= min_loops)
+            used = torch.where(newly, torch.full_like(used, i + 1), used)
+            done = done | newly
+        x = self.run_coda(x, rope, cache, coda_slot)  # every row's final state: the real coda K/V
+        cache.pos += 1
+        return self.logits(norm(x)), used
 
     # ---- bookkeeping ------------------------------------------------------------------
 
@@ -584,6 +702,8 @@ class LoopGPT(nn.Module):
         # decaying B towards 0 would cut the input out of the loop
         decay, no_decay = [], []
         for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
             (decay if p.dim() >= 2 and not name.startswith("diag_") else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
@@ -629,6 +749,16 @@ def check_schedule(schedule, loops=None, modulation="loopformer"):
         raise ValueError(f"a schedule with unequal steps needs modulation='loopformer' "
                          f"(this model has modulation={modulation!r}); use loops=M")
     return steps
+
+
+def check_exit(exit, cfg):
+    kinds = ("kl", "latent", "gate")
+    if not (isinstance(exit, (tuple, list)) and len(exit) == 2 and exit[0] in kinds):
+        raise ValueError(f"exit must be (kind, threshold) with kind in {kinds}, got {exit!r}")
+    if not (isinstance(exit[1], (int, float)) and exit[1] > 0) or (exit[0] == "gate" and not exit[1] <= 1):
+        raise ValueError(f"exit threshold must be > 0 (and <= 1 for gate), got {exit[1]!r}")
+    if exit[0] == "gate" and not cfg.exit_gate:
+        raise ValueError("exit=('gate', q) needs a model trained with exit_gate=True")
 
 
 def check_loops(M):

@@ -7,6 +7,7 @@ Generate text from a trained LoopGPT at several loop budgets, side by side.
     python sample.py --start=FILE:prompt.txt --num_samples=3
     python sample.py --schedule=3,2,2,1           # LoopFormer: 4 steps of 3/8, 2/8, 2/8, 1/8
     python sample.py --budgets=2,8 --schedule=3,2,2,1/0.5,0.5   # several, side by side
+    python sample.py --budgets=16 --exit=kl:1e-3  # per-token early exit (also latent:0.03, gate:0.9)
 
 Every budget restarts the random generator from the same seed, so the differences
 between budgets come from the loops alone.
@@ -18,7 +19,7 @@ import time
 import torch
 
 from common import detect_device, fail, load_checkpoint, model_from_checkpoint, parse_args, print_table
-from loopgpt import check_schedule
+from loopgpt import check_exit, check_schedule
 from tokenizer import load_tokenizer
 
 defaults = dict(
@@ -34,6 +35,8 @@ defaults = dict(
     seed=1337,
     device="",
     use_cache=True,
+    exit="",                 # per-token early exit, kind:threshold: kl:1e-3, latent:0.03 or gate:0.9
+    min_loops=1,             # with exit: no token stops before this many loops
 )
 args, _ = parse_args(sys.argv[1:], defaults, allow_config=False)
 if args["num_samples"] < 1 or args["max_new_tokens"] < 1 or args["temperature"] < 0:
@@ -62,6 +65,15 @@ def parse_schedule(text):
         fail(f"--schedule={text}: {e} (integers must sum to L={cfg.n_loops})")
 
 
+exit = None
+if args["exit"]:
+    kind, _, value = args["exit"].partition(":")
+    try:
+        exit = (kind, float(value))
+        check_exit(exit, cfg)
+    except ValueError as e:
+        fail(f"--exit={args['exit']}: {e}. Examples: kl:1e-3, latent:0.03, gate:0.9")
+
 # what to compare: budgets M (uniform steps), then schedules
 routes = [(f"M={M}", {"loops": M}, M) for M in budgets]
 for text in filter(None, args["schedule"].split("/")):
@@ -88,10 +100,11 @@ rows = []
 for name, route, M in routes:
     torch.manual_seed(args["seed"])
     t0 = time.time()
-    texts = []
+    texts, used = [], []
     for _ in range(args["num_samples"]):
         y = model.generate(x, args["max_new_tokens"], temperature=args["temperature"],
-                           top_k=args["top_k"] or None, use_cache=args["use_cache"], **route)
+                           top_k=args["top_k"] or None, use_cache=args["use_cache"], exit=exit,
+                           min_loops=args["min_loops"], loops_used=used, **route)
         new = [t for t in y[0, len(start_ids):].tolist() if t < enc.n_vocab]  # drop padded-vocab ids
         texts.append(enc.decode(new))
     dt = time.time() - t0
@@ -102,5 +115,10 @@ for name, route, M in routes:
         if i:
             print("  ---")
         print(start + text)
+    if exit and used:  # loops per decoded token: mean and a histogram line
+        flat = [u for step in used for u in step]
+        hist = "  ".join(f"{n}:{flat.count(n)}" for n in range(1, M + 1) if flat.count(n))
+        print(f"  [exit {args['exit']}] loops per token: mean {sum(flat) / len(flat):.2f} of {M} | "
+              f"histogram (loops:tokens) {hist}")
 print()
 print(print_table(rows, ["route", "depth", "tokens/s"]))

@@ -49,6 +49,12 @@ if tc.loop_sampling not in ("fixed", "uniform", "poisson_lognormal", "per_sequen
     fail(f"loop_sampling={tc.loop_sampling!r} (valid: fixed, uniform, poisson_lognormal, per_sequence)")
 if tc.loop_sampling != "fixed" and tc.objective != "final":
     fail(f"objective={tc.objective} draws its short route from a fixed full route: use loop_sampling=fixed")
+if tc.step_loss not in ("final", "all", "last_third"):
+    fail(f"step_loss={tc.step_loss!r} (valid: final, all, last_third)")
+if tc.gate_stage not in (0, 1, 2):
+    fail(f"gate_stage={tc.gate_stage} (valid: 0 = off, 1, 2)")
+if (tc.step_loss != "final" or tc.gate_stage) and (tc.objective != "final" or tc.loop_sampling == "per_sequence"):
+    fail("step_loss / gate_stage go with objective=final and a depth shared by the batch")
 if tc.loop_min < 1 or tc.loop_max < 0 or tc.curriculum_start < 0 or tc.curriculum_rate < 0:
     fail("need loop_min >= 1, loop_max >= 0, curriculum_start >= 0 and curriculum_rate >= 0")
 if tc.eval_only and not tc.resume:
@@ -147,10 +153,18 @@ else:
     torch.manual_seed(tc.seed)
     model = LoopGPT(model_cfg)
 cfg = model.config
+if tc.gate_stage and not cfg.exit_gate:
+    fail("gate_stage trains Ouro's exit gate: the model needs exit_gate=True")
 model.to(device)
+if tc.gate_stage == 2:  # Ouro's stage 2: the LM is frozen, only the exit gate learns
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("exit_gate"))
 optimizer = model.configure_optimizer(tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), device_type)
 if tc.resume:
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["train_config"].get("gate_stage") == 2 or tc.gate_stage != 2:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    elif master:  # e.g. stage 2 starting from a stage-1 checkpoint: other parameters train now
+        print("note: gate_stage=2 trains only the exit gate: it gets a fresh optimizer")
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
@@ -342,9 +356,15 @@ while iter_num < tc.max_iters:
             route_rng = np.random.default_rng([tc.seed, 2, iter_num, micro])
             short = (sample_short_route(cfg.n_loops, route_rng) if tc.objective == "shortcut"
                      else int(route_rng.integers(1, cfg.n_loops)))
+        extra = {}
+        if tc.step_loss != "final":  # per-step supervision: all loops, or the last third (FLT's FEW)
+            M = route["loops"]
+            extra["step_weights"] = [1.0 if tc.step_loss == "all" or t >= 2 * M // 3 else 0.0 for t in range(M)]
+        if tc.gate_stage:
+            extra.update(gate_stage=tc.gate_stage, gate_beta=tc.gate_beta, gate_k=tc.gate_k, gate_gamma=tc.gate_gamma)
         with autocast:
             _, loss = model(x, targets=y, short=short, lambda_short=tc.lambda_short, lambda_cons=tc.lambda_cons,
-                            **route)
+                            **route, **extra)
         (loss / accum_local).backward()
         loss_sum += loss.detach()
     if ddp:
@@ -361,7 +381,8 @@ while iter_num < tc.max_iters:
         fail(f"loss is {train_loss} at step {iter_num + 1}: training stopped, nothing saved; "
              f"the last good checkpoint (if any) is still {ckpt_path}. Try a lower learning_rate.")
     # FLT's stability diagnostic: gradient L2 norm of the first core block's MLP, before clipping
-    mlp_grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in raw_model.core[0].mlp.parameters()])).item()
+    mlp_grads = [p.grad.norm() for p in raw_model.core[0].mlp.parameters() if p.grad is not None]
+    mlp_grad_norm = torch.linalg.vector_norm(torch.stack(mlp_grads)).item() if mlp_grads else 0.0
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

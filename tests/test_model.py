@@ -590,3 +590,88 @@ def test_per_loop_lora_starts_as_the_shared_model():
     for M in (3, 6):
         a = lora.generate(prompt, 12, loops=M, temperature=0)
         assert torch.equal(a, lora.generate(prompt, 12, loops=M, temperature=0, use_cache=False))
+
+
+# ---- exits (DESIGN §6) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exit", [("kl", 1e-30), ("latent", 1e-12), ("gate", 1.0)])
+@pytest.mark.parametrize("injection", ["add", "full_attn"])
+def test_exit_that_never_fires_equals_fixed_budget(exit, injection):
+    model = randomize_extras(random_model(injection=injection, exit_gate=True))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(std=0.5)  # trained-like logits, so loops change the distribution
+    prompt = torch.randint(0, 61, (2, 5))
+    used = []
+    a = model.generate(prompt, 15, loops=4, temperature=0, exit=exit, loops_used=used)
+    b = model.generate(prompt, 15, loops=4, temperature=0)
+    assert torch.equal(a, b)
+    assert len(used) == 14 and all(u == [4, 4] for u in used)  # the first token comes from the prefill
+
+
+@pytest.mark.parametrize("exit", [("kl", 1e9), ("latent", 1e9)])
+def test_exit_that_always_fires_stops_at_min_loops_and_fills_the_cache(exit):
+    model = random_model(injection="add")
+    prompt = torch.randint(0, 61, (1, 5))
+    used = []
+    model.generate(prompt, 6, loops=5, temperature=0, exit=exit, min_loops=2, loops_used=used)
+    assert all(u == [2] for u in used)
+    # decode one more token by hand and check that loops 3..5 hold copies of loop 2's K/V
+    cache = model.new_cache(5)
+    model(prompt, loops=5, cache=cache)
+    model.decode_with_exit(torch.tensor([[7]]), model.steps(5), cache, exit, min_loops=2)
+    pos, first, k = 5, 1, 2
+    for i in (2, 3, 4):
+        for j in range(k):
+            torch.testing.assert_close(cache.k[first + i * k + j, :, :, pos], cache.k[first + 1 * k + j, :, :, pos])
+    assert not torch.allclose(cache.k[first + 0 * k, :, :, pos], cache.k[first + 1 * k, :, :, pos])
+
+
+def test_gate_exit_and_bad_exits():
+    model = random_model(exit_gate=True)
+    with torch.no_grad():
+        model.exit_gate.bias.fill_(10.0)  # λ ≈ 1: stop after the first loop
+    used = []
+    model.generate(torch.randint(0, 61, (1, 3)), 4, loops=4, temperature=0, exit=("gate", 0.9), loops_used=used)
+    assert all(u == [1] for u in used)
+    with pytest.raises(ValueError, match="exit_gate=True"):
+        random_model().generate(torch.zeros(1, 2, dtype=torch.long), 2, exit=("gate", 0.5))
+    for bad in (("kl",), ("sometimes", 1.0), ("kl", -1.0), ("gate", 2.0)):
+        with pytest.raises(ValueError, match="exit"):
+            model.generate(torch.zeros(1, 2, dtype=torch.long), 2, exit=bad)
+
+
+def test_per_step_supervision():
+    model = random_model(injection="add")
+    x, y = torch.randint(0, 61, (2, 10)), torch.randint(0, 61, (2, 10))
+    y[0, :3] = -1
+    ce = [model(x, y, loops=t)[1] for t in (1, 2, 3)]  # no modulation: a prefix is a shorter forward
+    torch.testing.assert_close(model(x, y, loops=3, step_weights=[0, 0, 1])[1], ce[2])
+    torch.testing.assert_close(model(x, y, loops=3, step_weights=[1, 1, 1])[1], sum(ce) / 3)
+    torch.testing.assert_close(model(x, y, loops=3, step_weights=[0, 1, 3])[1], (ce[1] + 3 * ce[2]) / 4)
+    with pytest.raises(ValueError, match="step_weights"):
+        model(x, y, loops=3, step_weights=[1, 1])
+
+
+def test_ouro_gate_losses():
+    model = random_model(injection="add", exit_gate=True)
+    x, y = torch.randint(0, 61, (2, 10)), torch.randint(0, 61, (2, 10))
+    ce = [model(x, y, loops=t)[1] for t in (1, 2, 3)]
+    with torch.no_grad():
+        model.exit_gate.weight.zero_()
+        model.exit_gate.bias.fill_(-30.0)  # λ ≈ 0: all probability on the last loop, zero entropy
+    torch.testing.assert_close(model(x, y, loops=3, gate_stage=1, gate_beta=0.1)[1], ce[2])
+    with torch.no_grad():
+        model.exit_gate.bias.fill_(30.0)   # λ ≈ 1: everything exits after loop 1
+    torch.testing.assert_close(model(x, y, loops=3, gate_stage=1, gate_beta=0.1)[1], ce[0])
+    with torch.no_grad():
+        model.exit_gate.bias.fill_(0.0)    # λ = 1/2: p = (1/2, 1/4, 1/4)
+    p = torch.tensor([0.5, 0.25, 0.25])
+    expected = (p * torch.stack(ce)).sum() + 0.1 * (p * p.log()).sum()
+    # the entropy term is per token and so are the CEs: with one λ for all tokens the mean factorises
+    torch.testing.assert_close(model(x, y, loops=3, gate_stage=1, gate_beta=0.1)[1], expected)
+    # stage 2: only the gate gets gradients, the LM is frozen
+    model.zero_grad()
+    loss = model(x, y, loops=3, gate_stage=2)[1]
+    loss.backward()
+    assert model.exit_gate.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("exit_gate"))

@@ -213,3 +213,20 @@ def test_depth_sampling_and_curriculum(data_dir, tmp_path):
     assert len(set(loops)) > 1 and any(not float(M).is_integer() for M in loops)  # per-row depths average
     p = run("train.py", "--loop_sampling=sometimes", f"--data_dir={data_dir}", ok=False)
     assert "valid: fixed, uniform, poisson_lognormal, per_sequence" in p.stderr
+
+
+def test_exit_training_stages_and_sampling_with_exits(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--eval_interval=2", "--exit_gate=True", *SMALL]
+    run("train.py", *common, "--max_iters=2", "--gate_stage=1")
+    before = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+    p = run("train.py", *common, "--max_iters=4", "--lr_decay_iters=4", "--gate_stage=2", "--resume=True")
+    assert "fresh optimizer" in p.stdout
+    after = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+    for k in before:  # stage 2 moved the gate and nothing else
+        assert torch.equal(before[k], after[k]) != k.startswith("exit_gate"), k
+    p = run("sample.py", f"--out_dir={tmp_path}", "--budgets=4", "--exit=gate:0.5", "--max_new_tokens=8")
+    assert "[exit gate:0.5] loops per token: mean" in p.stdout
+    p = run("sample.py", f"--out_dir={tmp_path}", "--exit=kl", ok=False)
+    assert "--exit=kl" in p.stderr and "kl:1e-3" in p.stderr
+    run("train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'steps'}", "--max_iters=2",
+        "--step_loss=last_third", *SMALL)
