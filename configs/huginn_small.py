@@ -1,7 +1,7 @@
 # Huginn-style recurrent depth (Geiping et al. 2025): prelude 2, core 4, coda 2, the adapter
 # W_a[h; e] (concat), a random initial state and sandwich norm.
-# d=384 (3 heads of 128), seq 1024, FineWeb-Edu with the GPT-2 tokenizer, a fixed 8 loops
-# (sampled depth and truncated backprop come with the adaptive-depth issue).
+# d=384 (3 heads of 128), seq 1024, FineWeb-Edu with the GPT-2 tokenizer, 8 loops on average,
+# with depth sampled per step and truncated backprop.
 # Data first: python data/fineweb_edu/prepare.py --num_shards=20
 #   torchrun --nproc_per_node=8 train.py --config huginn_small
 # CPU twin on the built-in corpus: --config huginn_tiny
@@ -31,3 +31,5 @@ eval_interval = 250
 eval_iters = 20
 eval_budgets = (1, 4, 8, 16)
 compile = True
+loop_sampling = "poisson_lognormal"   # Huginn: Poisson(e^τ) + 1 with mean ~ n_loops
+bptt_k = 8                 # Huginn backpropagates through the last 8 loops only

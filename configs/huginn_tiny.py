@@ -19,3 +19,5 @@ eval_iters = 10
 warmup_iters = 30
 learning_rate = 3e-3
 min_lr = 3e-4
+loop_sampling = "poisson_lognormal"
+bptt_k = 4

@@ -1,7 +1,7 @@
 # Parcae: prelude 2, core 2, coda 2 with a stable diagonal recurrence around the core
 # (diag: h = Ā h + Δ B ē, 0 < Ā < 1), a random initial state.
-# d=384 (3 heads of 128), seq 1024, FineWeb-Edu with the GPT-2 tokenizer, a fixed 8 loops
-# (sampled depth and truncated backprop come with the adaptive-depth issue).
+# d=384 (3 heads of 128), seq 1024, FineWeb-Edu with the GPT-2 tokenizer, 8 loops on average,
+# with depth sampled per step and truncated backprop.
 # Data first: python data/fineweb_edu/prepare.py --num_shards=18
 #   torchrun --nproc_per_node=8 train.py --config parcae_small
 # CPU twin on the built-in corpus: --config parcae_tiny
@@ -31,3 +31,5 @@ eval_interval = 250
 eval_iters = 20
 eval_budgets = (1, 4, 8, 16)
 compile = True
+loop_sampling = "per_sequence"        # Parcae: every row draws its own depth
+bptt_k = 4
