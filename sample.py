@@ -44,7 +44,10 @@ if args["num_samples"] < 1 or args["max_new_tokens"] < 1 or args["temperature"] 
 
 ckpt = load_checkpoint(f"{args['out_dir']}/ckpt.pt")
 model = model_from_checkpoint(ckpt)
-enc = load_tokenizer(ckpt["data_meta"]["tokenizer"])
+try:
+    enc = load_tokenizer(ckpt["data_meta"]["tokenizer"])
+except RuntimeError as e:  # GPT-2's BPE files need a network the first time
+    fail(str(e))
 cfg = model.config
 budgets = args["budgets"] or (() if args["schedule"] else (cfg.n_loops,))
 if any(M < 1 for M in budgets):

@@ -41,18 +41,13 @@ args, explicit = parse_args(sys.argv[1:], {**train_defaults, **model_defaults}, 
 tc = TrainConfig(**{k: args[k] for k in train_defaults})
 if not (0 < tc.learning_rate < math.inf and 0 <= tc.min_lr < math.inf):
     fail(f"need a finite learning_rate > 0 and min_lr >= 0, got {tc.learning_rate} and {tc.min_lr}")
-if tc.lr_schedule not in ("cosine", "wsd"):
-    fail(f"lr_schedule={tc.lr_schedule!r} (valid: cosine, wsd)")
-if tc.objective not in ("final", "shortcut", "prefix"):
-    fail(f"objective={tc.objective!r} (valid: final, shortcut, prefix)")
-if tc.loop_sampling not in ("fixed", "uniform", "poisson_lognormal", "per_sequence"):
-    fail(f"loop_sampling={tc.loop_sampling!r} (valid: fixed, uniform, poisson_lognormal, per_sequence)")
+for key, valid in (("lr_schedule", ("cosine", "wsd")), ("objective", ("final", "shortcut", "prefix")),
+                   ("loop_sampling", ("fixed", "uniform", "poisson_lognormal", "per_sequence")),
+                   ("step_loss", ("final", "all", "last_third")), ("gate_stage", (0, 1, 2))):
+    if getattr(tc, key) not in valid:
+        fail(f"{key}={getattr(tc, key)!r} (valid: {', '.join(map(str, valid))})")
 if tc.loop_sampling != "fixed" and tc.objective != "final":
     fail(f"objective={tc.objective} draws its short route from a fixed full route: use loop_sampling=fixed")
-if tc.step_loss not in ("final", "all", "last_third"):
-    fail(f"step_loss={tc.step_loss!r} (valid: final, all, last_third)")
-if tc.gate_stage not in (0, 1, 2):
-    fail(f"gate_stage={tc.gate_stage} (valid: 0 = off, 1, 2)")
 if (tc.step_loss != "final" or tc.gate_stage) and (tc.objective != "final" or tc.loop_sampling == "per_sequence"):
     fail("step_loss / gate_stage go with objective=final and a depth shared by the batch")
 if tc.loop_min < 1 or tc.loop_max < 0 or tc.curriculum_start < 0 or tc.curriculum_rate < 0:
@@ -108,7 +103,10 @@ if ddp:
     dist.barrier()  # the other ranks wait for rank 0 to prepare the data
 with open(meta_path) as f:
     meta = json.load(f)
-enc = load_tokenizer(meta["tokenizer"])
+try:
+    enc = load_tokenizer(meta["tokenizer"])
+except RuntimeError as e:  # GPT-2's BPE files need a network the first time
+    fail(str(e))
 token_bytes = torch.tensor(token_byte_lengths(enc), dtype=torch.float32, device=device)
 
 
