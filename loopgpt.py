@@ -6,16 +6,21 @@ loopgpt: a looped (recurrent-depth, weight-tied) GPT in one file.
            -> coda (n_coda blocks) -> norm -> lm_head -> soft-capped logits
 
 `k ⊗ L` means a k-block core looped L times; the effective depth is
-n_prelude + k*M + n_coda at loop budget M, and the parameter count never depends on M.
-A model trained at L = n_loops may be run at any budget M >= 1, including M > L.
+n_prelude + k*M + n_coda at loop budget M, and the parameter count never depends on M
+(per-loop LoRA is the one deliberate exception). A model trained at L = n_loops may be run
+at any budget M >= 1, including M > L, or with a LoopFormer schedule of step sizes.
 
-How the previous loop's state h_{t-1} and the loop input e enter loop t is the
-*injection* (see `LoopGPT.inject` and ../shared/DESIGN.md §4). Every variant is one
-branch you can find by searching for its flag value, e.g. `injection == "add"`.
-
-The block follows nanochat (DESIGN §3): pre-norm, parameter-free RMSNorm, RoPE,
-QK-norm, optional GQA, ReLU² MLP, no biases, zero-initialised output projections,
-logit soft-cap.
+Read in this order (../shared/DESIGN.md has the equations):
+- LoopGPTConfig: every model flag.
+- Attention, MLP, Block: the nanochat block (§3): pre-norm, parameter-free RMSNorm, RoPE,
+  QK-norm, optional GQA, ReLU² MLP, no biases, zero-initialised output projections;
+  optional sandwich norm, queries from another stream (FLT), LoRA deltas, adaLN gates.
+- LoopGPT.core_pass: one loop; every `injection` (§4) is one branch there, found by
+  searching its flag value, e.g. `inj == "full_attn"`.
+- LoopGPT.conditioning: `modulation` (§5), TMLT's loop index or LoopFormer's (t, Δ).
+- LoopGPT.trunk / forward: the loop over a schedule, truncated backprop, checkpointing,
+  per-sequence depth, and the training objectives that read it (§6, §7).
+- generate / decode_with_exit: KV-cached generation and per-token early exit (§8).
 """
 
 import math
@@ -691,9 +696,11 @@ class LoopGPT(nn.Module):
     def summary(self):
         cfg = self.config
         shape = f"{cfg.n_prelude} + {cfg.n_core}⊗{cfg.n_loops} + {cfg.n_coda}"
-        return (f"LoopGPT {shape} (prelude + core⊗loops + coda), d={cfg.n_embd}, "
-                f"injection={cfg.injection} | {self.num_params() / 1e6:.2f}M unique params | "
-                f"effective depth {self.effective_depth()} | "
+        flags = [f"injection={cfg.injection}"] + [f"{k}={getattr(cfg, k)}" for k, default in (
+            ("modulation", "none"), ("state_init", "prelude"), ("block_norm", "pre"), ("exit_gate", False),
+            ("lora_rank", 0), ("bptt_k", 0)) if getattr(cfg, k) != default]
+        return (f"LoopGPT {shape} (prelude + core⊗loops + coda), d={cfg.n_embd}, {', '.join(flags)} | "
+                f"{self.num_params() / 1e6:.2f}M unique params | effective depth {self.effective_depth()} | "
                 f"{self.flops_per_token() / 1e6:.1f} MFLOPs/token (train, M={cfg.n_loops})")
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
