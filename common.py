@@ -27,6 +27,7 @@ class TrainConfig:
     eval_budgets: tuple = ()      # loop budgets to evaluate; () = 1, L/2, L, 2L
     eval_only: bool = False       # with resume=True: sweep budgets 1..2L (and schedules), then exit
     sweep_max_steps: int = 4      # eval_only, modulation=loopformer: every schedule of <= this many steps
+    sweep_exits: str = ""         # eval_only: per-token exits to evaluate, e.g. "kl:1e-3,latent:0.03,gate:0.9"
     log_interval: int = 10
     always_save_checkpoint: bool = True
     resume: bool = False

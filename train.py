@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from common import (CHECKPOINT_VERSION, TrainConfig, detect_device, fail, load_checkpoint, model_config_defaults,
                     model_from_checkpoint, parse_args, print_table, save_checkpoint, train_config_defaults)
-from loopgpt import LoopGPT, LoopGPTConfig, sample_short_route
+from loopgpt import LoopGPT, LoopGPTConfig, check_exit, sample_short_route
 from tokenizer import load_tokenizer, token_byte_lengths
 
 
@@ -272,10 +272,45 @@ def compositions(n, k):
             yield (first,) + rest
 
 
+def fit_saturation(Ms, losses):
+    """Least-squares fit of loss(M) ≈ eps_inf + A exp(-k M) (Parcae): linear in (eps_inf, A)
+    for a given k, so scan k on a log grid and keep the best."""
+    Ms, losses = np.asarray(Ms, dtype=float), np.asarray(losses, dtype=float)
+    best = None
+    for k in np.logspace(-3, 1, 400):
+        X = np.stack([np.ones_like(Ms), np.exp(-k * Ms)], axis=1)
+        coef, *_ = np.linalg.lstsq(X, losses, rcond=None)
+        err = float(((X @ coef - losses) ** 2).sum())
+        if best is None or err < best[0]:
+            best = (err, k, coef, np.abs(X @ coef - losses).max())
+    _, k, (eps_inf, A), max_res = best
+    return {"eps_inf": float(eps_inf), "A": float(A), "k": float(k), "max_residual": float(max_res)}
+
+
+@torch.no_grad()
+def eval_with_exit(exit, max_loops):
+    """Val loss and mean loops per token when every token decodes with the early exit
+    `exit`, teacher-forced one position at a time through the KV cache."""
+    sums = torch.zeros(3, device=device)  # nats, tokens, loops
+    steps = raw_model.steps(max_loops)
+    for i in range(rank, tc.eval_iters, world):
+        x, y = get_batch("val", np.random.default_rng([tc.seed, 1, i]), tc.batch_size, T)
+        cache = raw_model.new_cache(max_loops)
+        for p in range(T):
+            with autocast:
+                logits, used = raw_model.decode_with_exit(x[:, p:p + 1], steps, cache, exit, min_loops=1)
+            loss = F.cross_entropy(logits[:, -1].float(), y[:, p], reduction="sum")
+            sums += torch.stack([loss, loss.new_tensor(float(x.size(0))), used.sum().float()])
+    if ddp:
+        dist.all_reduce(sums)
+    return {"loss": (sums[0] / sums[1]).item(), "mean_loops": (sums[2] / sums[1]).item()}
+
+
 @torch.no_grad()
 def budget_sweep():
-    """eval_only: val loss at every budget M = 1..L and beyond, and, for LoopFormer, at
-    every schedule of a few steps on the 1/L grid (the LoopFormer paper's Figure 6)."""
+    """eval_only: val loss at every budget M = 1..L and beyond with a fit of its saturation
+    (Parcae), val loss vs mean loops used for per-token exits (sweep_exits), and, for
+    LoopFormer, every schedule of a few steps on the 1/L grid (the LoopFormer paper's Figure 6)."""
     raw_model.eval()
     L = cfg.n_loops
     budgets = sorted(set(range(1, L + 1)) | {L + L // 2, 2 * L})
@@ -285,6 +320,24 @@ def budget_sweep():
         record["budgets"][str(M)] = r
         rows.append((M, raw_model.effective_depth(M), f"{r['loss']:.4f}", f"{r['bpb']:.4f}"))
     log(print_table(rows, ["budget M", "depth", "val loss", "bpb"]))
+    fit = fit_saturation(budgets, [record["budgets"][str(M)]["loss"] for M in budgets])
+    record["fit"] = fit
+    log(f"\nfit of val loss over M (Parcae): ε(M) ≈ {fit['eps_inf']:.4f} + {fit['A']:.4f} e^(-{fit['k']:.3f} M)"
+        f"  (largest residual {fit['max_residual']:.4f})")
+    if tc.sweep_exits:
+        rows = [("none (all loops)", f"{L:.2f}", f"{record['budgets'][str(L)]['loss']:.4f}")]
+        for spec in tc.sweep_exits.split(","):
+            kind, _, value = spec.partition(":")
+            try:
+                exit = (kind, float(value))
+                check_exit(exit, cfg)
+            except ValueError as e:
+                fail(f"sweep_exits: '{spec}': {e}")
+            r = eval_with_exit(exit, L)
+            record.setdefault("exits", {})[spec] = r
+            rows.append((spec, f"{r['mean_loops']:.2f}", f"{r['loss']:.4f}"))
+        log(f"\nper-token early exit, teacher-forced on val, at most {L} loops:")
+        log(print_table(rows, ["exit", "mean loops", "val loss"]))
     if cfg.modulation == "loopformer":
         rows = []
         for M in range(2, min(tc.sweep_max_steps, L - 1) + 1):

@@ -230,3 +230,18 @@ def test_exit_training_stages_and_sampling_with_exits(data_dir, tmp_path):
     assert "--exit=kl" in p.stderr and "kl:1e-3" in p.stderr
     run("train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'steps'}", "--max_iters=2",
         "--step_loss=last_third", *SMALL)
+
+
+def test_budget_sweep_fit_and_exit_eval(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", *SMALL, "--max_iters=2", "--n_loops=3"]
+    run("train.py", *common)
+    p = run("train.py", *common, "--eval_only=True", "--resume=True", "--sweep_exits=latent:1e-12,latent:1e9")
+    assert "fit of val loss over M (Parcae)" in p.stdout and "per-token early exit" in p.stdout
+    sweep = records(tmp_path, "budget_sweep")[-1]
+    assert set(sweep["fit"]) == {"eps_inf", "A", "k", "max_residual"}
+    never, always = sweep["exits"]["latent:1e-12"], sweep["exits"]["latent:1e9"]
+    # teacher-forced decoding through the cache with an exit that never fires is the full forward
+    assert never["mean_loops"] == 3 and never["loss"] == pytest.approx(sweep["budgets"]["3"]["loss"], rel=1e-5)
+    assert always["mean_loops"] == 1
+    p = run("train.py", *common, "--eval_only=True", "--resume=True", "--sweep_exits=gate:0.5", ok=False)
+    assert "exit_gate=True" in p.stderr
