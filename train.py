@@ -320,9 +320,9 @@ def budget_sweep():
         record["budgets"][str(M)] = r
         rows.append((M, raw_model.effective_depth(M), f"{r['loss']:.4f}", f"{r['bpb']:.4f}"))
     log(print_table(rows, ["budget M", "depth", "val loss", "bpb"]))
-    fit = fit_saturation(budgets, [record["budgets"][str(M)]["loss"] for M in budgets])
+    fit = fit_saturation(range(1, L + 1), [record["budgets"][str(M)]["loss"] for M in range(1, L + 1)])
     record["fit"] = fit
-    log(f"\nfit of val loss over M (Parcae): ε(M) ≈ {fit['eps_inf']:.4f} + {fit['A']:.4f} e^(-{fit['k']:.3f} M)"
+    log(f"\nfit of val loss over M = 1..{L} (Parcae): ε(M) ≈ {fit['eps_inf']:.4f} + {fit['A']:.4f} e^(-{fit['k']:.3f} M)"
         f"  (largest residual {fit['max_residual']:.4f})")
     if tc.sweep_exits:
         rows = [("none (all loops)", f"{L:.2f}", f"{record['budgets'][str(L)]['loss']:.4f}")]

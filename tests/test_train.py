@@ -236,7 +236,7 @@ def test_budget_sweep_fit_and_exit_eval(data_dir, tmp_path):
     common = [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", *SMALL, "--max_iters=2", "--n_loops=3"]
     run("train.py", *common)
     p = run("train.py", *common, "--eval_only=True", "--resume=True", "--sweep_exits=latent:1e-12,latent:1e9")
-    assert "fit of val loss over M (Parcae)" in p.stdout and "per-token early exit" in p.stdout
+    assert "fit of val loss over M = 1..3 (Parcae)" in p.stdout and "per-token early exit" in p.stdout
     sweep = records(tmp_path, "budget_sweep")[-1]
     assert set(sweep["fit"]) == {"eps_inf", "A", "k", "max_residual"}
     never, always = sweep["exits"]["latent:1e-12"], sweep["exits"]["latent:1e9"]
