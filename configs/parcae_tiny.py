@@ -1,8 +1,8 @@
 # CPU twin of parcae_small on the built-in corpus: same layout at d=128, minutes.
-dataset = "pydoc"
+# Training settings as configs/flt_tiny.py.
+from configs.flt_tiny import *  # noqa: F401,F403
+
 out_dir = "out-parcae-tiny"
-n_embd = 128
-n_head = 4
 n_prelude = 2
 n_core = 2
 n_coda = 2
@@ -10,14 +10,5 @@ n_loops = 8
 injection = "diag"
 state_init = "randn"
 block_norm = "pre"
-block_size = 128
-batch_size = 8
-grad_accum_steps = 2
-max_iters = 300
-eval_interval = 100
-eval_iters = 10
-warmup_iters = 30
-learning_rate = 3e-3
-min_lr = 3e-4
 loop_sampling = "per_sequence"
 bptt_k = 4
