@@ -37,6 +37,7 @@ STATE_INITS = ("prelude", "randn", "zero")
 BLOCK_NORMS = ("pre", "sandwich")
 MODULATIONS = ("none", "tmlt", "loopformer")
 MLPS = ("relu2", "gelu")
+ROUTINGS = ("none", "mor")
 
 
 @dataclass
@@ -56,6 +57,8 @@ class LoopGPTConfig:
     modulation: str = "none"   # one of MODULATIONS: condition each loop on its index or on (t, Δ)
     exit_gate: bool = False    # Ouro's exit gate λ_t = σ(w·norm(h_t) + b) on every loop's state
     lora_rank: int = 0         # per-loop LoRA on the core's q and v (Relaxed Recursive Transformers); 0 = off
+    routing: str = "none"      # one of ROUTINGS: "mor" = Mixture-of-Recursions token routing (see route)
+    router_scale: float = 0.1  # MoR's gate g = router_scale * σ(score)
     bptt_k: int = 0            # truncated backprop: only the last k loops get gradients; 0 = all
     checkpoint_loops: bool = False  # recompute each loop's activations in backward (memory)
     mlp: str = "relu2"         # one of MLPS
@@ -70,13 +73,17 @@ class LoopGPTConfig:
         if self.injection not in INJECTIONS:
             problems.append(f"injection={self.injection!r} (valid: {', '.join(INJECTIONS)})")
         for key, valid in (("state_init", STATE_INITS), ("block_norm", BLOCK_NORMS), ("modulation", MODULATIONS),
-                           ("mlp", MLPS)):
+                           ("mlp", MLPS), ("routing", ROUTINGS)):
             if getattr(self, key) not in valid:
                 problems.append(f"{key}={getattr(self, key)!r} (valid: {', '.join(valid)})")
         if self.lora_rank < 0:
             problems.append(f"lora_rank={self.lora_rank} must be >= 0 (0 = off)")
         if self.bptt_k < 0:
             problems.append(f"bptt_k={self.bptt_k} must be >= 0 (0 = full backprop)")
+        if self.routing == "mor" and (self.injection, self.state_init, self.modulation, self.exit_gate) != (
+                "none", "prelude", "none", False):
+            problems.append("routing='mor' routes a plain loop: it needs injection='none', state_init='prelude', "
+                            "modulation='none', exit_gate=False")
         if self.injection == "none" and self.state_init != "prelude":
             problems.append(f"injection='none' with state_init={self.state_init!r} never reads the input")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
@@ -122,6 +129,7 @@ class KVCache:
         self.n_slots, self.max_len = n_slots, max_len
         self.k = self.v = None
         self.pos = 0  # tokens already in the cache
+        self.route_score = self.route_sel = None  # MoR: router scores and selections per recursion
 
     def update(self, slot, k, v):
         if self.k is None:  # allocate on first use, in the dtype autocast produced
@@ -132,6 +140,21 @@ class KVCache:
         self.k[slot, :, :, self.pos:end] = k
         self.v[slot, :, :, self.pos:end] = v
         return self.k[slot, :, :, :end], self.v[slot, :, :, :end]
+
+    def update_route(self, i, n_rec, score, sel=None):
+        """MoR: store recursion i's router scores (then its selections) for the new tokens;
+        returns everything stored so far for recursion i. Unwritten selections stay False:
+        a token that left the loop is never selected again."""
+        if self.route_score is None:
+            B = score.size(0)
+            self.route_score = score.new_zeros(n_rec, B, self.max_len)
+            self.route_sel = torch.zeros(n_rec, B, self.max_len, dtype=torch.bool, device=score.device)
+        end = self.pos + score.size(1)
+        if sel is None:
+            self.route_score[i, :, self.pos:end] = score
+            return self.route_score[i, :, :end]
+        self.route_sel[i, :, self.pos:end] = sel
+        return self.route_sel[i, :, :end]
 
 
 class Attention(nn.Module):
@@ -144,10 +167,11 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x, rope, cache=None, slot=0, xq=None, lora=None):
+    def forward(self, x, rope, cache=None, slot=0, xq=None, lora=None, key_mask=None):
         # xq: where the queries come from (default x). FLT / LTai take them from the
         # previous loop's state while keys and values come from the current stream.
         # lora: this loop's low-rank deltas (A_q, B_q, A_v, B_v) on the shared q and v
+        # key_mask (B, Tk) bool: MoR, only the tokens selected at this recursion are keys
         B, T, C = x.shape
         xq = x if xq is None else xq
         q, v = self.q(xq), self.v(x)
@@ -164,7 +188,12 @@ class Attention(nn.Module):
             k, v = cache.update(slot, k, v)
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_head != self.n_kv_head
-        if Tq == Tk:  # training, or prefilling an empty cache
+        if key_mask is not None:  # causal, over selected keys; a query always sees itself (no empty rows)
+            q_pos = torch.arange(Tk - Tq, Tk, device=q.device).view(-1, 1)
+            k_pos = torch.arange(Tk, device=q.device).view(1, -1)
+            mask = (k_pos <= q_pos) & (key_mask[:, None, :] | (k_pos == q_pos))  # (B, Tq, Tk)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+        elif Tq == Tk:  # training, or prefilling an empty cache
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif Tq == 1:  # one new token attends to everything cached
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
@@ -199,10 +228,10 @@ class Block(nn.Module):
             # identity whatever c is. DiT keeps biases here, and so do we.
             self.modulation = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
 
-    def forward(self, x, rope, cache=None, slot=0, xq=None, c=None, lora=None):
+    def forward(self, x, rope, cache=None, slot=0, xq=None, c=None, lora=None, key_mask=None):
         xq = None if xq is None else norm(xq)
         if c is None:
-            a = self.attn(norm(x), rope, cache, slot, xq, lora)
+            a = self.attn(norm(x), rope, cache, slot, xq, lora, key_mask)
             x = norm(x + a) if self.sandwich else x + a  # Huginn's sandwich norm keeps unit RMS
             m = self.mlp(norm(x))
             return norm(x + m) if self.sandwich else x + m
@@ -256,6 +285,8 @@ class LoopGPT(nn.Module):
             self.lora_B_q = nn.Parameter(torch.zeros(*shape, d, r))
             self.lora_A_v = nn.Parameter(torch.empty(*shape, r, d))
             self.lora_B_v = nn.Parameter(torch.zeros(*shape, kv, r))
+        if cfg.routing == "mor":  # Mixture-of-Recursions: one router score per recursion, per token
+            self.router = nn.Linear(d, cfg.n_loops, bias=False)
         if cfg.exit_gate:  # Ouro: after each loop, the probability of stopping there, per token
             self.exit_gate = nn.Linear(d, 1)
         if cfg.modulation == "tmlt":  # embeds the loop index i (LoopFormer's TMLT baseline)
@@ -301,6 +332,8 @@ class LoopGPT(nn.Module):
             nn.init.normal_(self.lora_A_v, std=cfg.n_embd ** -0.5)
             self.lora_B_q.zero_()
             self.lora_B_v.zero_()
+        if cfg.routing == "mor":  # scores of order 1 on a normed state, so the ranks differ at init
+            nn.init.normal_(self.router.weight, std=cfg.n_embd ** -0.5)
         if cfg.injection == "concat":
             # W_a = [I | 0]: at init the adapter passes the state through (as Huginn's
             # small peers do); the input half starts at zero and is learned
@@ -328,7 +361,7 @@ class LoopGPT(nn.Module):
             return huginn_noise(e.size(0) * e.size(1), e.size(2), device=e.device).view_as(e).to(e.dtype)
         return self.state_noise[pos:pos + e.size(1)].to(e.dtype).expand_as(e)
 
-    def core_pass(self, h, e, t, rope, cache, slot, c=None):
+    def core_pass(self, h, e, t, rope, cache, slot, c=None, key_mask=None):
         """
         Loop t (0-based) of the core: previous state h = h_{t-1}, loop input e (prelude
         output, i.e. the normed embedding when n_prelude = 0). Returns the core's output.
@@ -369,8 +402,41 @@ class LoopGPT(nn.Module):
                     # FLT: every layer's attention takes its queries from h_{t-1} and its
                     # keys/values from the current stream; LTai does it in layer 1 only
                     xq = h
-            x = block(x, rope, cache, slot + j, xq, c, self.lora(t, j))
+            x = block(x, rope, cache, slot + j, xq, c, self.lora(t, j), key_mask)
         return x
+
+    def route(self, h, i, cand, cache, pos):
+        """
+        Mixture-of-Recursions (Bae et al. 2025), expert-choice routing for recursion i of
+        N = n_loops (DESIGN §6). Recursion i keeps a fraction (N-i)/N of the tokens, chosen
+        among those recursion i-1 kept (cand, (B, T) bool), so a token's depth is the
+        number of recursions before it is dropped. Router score s_i = w_i · norm(h).
+
+        MoR picks the top-k scores over the whole sequence, which lets a token's depth
+        depend on tokens after it. We keep the capacity but make the choice causal: token
+        t is kept if the number of candidates at positions <= t that score higher than it,
+        plus 1/2, is below keep * n_t (n_t = number of those candidates) (keep = (N-i)/(N-i+1), the fraction of candidates to keep). For
+        exchangeable scores that keeps the same fraction in expectation, training and
+        generation make the same choice, and generation only needs the scores and
+        selections of earlier tokens, which the KV cache stores per recursion.
+        Returns (sel (B, T) bool, gate g = router_scale * σ(s) (B, T), scores s, key mask
+        (B, pos+T): the tokens selected at recursion i, the only keys attention sees).
+        """
+        N = self.config.n_loops
+        s = self.router(norm(h))[..., i].float()
+        T = s.size(1)
+        s_all, cand_all = s, cand
+        if cache is not None:
+            s_all = cache.update_route(i, N, s)
+            cand_all = cache.route_sel[i - 1, :, :pos + T] if i > 0 else torch.ones_like(s_all, dtype=torch.bool)
+        q_pos = torch.arange(pos, pos + T, device=s.device).view(-1, 1)
+        earlier = torch.arange(pos + T, device=s.device).view(1, -1) < q_pos  # (T, pos+T)
+        beaten_by = (cand_all[:, None, :] & earlier & (s_all[:, None, :] > s[:, :, None])).sum(-1)
+        n_cand = cand_all.cumsum(-1)[:, pos:]  # candidates at positions <= t
+        keep = (N - i) / (N - i + 1) if i > 0 else 1.0  # capacities 1, (N-1)/N, ..., 1/N of all tokens
+        sel = cand & (beaten_by + 0.5 < keep * n_cand)  # rank r stands for the middle of its 1/n slice: unbiased
+        key_mask = sel if cache is None else cache.update_route(i, N, s, sel)
+        return sel, self.config.router_scale * torch.sigmoid(s), s, key_mask
 
     def lora(self, t, j):
         """Loop t's LoRA factors for core block j; loops past n_loops reuse the last loop's."""
@@ -405,11 +471,12 @@ class LoopGPT(nn.Module):
         # step's size; a coarse step can learn to do more than a fine one
         return self.time_embed(torch.tensor(t, device=device)) + self.step_embed(torch.tensor(dt, device=device))
 
-    def trunk(self, idx, steps, cache=None, states=None, depths=None):
+    def trunk(self, idx, steps, cache=None, states=None, depths=None, routes=None):
         """Everything up to the final norm for the schedule `steps`: returns the coda's
         output (B, T, d). If `states` is a list, each loop's output is appended to it.
         depths (B,): Parcae's per-sequence depth, row b runs depths[b] <= len(steps)
-        loops and keeps its state after that."""
+        loops and keeps its state after that. routes: a list that receives MoR's
+        (scores, candidates, selections) per recursion."""
         cfg = self.config
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
@@ -425,17 +492,33 @@ class LoopGPT(nn.Module):
         e = x  # the loop input
         h = self.initial_state(e, pos)
         M = len(steps)
+        mor = cfg.routing == "mor"
+        if mor and M > cfg.n_loops:
+            raise ValueError(f"routing='mor' has a capacity for each of its n_loops={cfg.n_loops} recursions: "
+                             f"budget {M} is too many")
+        sel = torch.ones(B, T, dtype=torch.bool, device=idx.device)  # MoR: tokens still in the loop
         for i, dt in enumerate(steps):
             c = self.conditioning(i, math.fsum(steps[:i]), dt)
             # truncated backprop through depth (Huginn): loops before the last bptt_k run
             # without a graph; e still gets gradients through the later loops' injection
             truncated = cfg.bptt_k > 0 and i < M - cfg.bptt_k
             with torch.no_grad() if truncated else nullcontext():
+                key_mask = None
+                if mor:
+                    cand = sel
+                    sel, gate, score, key_mask = self.route(x, i, cand, cache, pos)
+                    if routes is not None:
+                        routes.append((score, cand, sel))
+                    if not sel.any():  # nobody left: deeper recursions change nothing (and are masked)
+                        break
                 if cfg.checkpoint_loops and torch.is_grad_enabled() and cache is None:
                     # keep only each loop's input; recompute the loop's activations in backward
-                    x_new = checkpoint(self.core_pass, h, e, i, rope, None, slot, c, use_reentrant=False)
+                    x_new = checkpoint(self.core_pass, h, e, i, rope, None, slot, c, key_mask, use_reentrant=False)
                 else:
-                    x_new = self.core_pass(h, e, i, rope, cache, slot, c)
+                    x_new = self.core_pass(h, e, i, rope, cache, slot, c, key_mask)
+                if mor:
+                    # MoR: selected tokens take the gated update h + g (f(h) - h), the others keep h
+                    x_new = x + (sel * gate).unsqueeze(-1).to(x.dtype) * (x_new - x)
             if depths is not None and i > 0:  # rows whose depth is reached keep their state
                 x_new = torch.where((i < depths).view(-1, 1, 1), x_new, x)
             x = x_new
@@ -444,6 +527,7 @@ class LoopGPT(nn.Module):
                 states.append(x)
             # the FLT family passes on the normalised output, h_t = norm(x) (FLT code)
             h = norm(x) if cfg.injection in ("attn_first", "full_res", "full_attn") else x
+        slot = cfg.n_prelude + cfg.n_core * M  # the coda's slots (a MoR loop may have stopped early)
         x = self.run_coda(x, rope, cache, slot)
         if cache is not None:
             cache.pos += T
@@ -465,7 +549,7 @@ class LoopGPT(nn.Module):
 
     def forward(self, idx, targets=None, loops=None, cache=None, schedule=None,
                 short=None, lambda_short=0.1, lambda_cons=0.1, depths=None,
-                step_weights=None, gate_stage=0, gate_beta=0.1, gate_k=50.0, gate_gamma=0.005):
+                step_weights=None, gate_stage=0, gate_beta=0.1, gate_k=50.0, gate_gamma=0.005, lambda_router=1e-3):
         """
         idx (B, T) token ids; targets (B, T) or None (-1 = ignored position);
         loops = budget M (default n_loops, any M >= 1) or schedule = step sizes summing to 1
@@ -488,18 +572,24 @@ class LoopGPT(nn.Module):
         intermediate state (no second forward). The loss is then
         CE(full) + lambda_short * CE(short) + lambda_cons * MSE(sg(h_full), h_short),
         h = the hidden state after the final norm.
+
+        routing='mor' adds lambda_router * BCE(σ(s_i), selected) over each recursion's
+        candidates (MoR's auxiliary loss: the router's sigmoid learns to say who is kept).
         """
         if depths is not None:
             if schedule is not None or short is not None or cache is not None:
                 raise ValueError("per-sequence depths go with loops only (no schedule, short route or cache)")
             loops = int(depths.max())
+            if self.config.routing == "mor":
+                raise ValueError("routing='mor' chooses each token's depth itself: no per-sequence depths")
         per_step = targets is not None and (step_weights is not None or gate_stage)
         if per_step and (short is not None or (step_weights is not None and gate_stage)):
             raise ValueError("use one of: a short route, step_weights, gate_stage")
         steps = self.steps(loops, schedule)
         states = [] if isinstance(short, int) or per_step else None
+        routes = [] if self.config.routing == "mor" and targets is not None else None
         with torch.no_grad() if gate_stage == 2 else nullcontext():  # stage 2 trains the gate only
-            h = norm(self.trunk(idx, steps, cache, states, depths))
+            h = norm(self.trunk(idx, steps, cache, states, depths, routes))
             logits = self.logits(h)
         if targets is None:
             return logits, None
@@ -518,6 +608,10 @@ class LoopGPT(nn.Module):
                                        ignore_index=-1)
             # stop-gradient on the full route: the short route learns to match it, not vice versa
             loss = loss + lambda_short * ce_short + lambda_cons * F.mse_loss(h_short, h.detach())
+        if routes:
+            score = torch.cat([s[c] for s, c, _ in routes])
+            kept = torch.cat([k[c] for _, c, k in routes]).float()
+            loss = loss + lambda_router * F.binary_cross_entropy_with_logits(score, kept)
         return logits, loss
 
     def per_step_loss(self, states, logits, targets, step_weights, gate_stage, beta, k, gamma):
@@ -585,6 +679,12 @@ class LoopGPT(nn.Module):
         ("gate", 0.9): Ouro's gate, stop once the exit CDF reaches q (needs exit_gate).
         No token stops before min_loops. The prompt runs at the full budget. loops_used, a
         list, receives the loops each decoded token ran (a list per step, one per row).
+
+        routing='mor': each token's depth is its router's choice (see route). The cache
+        keeps every recursion's router scores and selections, so a new token is ranked
+        against the earlier tokens exactly as in the full forward, attends only to the
+        tokens kept at each recursion, and leaves the loop (skipping the compute) once
+        it is dropped; loops_used then receives the recursions each token got.
         """
         steps = self.steps(loops, schedule)
         if exit is not None:
@@ -601,6 +701,8 @@ class LoopGPT(nn.Module):
                 logits, _ = self(idx[:, -bs:], schedule=steps, cache=cache)
             elif exit is None:
                 logits, _ = self(idx[:, -1:], schedule=steps, cache=cache)
+                if loops_used is not None and cache.route_sel is not None:  # MoR: recursions this token got
+                    loops_used.append(cache.route_sel[:, :, cache.pos - 1].sum(0).tolist())
             else:
                 logits, used = self.decode_with_exit(idx[:, -1:], steps, cache, exit, min_loops)
                 if loops_used is not None:
@@ -698,7 +800,7 @@ class LoopGPT(nn.Module):
         shape = f"{cfg.n_prelude} + {cfg.n_core}⊗{cfg.n_loops} + {cfg.n_coda}"
         flags = [f"injection={cfg.injection}"] + [f"{k}={getattr(cfg, k)}" for k, default in (
             ("modulation", "none"), ("state_init", "prelude"), ("block_norm", "pre"), ("exit_gate", False),
-            ("lora_rank", 0), ("bptt_k", 0)) if getattr(cfg, k) != default]
+            ("lora_rank", 0), ("routing", "none"), ("bptt_k", 0)) if getattr(cfg, k) != default]
         return (f"LoopGPT {shape} (prelude + core⊗loops + coda), d={cfg.n_embd}, {', '.join(flags)} | "
                 f"{self.num_params() / 1e6:.2f}M unique params | effective depth {self.effective_depth()} | "
                 f"{self.flops_per_token() / 1e6:.1f} MFLOPs/token (train, M={cfg.n_loops})")
@@ -764,6 +866,8 @@ def check_exit(exit, cfg):
         raise ValueError(f"exit must be (kind, threshold) with kind in {kinds}, got {exit!r}")
     if not (isinstance(exit[1], (int, float)) and exit[1] > 0) or (exit[0] == "gate" and not exit[1] <= 1):
         raise ValueError(f"exit threshold must be > 0 (and <= 1 for gate), got {exit[1]!r}")
+    if cfg.routing == "mor":
+        raise ValueError("routing='mor' already chooses each token's depth: no exit criterion on top")
     if exit[0] == "gate" and not cfg.exit_gate:
         raise ValueError("exit=('gate', q) needs a model trained with exit_gate=True")
 

@@ -78,6 +78,9 @@ if args["exit"]:
         fail(f"--exit={args['exit']}: {e}. Examples: kl:1e-3, latent:0.03, gate:0.9")
 
 # what to compare: budgets M (uniform steps), then schedules
+if cfg.routing == "mor" and max(budgets) > cfg.n_loops:
+    fail(f"--budgets: routing='mor' has a capacity for n_loops={cfg.n_loops} recursions: "
+         f"budget {max(budgets)} is too many")
 routes = [(f"M={M}", {"loops": M}, M) for M in budgets]
 for text in filter(None, args["schedule"].split("/")):
     steps = parse_schedule(text)
@@ -118,10 +121,10 @@ for name, route, M in routes:
         if i:
             print("  ---")
         print(start + text)
-    if exit and used:  # loops per decoded token: mean and a histogram line
+    if used:  # loops per decoded token (an exit, or MoR's routing): mean and a histogram line
         flat = [u for step in used for u in step]
         hist = "  ".join(f"{n}:{flat.count(n)}" for n in range(1, M + 1) if flat.count(n))
-        print(f"  [exit {args['exit']}] loops per token: mean {sum(flat) / len(flat):.2f} of {M} | "
+        print(f"  [{'exit ' + args['exit'] if exit else 'MoR routing'}] loops per token: mean {sum(flat) / len(flat):.2f} of {M} | "
               f"histogram (loops:tokens) {hist}")
 print()
 print(print_table(rows, ["route", "depth", "tokens/s"]))

@@ -258,8 +258,11 @@ def evaluate():
     x, _ = get_batch("val", np.random.default_rng([tc.seed, 1, 0]), tc.batch_size, T)
     with autocast:
         rms = raw_model.residual_rms(x, cfg.n_loops)
+        routes = []
+        if cfg.routing == "mor":  # MoR: recursions per token the router granted, on the same batch
+            raw_model.trunk(x, raw_model.steps(), routes=routes)
     raw_model.train()
-    return results, rms
+    return results, rms, sum(sel.float().mean().item() for _, _, sel in routes) or None
 
 
 def compositions(n, k):
@@ -313,7 +316,8 @@ def budget_sweep():
     LoopFormer, every schedule of a few steps on the 1/L grid (the LoopFormer paper's Figure 6)."""
     raw_model.eval()
     L = cfg.n_loops
-    budgets = sorted(set(range(1, L + 1)) | {L + L // 2, 2 * L})
+    # beyond L too, except for MoR, which has a capacity for L recursions only
+    budgets = sorted(set(range(1, L + 1)) | ({L + L // 2, 2 * L} if cfg.routing != "mor" else set()))
     rows, record = [], {"type": "budget_sweep", "step": iter_num, "budgets": {}, "schedules": {}}
     for M in tqdm(budgets, desc="budgets", disable=not master, leave=False):
         r = eval_route(loops=M)
@@ -453,15 +457,16 @@ while iter_num < tc.max_iters:
                      "elapsed_s": time.time() - t_start})
 
     if iter_num % tc.eval_interval == 0 or iter_num == tc.max_iters:
-        res, rms = evaluate()
+        res, rms, recursions = evaluate()
         val = res[cfg.n_loops]["loss"] if cfg.n_loops in res else min(r["loss"] for r in res.values())
         per_budget = "  ".join(f"M={M} {r['loss']:.3f} ({r['bpb']:.3f})" for M, r in res.items())
         log(f"step {iter_num}/{tc.max_iters} | train {train_loss:.3f} | val loss (bpb): {per_budget} | "
             f"lr {lr:.2e} | {time.time() - t_start:.0f}s")
         log(f"    residual rms per loop: {' '.join(f'{r:.2f}' for r in rms)} | "
-            f"core[0] mlp grad norm {mlp_grad_norm:.3f}")
+            f"core[0] mlp grad norm {mlp_grad_norm:.3f}"
+            + (f" | MoR recursions/token {recursions:.2f} of {cfg.n_loops}" if recursions else ""))
         write_jsonl({"type": "eval", "step": iter_num, "train_loss": train_loss,
-                     "val": {str(M): r for M, r in res.items()}, "residual_rms": rms,
+                     "val": {str(M): r for M, r in res.items()}, "residual_rms": rms, "mor_recursions": recursions,
                      "core0_mlp_grad_norm": mlp_grad_norm, "elapsed_s": time.time() - t_start})
         improved = val < best_val_loss
         best_val_loss = min(best_val_loss, val)

@@ -592,6 +592,124 @@ def test_per_loop_lora_starts_as_the_shared_model():
         assert torch.equal(a, lora.generate(prompt, 12, loops=M, temperature=0, use_cache=False))
 
 
+# ---- Mixture-of-Recursions routing (DESIGN §6) -------------------------------------------------
+
+def mor_model(**kw):
+    return random_model(routing="mor", n_loops=4, **kw)
+
+
+def test_mor_keeps_the_capacity_and_nests_the_selections():
+    model = mor_model(block_size=128)
+    routes = []
+    with torch.no_grad():
+        model.trunk(torch.randint(0, 61, (8, 128)), model.steps(), routes=routes)
+    assert len(routes) == 4
+    for i, (_, cand, sel) in enumerate(routes):
+        assert torch.equal(cand & sel, sel)  # kept tokens were candidates: depth = recursions until dropped
+        assert abs(sel.float().mean().item() - (4 - i) / 4) < 0.05, (i, sel.float().mean())
+        if i:
+            assert torch.equal(cand, routes[i - 1][2])
+
+
+def test_mor_is_causal():
+    # MoR's sequence-wide top-k would let future tokens change who is kept; our rule must not
+    model = mor_model()
+    idx = torch.randint(0, 61, (2, 20))
+    other = idx.clone()
+    other[:, 12:] = torch.randint(0, 61, (2, 8))
+    a, b = [], []
+    with torch.no_grad():
+        model.trunk(idx, model.steps(), routes=a)
+        model.trunk(other, model.steps(), routes=b)
+    assert any(not torch.equal(ra[2][:, 12:], rb[2][:, 12:]) for ra, rb in zip(a, b))  # the test has teeth
+    for ra, rb in zip(a, b):
+        assert torch.equal(ra[2][:, :12], rb[2][:, :12])
+    torch.testing.assert_close(model(idx)[0][:, :12], model(other)[0][:, :12], atol=0, rtol=0)
+
+
+def test_mor_keeping_everyone_with_gate_one_is_the_plain_loop():
+    # a zero router gives equal scores: nobody outscores anyone, so every token is kept
+    # while keep > 1/2 (recursions 1..3 of 4); router_scale 2 makes g = 2 σ(0) = 1, and
+    # h + g (f(h) - h) = f(h): the routed model is then the plain model
+    plain = random_model(n_loops=4)
+    mor = mor_model(router_scale=2.0)
+    mor.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        mor.router.weight.zero_()
+    idx = torch.randint(0, 61, (2, 16))
+    for M in (1, 2, 3):
+        torch.testing.assert_close(mor(idx, loops=M)[0], plain(idx, loops=M)[0], atol=1e-5, rtol=1e-5)
+    # recursion 4 keeps half: the first token (n = 1) is dropped, and the outputs part
+    assert not torch.allclose(mor(idx, loops=4)[0], plain(idx, loops=4)[0])
+
+
+def test_mor_key_mask_is_attention_over_the_kept_tokens_only():
+    # a kept token attends to the kept tokens as if the others were not in the sequence
+    model = random_model()
+    attn = model.core[0].attn
+    x = torch.randn(1, 12, 32)
+    kept = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0, 1]], dtype=torch.bool)
+    cos, sin = model.rope_cos[:12], model.rope_sin[:12]
+    y = attn(x, (cos, sin), key_mask=kept)
+    where = kept[0].nonzero().flatten()
+    ref = reference_attention(attn, x[:, where], cos[where], sin[where])  # same positions, others gone
+    torch.testing.assert_close(y[:, where], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("M", [1, 2, 4])
+def test_mor_cached_decoding_and_generation(M):
+    model = mor_model()
+    idx = torch.randint(0, 61, (2, 20))
+    full, _ = model(idx, loops=M)
+    cache = model.new_cache(M)
+    steps = [model(idx[:, :7], loops=M, cache=cache)[0], model(idx[:, 7:10], loops=M, cache=cache)[0]]
+    steps += [model(idx[:, t:t + 1], loops=M, cache=cache)[0] for t in range(10, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    # one row at a time: a dropped token leaves the loop early and never writes its deeper K/V
+    for B in (1, 2):
+        prompt = torch.randint(0, 61, (B, 5))
+        used = []
+        a = model.generate(prompt, 30, loops=M, temperature=0, loops_used=used)
+        assert torch.equal(a, model.generate(prompt, 30, loops=M, temperature=0, use_cache=False))
+        flat = [u for step in used for u in step]
+        assert min(flat) >= 1 and max(flat) <= M and (M == 1 or min(flat) < M)
+
+
+def test_mor_router_loss_and_errors():
+    model = mor_model().train()
+    idx = torch.randint(0, 61, (2, 16))
+    _, with_aux = model(idx, idx, lambda_router=1.0)
+    _, without = model(idx, idx, lambda_router=0.0)
+    routes = []
+    model.trunk(idx, model.steps(), routes=routes)
+    score = torch.cat([s[c] for s, c, _ in routes])
+    kept = torch.cat([k[c] for _, c, k in routes]).float()
+    bce = -(kept * F.logsigmoid(score) + (1 - kept) * F.logsigmoid(-score)).mean()
+    torch.testing.assert_close(with_aux - without, bce)
+    with_aux.backward()
+    assert model.router.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="budget 5 is too many"):
+        model(idx, loops=5)
+    with pytest.raises(ValueError, match="routing='mor'"):
+        small_config(routing="mor", injection="add")
+    with pytest.raises(ValueError, match="exit criterion"):
+        model.eval().generate(idx[:, :3], 2, exit=("kl", 1e-3))
+
+
+def test_mor_overfits_one_batch():
+    torch.manual_seed(0)
+    model = LoopGPT(small_config(routing="mor", n_loops=4))
+    x = torch.randint(0, 61, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    opt = model.configure_optimizer(0.0, 1e-2, (0.9, 0.95), "cpu")
+    for _ in range(80):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5, loss.item()
+
+
 # ---- exits (DESIGN §6) -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("exit", [("kl", 1e-30), ("latent", 1e-12), ("gate", 1.0)])

@@ -245,3 +245,17 @@ def test_budget_sweep_fit_and_exit_eval(data_dir, tmp_path):
     assert always["mean_loops"] == 1
     p = run("train.py", *common, "--eval_only=True", "--resume=True", "--sweep_exits=gate:0.5", ok=False)
     assert "exit_gate=True" in p.stderr
+
+
+def test_mor_trains_logs_recursions_sweeps_and_samples(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", *SMALL, "--n_loops=3", "--eval_budgets=1,3"]
+    p = run("train.py", "--config=mor_tiny", *common, "--max_iters=2", "--eval_interval=2")
+    assert "routing=mor" in p.stdout and "MoR recursions/token" in p.stdout
+    ev = records(tmp_path, "eval")[-1]
+    assert 1 < ev["mor_recursions"] < 3  # capacities 1, 2/3, 1/3: about 2 on average
+    run("train.py", "--config=mor_tiny", *common, "--max_iters=2", "--eval_only=True", "--resume=True")
+    assert set(records(tmp_path, "budget_sweep")[-1]["budgets"]) == {"1", "2", "3"}  # no M > L for MoR
+    p = run("sample.py", f"--out_dir={tmp_path}", "--budgets=3", "--max_new_tokens=12")
+    assert "[MoR routing] loops per token: mean" in p.stdout
+    p = run("sample.py", f"--out_dir={tmp_path}", "--budgets=4", ok=False)
+    assert "budget 4 is too many" in p.stderr
