@@ -379,8 +379,11 @@ class LoopGPT(nn.Module):
             # LTi, input injection (Yang et al. 2024): x = norm(e + h_{t-1})
             x = norm(e + h)
         elif inj == "concat":
-            # Huginn adapter (Geiping et al. 2025): x = W_a [h_{t-1}; e]
-            x = self.adapter(torch.cat([h, e], dim=-1))
+            # Huginn adapter (Geiping et al. 2025): x = W_a [norm(h_{t-1}); e]. In Huginn
+            # h_{t-1} leaves the core through a sandwich norm, so it is normed already (the
+            # same here with block_norm='sandwich'); with pre-norm blocks the raw stream
+            # would grow loop after loop (RMS 174 -> 98,000 over 8 loops, measured)
+            x = self.adapter(torch.cat([norm(h), e], dim=-1))
         elif inj == "diag":
             # Parcae: a stable diagonal linear recurrence around the core,
             # x = Ā ⊙ h_{t-1} + Δ ⊙ (B ē), Δ = softplus(dt_bias), Ā = exp(-Δ ⊙ exp(A_log))

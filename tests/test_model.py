@@ -267,7 +267,7 @@ def reference_loop(model, idx, M):
         elif inj == "add":
             x = norm(e + h)
         elif inj == "concat":
-            x = torch.cat([h, e], -1) @ model.adapter.weight.T
+            x = torch.cat([norm(h), e], -1) @ model.adapter.weight.T
         elif inj == "diag":
             dt = F.softplus(model.diag_dt_bias)
             x = torch.exp(-dt * torch.exp(model.diag_A_log)) * h + dt * (norm(e) @ model.diag_B.weight.T)
