@@ -311,13 +311,14 @@ def eval_with_exit(exit, max_loops):
 
 @torch.no_grad()
 def budget_sweep():
-    """eval_only: val loss at every budget M = 1..L and beyond with a fit of its saturation
+    """eval_only: val loss at every budget M = 1..2L with a fit of its saturation over M <= L
     (Parcae), val loss vs mean loops used for per-token exits (sweep_exits), and, for
     LoopFormer, every schedule of a few steps on the 1/L grid (the LoopFormer paper's Figure 6)."""
     raw_model.eval()
     L = cfg.n_loops
-    # beyond L too, except for MoR, which has a capacity for L recursions only
-    budgets = sorted(set(range(1, L + 1)) | ({L + L // 2, 2 * L} if cfg.routing != "mor" else set()))
+    # every M up to 2L (extrapolation past the train depth), except for MoR, which has a
+    # capacity for L recursions only
+    budgets = range(1, (L if cfg.routing == "mor" else 2 * L) + 1)
     rows, record = [], {"type": "budget_sweep", "step": iter_num, "budgets": {}, "schedules": {}}
     for M in tqdm(budgets, desc="budgets", disable=not master, leave=False):
         r = eval_route(loops=M)

@@ -9,6 +9,6 @@ n_coda = 2
 n_loops = 8
 injection = "concat"
 state_init = "randn"
-block_norm = "sandwich"
+block_norm = "pre"          # see configs/huginn_small.py
 loop_sampling = "poisson_lognormal"
 bptt_k = 4
