@@ -96,6 +96,14 @@ if not os.path.exists(meta_path):
             print(f"first use: preparing the built-in corpus (Python's pydoc topics) into {data_dir} ...")
             from data.pydoc.prepare import prepare
             prepare(out_dir=data_dir)
+    elif tc.dataset.startswith("tasks/"):  # synthetic tasks: generated offline in seconds
+        from data.tasks.prepare import TASKS, prepare as prepare_task
+        task = tc.dataset.split("/", 1)[1]
+        if task not in TASKS:
+            fail(f"dataset '{tc.dataset}': unknown task (valid: {', '.join('tasks/' + t for t in TASKS)})")
+        if master:
+            print(f"first use: generating the '{task}' task into {data_dir} ...")
+            prepare_task(task, out_dir=data_dir)
     else:
         fail(f"dataset '{tc.dataset}' is not prepared (no {meta_path}); prepare it with: "
              f"python data/{tc.dataset}/prepare.py")
@@ -108,22 +116,39 @@ try:
 except RuntimeError as e:  # GPT-2's BPE files need a network the first time
     fail(str(e))
 token_bytes = torch.tensor(token_byte_lengths(enc), dtype=torch.float32, device=device)
+is_task = meta.get("format") == "task"  # rows of prompt + answer, loss on the answer only
 
 
-def load_split(split):
-    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+def load_split(split, suffix="", dtype=np.uint16):
+    return np.memmap(os.path.join(data_dir, f"{split}{suffix}.bin"), dtype=dtype, mode="r")
+
+
+def to_device(*tensors):
+    if device_type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tensors
+
+
+def task_rows(split, ix):
+    """Task rows ix: inputs, targets (-1 off the answer) and groups."""
+    L = meta["row_len"]
+    rows = load_split(split).reshape(-1, L)[ix].astype(np.int64)
+    mask = load_split(split, "_mask", np.uint8).reshape(-1, L)[ix]
+    y = np.where(mask[:, 1:] == 1, rows[:, 1:], -1)
+    return torch.from_numpy(rows[:, :-1]), torch.from_numpy(y), load_split(split, "_group", np.uint8)[ix]
 
 
 def get_batch(split, rng, B, T):
+    if is_task:  # B random examples
+        x, y, _ = task_rows(split, np.sort(rng.integers(0, meta[f"{split}_rows"], size=B)))
+        return to_device(x, y)
     data = load_split(split)  # a fresh memmap per batch avoids a known memory leak (nanoGPT)
     if len(data) <= T + 1:
         fail(f"{split}.bin has {len(data)} tokens, fewer than block_size+1={T + 1}")
     ix = rng.integers(0, len(data) - T - 1, size=B)
     x = torch.from_numpy(np.stack([data[i:i + T].astype(np.int64) for i in ix]))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T].astype(np.int64) for i in ix]))
-    if device_type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x, y
+    return to_device(x, y)
 
 
 # ---- model, optimizer, resume -----------------------------------------------------------
@@ -178,6 +203,10 @@ if tc.objective == "shortcut" and cfg.modulation != "loopformer":
 if tc.objective != "final" and cfg.n_loops < 2:
     fail(f"objective={tc.objective} needs a short route shorter than the full one: n_loops >= 2")
 T = cfg.block_size
+if is_task:  # a step reads whole examples: rows of row_len tokens
+    T = meta["row_len"] - 1
+    if T > cfg.block_size:
+        fail(f"task rows have {T} tokens, more than block_size={cfg.block_size}")
 tokens_per_step = tc.batch_size * T * tc.grad_accum_steps
 eval_budgets = tc.eval_budgets or tuple(sorted({1, max(1, cfg.n_loops // 2), cfg.n_loops, 2 * cfg.n_loops}))
 if any(m < 1 for m in eval_budgets):
@@ -191,7 +220,9 @@ if device_type == "cuda":
 if master:
     os.makedirs(tc.out_dir, exist_ok=True)
     print(raw_model.summary())
-    print(f"data: {data_dir} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {enc.n_vocab}) | "
+    what = (f"{meta['task']} task, {meta['train_rows']:,} train / {meta['val_rows']:,} val examples" if is_task else
+            f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {enc.n_vocab}")
+    print(f"data: {data_dir} ({what}) | "
           f"device {device} x{world} | {tokens_per_step:,} tokens/step | "
           f"{'resuming at step ' + str(iter_num) if tc.resume else 'from scratch'}")
 
@@ -241,9 +272,10 @@ def eval_route(**route):
         x, y = get_batch("val", np.random.default_rng([tc.seed, 1, i]), tc.batch_size, T)
         with autocast:
             logits, _ = raw_model(x, **route)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
-        nbytes = token_bytes[y.view(-1)]  # special tokens have no bytes and count in neither
-        sums += torch.stack([loss.sum(), loss.new_tensor(loss.numel()),
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="none")
+        valid = y.view(-1) >= 0  # task rows: the answer tokens only
+        nbytes = token_bytes[y.view(-1).clamp_min(0)] * valid  # special tokens have no bytes and count in neither
+        sums += torch.stack([loss.sum(), valid.sum().float(),
                              (loss * (nbytes > 0)).sum() / math.log(2), nbytes.sum()])
     if ddp:
         dist.all_reduce(sums)
@@ -251,9 +283,43 @@ def eval_route(**route):
 
 
 @torch.no_grad()
+def eval_accuracy(**route):
+    """Tasks: exact match on every val example, overall and per group (digits, hops, ...).
+    An example counts as right when the argmax is right at each of its answer tokens, which
+    is exactly when greedy decoding would write the answer."""
+    sums = torch.zeros(2, 256, device=device)  # right, total per group id
+    n = meta["val_rows"]
+    for start in range(rank * tc.batch_size, n, world * tc.batch_size):
+        x, y, group = task_rows("val", np.arange(start, min(start + tc.batch_size, n)))
+        x, y = to_device(x, y)
+        with autocast:
+            logits, _ = raw_model(x, **route)
+        right = ((logits.argmax(-1) == y) | (y < 0)).all(1).float()
+        group = torch.from_numpy(group.astype(np.int64)).to(device)
+        sums[0].index_add_(0, group, right)
+        sums[1].index_add_(0, group, torch.ones_like(right))
+    if ddp:
+        dist.all_reduce(sums)
+    return {"acc": (sums[0].sum() / sums[1].sum()).item(),
+            "by_group": {str(g): (sums[0, g] / sums[1, g]).item() for g in meta["val_groups"]}}
+
+
+def accuracy_lines(acc):
+    """Human-readable exact match: one line over the budgets, one per budget by group."""
+    lines = ["    exact match: " + "  ".join(f"M={M} {100 * a['acc']:.1f}%" for M, a in acc.items())]
+    for M, a in acc.items():
+        lines.append(f"      M={M} by {meta['group_name']}: " +
+                     " ".join(f"{g}:{100 * v:.0f}%" for g, v in a["by_group"].items()))
+    return lines
+
+
+@torch.no_grad()
 def evaluate():
     raw_model.eval()
     results = {M: eval_route(loops=M) for M in eval_budgets}
+    if is_task:
+        for M in eval_budgets:
+            results[M]["accuracy"] = eval_accuracy(loops=M)
     # FLT's stability diagnostic: RMS of each loop's output h_t, at the train budget, on one val batch
     x, _ = get_batch("val", np.random.default_rng([tc.seed, 1, 0]), tc.batch_size, T)
     with autocast:
@@ -322,9 +388,14 @@ def budget_sweep():
     rows, record = [], {"type": "budget_sweep", "step": iter_num, "budgets": {}, "schedules": {}}
     for M in tqdm(budgets, desc="budgets", disable=not master, leave=False):
         r = eval_route(loops=M)
+        if is_task:
+            r["accuracy"] = eval_accuracy(loops=M)
         record["budgets"][str(M)] = r
-        rows.append((M, raw_model.effective_depth(M), f"{r['loss']:.4f}", f"{r['bpb']:.4f}"))
-    log(print_table(rows, ["budget M", "depth", "val loss", "bpb"]))
+        rows.append((M, raw_model.effective_depth(M), f"{r['loss']:.4f}", f"{r['bpb']:.4f}") +
+                    ((f"{100 * r['accuracy']['acc']:.1f}",) + tuple(f"{100 * v:.0f}" for v in r["accuracy"]["by_group"].values())
+                     if is_task else ()))
+    log(print_table(rows, ["budget M", "depth", "val loss", "bpb"] +
+                    (["exact %"] + [f"{meta['group_name']}={g}" for g in meta["val_groups"]] if is_task else [])))
     fit = fit_saturation(range(1, L + 1), [record["budgets"][str(M)]["loss"] for M in range(1, L + 1)])
     record["fit"] = fit
     log(f"\nfit of val loss over M = 1..{L} (Parcae): ε(M) ≈ {fit['eps_inf']:.4f} + {fit['A']:.4f} e^(-{fit['k']:.3f} M)"
@@ -466,6 +537,8 @@ while iter_num < tc.max_iters:
         log(f"    residual rms per loop: {' '.join(f'{r:.2f}' for r in rms)} | "
             f"core[0] mlp grad norm {mlp_grad_norm:.3f}"
             + (f" | MoR recursions/token {recursions:.2f} of {cfg.n_loops}" if recursions else ""))
+        if is_task:
+            log("\n".join(accuracy_lines({M: r["accuracy"] for M, r in res.items()})))
         write_jsonl({"type": "eval", "step": iter_num, "train_loss": train_loss,
                      "val": {str(M): r for M, r in res.items()}, "residual_rms": rms, "mor_recursions": recursions,
                      "core0_mlp_grad_norm": mlp_grad_norm, "elapsed_s": time.time() - t_start})

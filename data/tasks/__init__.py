@@ -1,0 +1,1 @@
+"""Synthetic reasoning tasks (see prepare.py)."""
