@@ -5,3 +5,4 @@ from configs.task_phop_loop import *  # noqa: F401,F403
 
 dataset = "tasks/addition"
 out_dir = "out-task-addition-loop"
+max_iters = 1000

@@ -13,3 +13,4 @@ batch_size = 32
 injection = "add"
 loop_sampling = "poisson_lognormal"
 bptt_k = 4
+max_iters = 1000

@@ -45,9 +45,10 @@ def examples(d, split):
 
 
 def solve(task, prompt):
-    if task == "addition":
-        a, b = prompt.rstrip("=").split("+")
-        return "".join(reversed(str(int(a) + int(b)))), len(a)
+    if task == "addition":  # fixed-width numbers, least significant digit first
+        a, b = (int(v[::-1]) for v in prompt.rstrip("=").split("+"))
+        width = len(prompt.split("+")[0])
+        return str(a + b).zfill(width + 1)[::-1], len(str(max(a, b)))
     if task == "parity":
         bits = prompt.rstrip("=")
         return str(sum(map(int, bits)) & 1), len(bits)

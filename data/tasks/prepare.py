@@ -4,10 +4,12 @@ Synthetic reasoning tasks where the number of loops matters (DESIGN §9), no net
 Each example is a prompt and an answer in plain ASCII, one character per token (the
 tokenizer is the 256 single bytes plus EOT, served by tiktoken like the BPE ones):
 
-  addition  "4821+375=" -> "6915"   n-digit operands, n in 1..digits. The answer is the sum
-            with its digits REVERSED (least significant first): 4821+375 = 5196 -> "6915".
-            Written that way each answer digit needs only the operands' digits at its
-            place and the carry from the digit before it, the order a person adds in.
+  addition  "12840+57300=" -> "69140" + "0"   4821 + 375 = 5196 with every number
+            written least-significant digit first and zero-padded to a fixed width (digits
+            for the operands, digits+1 for the sum): REVERSED digits, so that answer digit i
+            needs only the operands' digits i, at fixed offsets, and the carry from digit
+            i-1, the order a person adds in. The carry chain is what needs depth. Group: the
+            larger operand's length n, drawn from 1..digits.
   phop      "cabdcbadbca...|3=" -> "b"   p-hop induction (Sanford et al. 2024, used by
             Saunshi et al. 2025): from the last symbol, a hop moves to the symbol just
             after the previous occurrence of the current symbol; the answer is the symbol
@@ -49,7 +51,7 @@ from tokenizer import EOT, load_tokenizer, tokenizer_to_dict  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("addition", "phop", "hops", "parity")
 # what each task varies, and its default range
-DEFAULTS = {"addition": dict(digits=5), "phop": dict(length=24, symbols=4, max_hops=4),
+DEFAULTS = {"addition": dict(digits=5), "phop": dict(length=16, symbols=4, max_hops=4),
             "hops": dict(entities=8, max_hops=3, ood_hops=3), "parity": dict(digits=16)}
 GROUP_NAMES = {"addition": "digits", "phop": "hops", "hops": "hops", "parity": "bits"}
 
@@ -65,7 +67,10 @@ def addition(rng, digits, **_):
     n = rng.randint(1, digits)
     a = rng.randint(10 ** (n - 1) if n > 1 else 0, 10 ** n - 1)
     b = rng.randint(0, 10 ** n - 1)
-    return f"{a}+{b}=", str(a + b)[::-1], n
+    if rng.random() < 0.5:
+        a, b = b, a
+    rev = lambda v, width: str(v).zfill(width)[::-1]  # noqa: E731
+    return f"{rev(a, digits)}+{rev(b, digits)}=", rev(a + b, digits + 1), n
 
 
 def phop_answer(seq, p):
