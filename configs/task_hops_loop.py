@@ -8,9 +8,9 @@ from configs.task_phop_loop import *  # noqa: F401,F403
 
 dataset = "tasks/hops"
 out_dir = "out-task-hops-loop"
-block_size = 128
-batch_size = 32
+block_size = 64
+batch_size = 64
 injection = "add"
 loop_sampling = "poisson_lognormal"
 bptt_k = 4
-max_iters = 1000
+max_iters = 1500

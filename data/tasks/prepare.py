@@ -15,10 +15,10 @@ tokenizer is the 256 single bytes plus EOT, served by tiktoken like the BPE ones
             after the previous occurrence of the current symbol; the answer is the symbol
             reached after p hops, p in 1..max_hops.
   hops      "ax:c,by:a,...|axyx?" -> "d"   multi-hop fact composition: every example has
-            its own random knowledge graph (each of `entities` letters has one successor
-            per relation x, y), listed in random order; the question follows h relations
-            from an entity. Train holds h = 1..max_hops, val h = 1..max_hops+ood_hops: the
-            out-of-distribution split is by hop count.
+            its own random knowledge graph (each relation, from "xyzw"[:relations], is a
+            random permutation of the `entities` letters), listed in random order; the
+            question follows h relations from an entity. Train holds h = 1..max_hops, val
+            h = 1..max_hops+ood_hops: the out-of-distribution split is by hop count.
   parity    "0110100=" -> "1"   the parity of n bits, n in 1..digits.
 
 Rows on disk (train.py reads them when meta.json says "format": "task"):
@@ -52,7 +52,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("addition", "phop", "hops", "parity")
 # what each task varies, and its default range
 DEFAULTS = {"addition": dict(digits=5), "phop": dict(length=16, symbols=4, max_hops=4),
-            "hops": dict(entities=8, max_hops=3, ood_hops=3), "parity": dict(digits=16)}
+            "hops": dict(entities=6, relations=1, max_hops=3, ood_hops=3), "parity": dict(digits=16)}
 GROUP_NAMES = {"addition": "digits", "phop": "hops", "hops": "hops", "parity": "bits"}
 
 
@@ -101,14 +101,15 @@ def hops_answer(facts, start, relations):
     return node
 
 
-def hops(rng, entities, hop_range, **_):
-    names = "abcdefghijklmnopqrstuvw"[:entities]
-    facts = {(e, r): rng.choice(names) for e in names for r in "xy"}
+def hops(rng, entities, relations, hop_range, **_):
+    names, rels = "abcdefghijklmnopqrstuv"[:entities], "xyzw"[:relations]
+    # each relation a random permutation: no shortcuts through fixed points shared by all
+    facts = {(e, r): t for r in rels for e, t in zip(names, rng.sample(names, len(names)))}
     listing = [f"{e}{r}:{t}" for (e, r), t in facts.items()]
     rng.shuffle(listing)
     h = rng.randint(*hop_range)
     start = rng.choice(names)
-    relations = "".join(rng.choice("xy") for _ in range(h))
+    relations = "".join(rng.choice(rels) for _ in range(h))
     return f"{','.join(listing)}|{start}{relations}?", hops_answer(facts, start, relations), h
 
 
