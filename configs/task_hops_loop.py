@@ -13,4 +13,4 @@ batch_size = 64
 injection = "add"
 loop_sampling = "poisson_lognormal"
 bptt_k = 4
-max_iters = 1500
+max_iters = 3000

@@ -60,8 +60,8 @@ def solve(task, prompt):
         return seq[i], int(p)
     facts, question = prompt.rstrip("?").split("|")
     table = {f[:2]: f[3] for f in facts.split(",")}
-    node = question[0]
-    for r in question[1:]:
+    node = question[-1]
+    for r in reversed(question[:-1]):  # x(y(d)): y first
         node = table[node + r]
     return node, len(question) - 1
 

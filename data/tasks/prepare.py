@@ -14,10 +14,11 @@ tokenizer is the 256 single bytes plus EOT, served by tiktoken like the BPE ones
             Saunshi et al. 2025): from the last symbol, a hop moves to the symbol just
             after the previous occurrence of the current symbol; the answer is the symbol
             reached after p hops, p in 1..max_hops.
-  hops      "ax:c,by:a,...|axyx?" -> "d"   multi-hop fact composition: every example has
+  hops      "ax:c,bx:a,...|xxa?" -> "b"   multi-hop fact composition: every example has
             its own random knowledge graph (each relation, from "xyzw"[:relations], is a
             random permutation of the `entities` letters), listed in random order; the
-            question follows h relations from an entity. Train holds h = 1..max_hops, val
+            question applies h relations to an entity, written as function application
+            ("xyd?" = x(y(d)): the relation next to the entity first). Train holds h = 1..max_hops, val
             h = 1..max_hops+ood_hops: the out-of-distribution split is by hop count.
   parity    "0110100=" -> "1"   the parity of n bits, n in 1..digits.
 
@@ -110,7 +111,9 @@ def hops(rng, entities, relations, hop_range, **_):
     h = rng.randint(*hop_range)
     start = rng.choice(names)
     relations = "".join(rng.choice(rels) for _ in range(h))
-    return f"{','.join(listing)}|{start}{relations}?", hops_answer(facts, start, relations), h
+    # written as function application, the entity last: "xyd?" is x(y(d)), y applied first;
+    # then the entity sits right before "?", where the answer is read, whatever h is
+    return f"{','.join(listing)}|{relations[::-1]}{start}?", hops_answer(facts, start, relations), h
 
 
 def parity(rng, digits, **_):
