@@ -418,8 +418,8 @@ class LoopGPT(nn.Module):
         MoR picks the top-k scores over the whole sequence, which lets a token's depth
         depend on tokens after it. We keep the capacity but make the choice causal: token
         t is kept if the number of candidates at positions <= t that score higher than it,
-        plus 1/2, is below keep * n_t (n_t = number of those candidates) (keep = (N-i)/(N-i+1), the fraction of candidates to keep). For
-        exchangeable scores that keeps the same fraction in expectation, training and
+        plus 1/2, is below keep * n_t, with n_t the number of those candidates and
+        keep = (N-i)/(N-i+1) the fraction of candidates to keep. For exchangeable scores that keeps the same fraction in expectation, training and
         generation make the same choice, and generation only needs the scores and
         selections of earlier tokens, which the KV cache stores per recursion.
         Returns (sel (B, T) bool, gate g = router_scale * σ(s) (B, T), scores s, key mask
@@ -458,8 +458,13 @@ class LoopGPT(nn.Module):
         else M = `loops` (default n_loops) uniform steps of 1/M (DESIGN §8)."""
         if schedule is None:
             M = check_loops(self.config.n_loops if loops is None else loops)
-            return [1.0 / M] * M
-        return check_schedule(schedule, loops, self.config.modulation)
+            steps = [1.0 / M] * M
+        else:
+            steps = check_schedule(schedule, loops, self.config.modulation)
+        if self.config.routing == "mor" and len(steps) > self.config.n_loops:
+            raise ValueError(f"routing='mor' has a capacity for each of its n_loops={self.config.n_loops} "
+                             f"recursions: budget {len(steps)} is too many")
+        return steps
 
     def conditioning(self, i, t, dt):
         """The vector c that modulates loop i (0-based), which starts at time t with step dt."""
@@ -495,10 +500,7 @@ class LoopGPT(nn.Module):
         e = x  # the loop input
         h = self.initial_state(e, pos)
         M = len(steps)
-        mor = cfg.routing == "mor"
-        if mor and M > cfg.n_loops:
-            raise ValueError(f"routing='mor' has a capacity for each of its n_loops={cfg.n_loops} recursions: "
-                             f"budget {M} is too many")
+        mor = cfg.routing == "mor"  # (steps() has checked M <= n_loops)
         sel = torch.ones(B, T, dtype=torch.bool, device=idx.device)  # MoR: tokens still in the loop
         for i, dt in enumerate(steps):
             c = self.conditioning(i, math.fsum(steps[:i]), dt)
@@ -651,11 +653,11 @@ class LoopGPT(nn.Module):
         return (bce * valid).sum() / (valid.sum() * (M - 1))
 
     @torch.no_grad()
-    def residual_rms(self, idx, loops=None):
+    def residual_rms(self, idx, loops=None, routes=None):
         """FLT's stability diagnostic: RMS over features of each loop's output h_t,
-        averaged over batch and sequence; one float per loop t = 1..M."""
+        averaged over batch and sequence; one float per loop t = 1..M. routes: as in trunk."""
         states = []
-        self.trunk(idx, self.steps(loops), states=states)
+        self.trunk(idx, self.steps(loops), states=states, routes=routes)
         return [s.float().pow(2).mean(-1).sqrt().mean().item() for s in states]
 
     # ---- generation --------------------------------------------------------------------

@@ -50,8 +50,11 @@ except RuntimeError as e:  # GPT-2's BPE files need a network the first time
     fail(str(e))
 cfg = model.config
 budgets = args["budgets"] or (() if args["schedule"] else (cfg.n_loops,))
-if any(M < 1 for M in budgets):
-    fail(f"budgets must be integers >= 1, got {','.join(map(str, budgets))}")
+for M in budgets:  # the model's own check: M >= 1, and M <= n_loops for MoR
+    try:
+        model.steps(M)
+    except ValueError as e:
+        fail(f"--budgets={','.join(map(str, budgets))}: {e}")
 
 
 def parse_schedule(text):
@@ -78,9 +81,6 @@ if args["exit"]:
         fail(f"--exit={args['exit']}: {e}. Examples: kl:1e-3, latent:0.03, gate:0.9")
 
 # what to compare: budgets M (uniform steps), then schedules
-if cfg.routing == "mor" and max(budgets) > cfg.n_loops:
-    fail(f"--budgets: routing='mor' has a capacity for n_loops={cfg.n_loops} recursions: "
-         f"budget {max(budgets)} is too many")
 routes = [(f"M={M}", {"loops": M}, M) for M in budgets]
 for text in filter(None, args["schedule"].split("/")):
     steps = parse_schedule(text)

@@ -263,45 +263,47 @@ def get_lr(it):
     return tc.learning_rate + (tc.min_lr - tc.learning_rate) * (it - decay_start) / max(1, decay_iters - decay_start)
 
 
-@torch.no_grad()
-def eval_route(**route):
-    """Val loss (nats/token) and bits per byte for one route: loops=M or schedule=[...].
-    The eval batches are fixed (the same at every eval) and split over the ranks."""
-    sums = torch.zeros(4, device=device)  # nats, tokens, bits on byte-carrying tokens, bytes
-    for i in range(rank, tc.eval_iters, world):
-        x, y = get_batch("val", np.random.default_rng([tc.seed, 1, i]), tc.batch_size, T)
-        with autocast:
-            logits, _ = raw_model(x, **route)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="none")
-        valid = y.view(-1) >= 0  # task rows: the answer tokens only
-        nbytes = token_bytes[y.view(-1).clamp_min(0)] * valid  # special tokens have no bytes and count in neither
-        sums += torch.stack([loss.sum(), valid.sum().float(),
-                             (loss * (nbytes > 0)).sum() / math.log(2), nbytes.sum()])
-    if ddp:
-        dist.all_reduce(sums)
-    return {"loss": (sums[0] / sums[1]).item(), "bpb": (sums[2] / sums[3]).item()}
-
-
-@torch.no_grad()
-def eval_accuracy(**route):
-    """Tasks: exact match on every val example, overall and per group (digits, hops, ...).
-    An example counts as right when the argmax is right at each of its answer tokens, which
-    is exactly when greedy decoding would write the answer."""
-    sums = torch.zeros(2, 256, device=device)  # right, total per group id
+def val_batches():
+    """The eval batches, split over the ranks: for text eval_iters fixed random batches (the
+    same at every eval); for a task every val example, in order, with its group."""
+    if not is_task:
+        for i in range(rank, tc.eval_iters, world):
+            yield *get_batch("val", np.random.default_rng([tc.seed, 1, i]), tc.batch_size, T), None
+        return
     n = meta["val_rows"]
     for start in range(rank * tc.batch_size, n, world * tc.batch_size):
         x, y, group = task_rows("val", np.arange(start, min(start + tc.batch_size, n)))
-        x, y = to_device(x, y)
+        yield *to_device(x, y), torch.from_numpy(group.astype(np.int64)).to(device)
+
+
+@torch.no_grad()
+def eval_route(**route):
+    """Val loss (nats/token) and bits per byte for one route: loops=M or schedule=[...].
+    Tasks (targets on the answer tokens only) also get exact match, overall and per group
+    (digits, hops, ...): an example is right when the argmax is right at every answer
+    token, which is exactly when greedy decoding would write the answer."""
+    sums = torch.zeros(4, device=device)  # nats, tokens, bits on byte-carrying tokens, bytes
+    right = torch.zeros(2, 256, device=device)  # tasks: examples right, examples, per group id
+    for x, y, group in val_batches():
         with autocast:
             logits, _ = raw_model(x, **route)
-        right = ((logits.argmax(-1) == y) | (y < 0)).all(1).float()
-        group = torch.from_numpy(group.astype(np.int64)).to(device)
-        sums[0].index_add_(0, group, right)
-        sums[1].index_add_(0, group, torch.ones_like(right))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="none")
+        valid = y.view(-1) >= 0
+        nbytes = token_bytes[y.view(-1).clamp_min(0)] * valid  # special tokens have no bytes and count in neither
+        sums += torch.stack([loss.sum(), valid.sum().float(),
+                             (loss * (nbytes > 0)).sum() / math.log(2), nbytes.sum()])
+        if group is not None:
+            ok = ((logits.argmax(-1) == y) | (y < 0)).all(1).float()
+            right[0].index_add_(0, group, ok)
+            right[1].index_add_(0, group, torch.ones_like(ok))
     if ddp:
         dist.all_reduce(sums)
-    return {"acc": (sums[0].sum() / sums[1].sum()).item(),
-            "by_group": {str(g): (sums[0, g] / sums[1, g]).item() for g in meta["val_groups"]}}
+        dist.all_reduce(right)
+    result = {"loss": (sums[0] / sums[1]).item(), "bpb": (sums[2] / sums[3]).item()}
+    if is_task:
+        result["accuracy"] = {"acc": (right[0].sum() / right[1].sum()).item(),
+                              "by_group": {str(g): (right[0, g] / right[1, g]).item() for g in meta["val_groups"]}}
+    return result
 
 
 def accuracy_lines(acc):
@@ -317,16 +319,11 @@ def accuracy_lines(acc):
 def evaluate():
     raw_model.eval()
     results = {M: eval_route(loops=M) for M in eval_budgets}
-    if is_task:
-        for M in eval_budgets:
-            results[M]["accuracy"] = eval_accuracy(loops=M)
     # FLT's stability diagnostic: RMS of each loop's output h_t, at the train budget, on one val batch
     x, _ = get_batch("val", np.random.default_rng([tc.seed, 1, 0]), tc.batch_size, T)
+    routes = []  # MoR: the router's choices on the same batch, for the recursions per token
     with autocast:
-        rms = raw_model.residual_rms(x, cfg.n_loops)
-        routes = []
-        if cfg.routing == "mor":  # MoR: recursions per token the router granted, on the same batch
-            raw_model.trunk(x, raw_model.steps(), routes=routes)
+        rms = raw_model.residual_rms(x, cfg.n_loops, routes)
     raw_model.train()
     return results, rms, sum(sel.float().mean().item() for _, _, sel in routes) or None
 
@@ -388,8 +385,6 @@ def budget_sweep():
     rows, record = [], {"type": "budget_sweep", "step": iter_num, "budgets": {}, "schedules": {}}
     for M in tqdm(budgets, desc="budgets", disable=not master, leave=False):
         r = eval_route(loops=M)
-        if is_task:
-            r["accuracy"] = eval_accuracy(loops=M)
         record["budgets"][str(M)] = r
         rows.append((M, raw_model.effective_depth(M), f"{r['loss']:.4f}", f"{r['bpb']:.4f}") +
                     ((f"{100 * r['accuracy']['acc']:.1f}",) + tuple(f"{100 * v:.0f}" for v in r["accuracy"]["by_group"].values())

@@ -47,7 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tokenizer import EOT, load_tokenizer, tokenizer_to_dict  # noqa: E402
+from tokenizer import load_tokenizer, tokenizer_to_dict  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("addition", "phop", "hops", "parity")
@@ -141,7 +141,7 @@ def examples(task, n, rng, seen, hop_range=None, **kw):
 
 
 def to_rows(exs, enc):
-    """Token rows, answer masks and groups; every row is padded with EOT to the same length."""
+    """Each example as (EOT + prompt tokens, answer tokens + EOT), and the groups."""
     eot = enc.eot_token
     encoded = [([eot] + enc.encode_ordinary(p), enc.encode_ordinary(a) + [eot]) for p, a, _ in exs]
     return encoded, [g for _, _, g in exs]
