@@ -5,8 +5,15 @@ verdict against its target.
 
     python bench.py                 # full
     python bench.py --quick=True    # under a minute on a 2-core CPU
+    python bench.py --profile=True  # torch.profiler tables of a train step and a decode step
 
-Measured now:
+Measured:
+- training throughput and MFU of a d=512 looped model: on CPU against the matmul throughput
+  this same run measures (goal 40%), on GPU against the datasheet bf16 peak (goal 40%).
+- looping costs nothing beyond its FLOPs: a 2⊗4 core vs an 8⊗1 stack of the same
+  effective depth, step time deep / looped (target >= 0.95).
+- generation at the `tiny` size: tokens/s with the KV cache vs without at 256 new tokens
+  (target >= 5x), and seconds per token vs the budget M (should grow like the depth).
 - training-step cost of LoopFormer's shortcut-consistency and of the early-exit baselines'
   prefix route, relative to a plain 3⊗8 Base-Loop step (targets: <= 1.5x and <= 1.05x).
 - peak training memory at L = 16 vs L = 4: plain backprop grows with L; truncated
@@ -28,7 +35,8 @@ import torch
 from common import detect_device, parse_args, print_table
 from loopgpt import LoopGPT, LoopGPTConfig, sample_short_route
 
-args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "memory_probe": ""}, allow_config=False)
+args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "memory_probe": "", "profile": False},
+                     allow_config=False)
 device = detect_device(args["device"])
 quick = args["quick"]
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
@@ -63,6 +71,100 @@ def train_step_fn(model, opt, batch, short_fn=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+# datasheet dense bf16 peaks (FLOP/s) for MFU on GPU
+GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def verdict(ok):
+    return "ok" if ok else "OVER"
+
+
+def matmul_peak():
+    """FLOP/s this device reaches on a large matmul: the CPU's MFU denominator (measured,
+    so that MFU says how much of the attainable throughput the model uses); on GPU the
+    datasheet bf16 peak."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in GPU_PEAK.items() if k in name), None)
+        return peak, f"datasheet bf16 peak of {name}" if peak else f"unknown peak for {name}"
+    n = 1024 if quick else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    secs = time_steps({"mm": lambda: a @ b}, rounds=5 if quick else 10)["mm"]
+    return 2 * n ** 3 / secs, f"measured fp32 {n}x{n} matmul, {torch.get_num_threads()} threads"
+
+
+def bench_train_mfu():
+    """Tokens/s and MFU of a training step, 1 + 2⊗4 + 1 at d=512 (the issue's size)."""
+    d, T, B = (512, 128, 4) if quick else (512, 256, 8)
+    torch.manual_seed(0)
+    cfg = LoopGPTConfig(vocab_size=2048, block_size=T, n_embd=d, n_head=d // 64, n_prelude=1, n_core=2,
+                        n_coda=1, n_loops=4, injection="add")
+    model = LoopGPT(cfg).to(device)
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), device.split(":")[0])
+    batch = tuple(torch.randint(0, 2048, (B, T), device=device) for _ in range(2))
+    step = train_step_fn(model, opt, batch)
+    secs = time_steps({"step": step}, rounds=3 if quick else 10)["step"]
+    peak, what = matmul_peak()
+    achieved = model.flops_per_token() * B * T / secs
+    mfu = achieved / peak if peak else float("nan")
+    print(f"
+training step, 1 + 2⊗4 + 1, d={d}, T={T}, B={B} on {device}: {B * T / secs:,.0f} tokens/s, "
+          f"{achieved / 1e9:.1f} GFLOP/s")
+    print(print_table([("MFU", f"{100 * mfu:.1f}%", f"{peak / 1e9:,.1f} GFLOP/s ({what})", ">= 40%",
+                        verdict(mfu >= 0.4))], ["what", "measured", "against", "target", "verdict"]))
+    return mfu
+
+
+def bench_loop_vs_deep():
+    """A k⊗L core against a (kL)⊗1 stack: same FLOPs, so the same step time."""
+    d, T, B = (128, 128, 8) if quick else (256, 256, 8)
+    variants = {}
+    for name, n_core, L in (("2⊗4 looped", 2, 4), ("8⊗1 deep", 8, 1)):
+        torch.manual_seed(0)
+        cfg = LoopGPTConfig(vocab_size=2048, block_size=T, n_embd=d, n_head=d // 64, n_prelude=0, n_core=n_core,
+                            n_coda=0, n_loops=L)
+        model = LoopGPT(cfg).to(device)
+        opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), device.split(":")[0])
+        variants[name] = train_step_fn(model, opt, tuple(torch.randint(0, 2048, (B, T), device=device) for _ in range(2)))
+    secs = time_steps(variants, rounds=8 if quick else 30)
+    ratio = secs["8⊗1 deep"] / secs["2⊗4 looped"]
+    print(f"
+looped vs deep, effective depth 8, d={d}, T={T}, B={B} on {device}")
+    print(print_table([(name, f"{1000 * s:.1f}") for name, s in secs.items()] +
+                      [("deep / looped", f"{ratio:.3f}x  (target >= 0.95: {verdict(ratio >= 0.95)})")],
+                      ["model", "ms/step"]))
+    return ratio
+
+
+def bench_generation():
+    """Decoding at the `tiny` size (1 + 2⊗4 + 1, d=128): KV cache vs none, and cost vs M."""
+    n_new = 64 if quick else 256
+    torch.manual_seed(0)
+    cfg = LoopGPTConfig(vocab_size=2048, block_size=n_new + 16, n_embd=128, n_head=4, n_prelude=1, n_core=2,
+                        n_coda=1, n_loops=4, injection="add")
+    model = LoopGPT(cfg).to(device).eval()
+    prompt = torch.randint(0, 2048, (1, 16), device=device)
+
+    def gen(M, use_cache):
+        return lambda: model.generate(prompt, n_new, loops=M, temperature=0, use_cache=use_cache)
+    secs = time_steps({"cache": gen(4, True), "no cache": gen(4, False)}, rounds=2 if quick else 3, warmup=1)
+    speedup = secs["no cache"] / secs["cache"]
+    print(f"
+generation, tiny size (1 + 2⊗4 + 1, d=128), {n_new} new tokens after 16, B=1, greedy, M=4, on {device}")
+    print(print_table([("KV cache", f"{n_new / secs['cache']:,.0f}"), ("no cache", f"{n_new / secs['no cache']:,.0f}"),
+                       ("speedup", f"{speedup:.1f}x  (target >= 5x: {verdict(speedup >= 5)})")], ["decoding", "tokens/s"]))
+    budgets = (1, 2, 4, 8)
+    by_M = time_steps({M: gen(M, True) for M in budgets}, rounds=2 if quick else 3, warmup=1)
+    rows = []
+    for M in budgets:
+        # cost per token should grow like the effective depth (prelude + 2M + coda blocks)
+        rel, ideal = by_M[M] / by_M[1], model.effective_depth(M) / model.effective_depth(1)
+        rows.append((M, model.effective_depth(M), f"{n_new / by_M[M]:,.0f}", f"{rel:.2f}x", f"{ideal:.2f}x",
+                     f"{rel / ideal:.2f}"))
+    print(print_table(rows, ["M", "depth", "tokens/s", "s/token vs M=1", "depth vs M=1", "ratio (1 = ideal)"]))
+    return speedup
 
 
 def bench_short_routes():
@@ -145,11 +247,37 @@ def bench_loop_memory():
     print(print_table(rows, ["setting", "L=4", "L=16", "L16 / L4", "target", "verdict"]))
 
 
+def profile():
+    """Where the time of a training step (tiny size) and of a decoding step goes."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    torch.manual_seed(0)
+    cfg = LoopGPTConfig(vocab_size=2048, block_size=128, n_embd=128, n_head=4, n_prelude=1, n_core=2, n_coda=1,
+                        n_loops=4, injection="add")
+    model = LoopGPT(cfg).to(device)
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), device.split(":")[0])
+    step = train_step_fn(model, opt, tuple(torch.randint(0, 2048, (8, 128), device=device) for _ in range(2)))
+    prompt = torch.randint(0, 2048, (1, 16), device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    for name, fn in (("training step, B=8, T=128", step),
+                     ("decoding 64 tokens with the KV cache", lambda: model.eval().generate(prompt, 64, temperature=0))):
+        fn()
+        with torch_profile(activities=activities) as prof:
+            fn()
+        model.train()
+        print(f"\n{name} ({device}):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 if __name__ == "__main__" and args["memory_probe"]:
     memory_probe(args["memory_probe"])
+elif __name__ == "__main__" and args["profile"]:
+    profile()
 elif __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     print(f"bench.py on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
           f"{' (quick)' if quick else ''}")
+    bench_train_mfu()
+    bench_loop_vs_deep()
+    bench_generation()
     bench_short_routes()
     bench_loop_memory()

@@ -61,7 +61,11 @@ class TrainConfig:
     # batch: tokens per step = batch_size * block_size * grad_accum_steps (global)
     batch_size: int = 16          # rows per micro-step per process
     grad_accum_steps: int = 1     # global micro-steps per step, split over processes
-    # optimizer: AdamW, warmup then cosine (or warmup-stable-decay) to min_lr
+    # optimizer: adamw, or muon (Muon for the blocks' matrices at muon_lr, AdamW for the rest
+    # at learning_rate; muon.py); warmup then cosine (or warmup-stable-decay) to min_lr, the
+    # same shape for both (min_lr / learning_rate is the floor's fraction of each peak)
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
     learning_rate: float = 3e-3
     min_lr: float = 3e-4
     max_iters: int = 1000
@@ -128,10 +132,11 @@ def _check_type(key, value, default, where):
 def parse_args(argv, defaults, allow_config=True, default_config=None):
     """
     defaults: {key: default value}; the default's type is the key's type.
-    Returns (values, explicitly_set_keys). Accepts `--config NAME`, `--config=NAME`
-    and `--key=value`, in any order; the config file is applied first.
+    Returns (values, explicit): explicit maps each key set by hand to where, "config" or
+    "command line". Accepts `--config NAME`, `--config=NAME` and `--key=value`, in any
+    order; the config file is applied first.
     """
-    values, explicit = dict(defaults), set()
+    values, explicit = dict(defaults), {}
     config_name, overrides = default_config, []
     args = list(argv)
     while args:
@@ -162,12 +167,12 @@ def parse_args(argv, defaults, allow_config=True, default_config=None):
             if key not in defaults:
                 _unknown_key(key, defaults, f"in configs/{config_name}.py")
             values[key] = _check_type(key, val, defaults[key], f"in configs/{config_name}.py")
-            explicit.add(key)
+            explicit[key] = "config"
     for key, val in overrides:
         if key not in defaults:
             _unknown_key(key, defaults, "on the command line")
         values[key] = coerce(key, val, defaults[key])
-        explicit.add(key)
+        explicit[key] = "command line"
     values["config"] = config_name or ""
     return values, explicit
 

@@ -810,18 +810,44 @@ class LoopGPT(nn.Module):
                 f"{self.num_params() / 1e6:.2f}M unique params | effective depth {self.effective_depth()} | "
                 f"{self.flops_per_token() / 1e6:.1f} MFLOPs/token (train, M={cfg.n_loops})")
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw", muon_lr=0.02):
+        """
+        AdamW, or optimizer='muon': Muon (muon.py) for the blocks' weight matrices (and
+        Huginn's adapter), AdamW for embeddings, head, vectors and small side matrices, as
+        nanochat and FLT train. Every group has lr_scale: its peak lr over learning_rate,
+        so one schedule drives both (Muon's matrices run at muon_lr).
+        """
         # weight decay on matrices (linear layers, embeddings) only, never on vectors;
         # Parcae's recurrence parameters (A_log, dt_bias, B) are not decayed either:
         # decaying B towards 0 would cut the input out of the loop
-        decay, no_decay = [], []
+        hidden, decay, no_decay = [], [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (decay if p.dim() >= 2 and not name.startswith("diag_") else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if optimizer == "muon" and p.dim() == 2 and name.split(".")[0] in ("prelude", "core", "coda", "adapter"):
+                hidden.append(p)
+            else:
+                (decay if p.dim() >= 2 and not name.startswith("diag_") else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+        if optimizer == "muon":
+            from muon import MuonAdamW
+            groups.append({"params": hidden, "weight_decay": weight_decay, "use_muon": True,
+                           "lr_scale": muon_lr / learning_rate})
+            groups = [dict(g, lr=learning_rate * g["lr_scale"]) for g in groups if g["params"]]
+            return MuonAdamW(groups, betas=betas)
         groups = [g for g in groups if g["params"]]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+
+def compile_blocks(model, **kwargs):
+    """torch.compile every Block in place (train.py's compile=True). One compiled block
+    serves every loop and every budget M: the loop itself is plain Python, so changing M
+    triggers no recompile (tests/test_perf.py counts them)."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile(**kwargs)
+    return model
 
 
 def huginn_noise(n, d, generator=None, device=None):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from common import (CHECKPOINT_VERSION, TrainConfig, detect_device, fail, load_checkpoint, model_config_defaults,
                     model_from_checkpoint, parse_args, print_table, save_checkpoint, train_config_defaults)
-from loopgpt import LoopGPT, LoopGPTConfig, check_exit, sample_short_route
+from loopgpt import LoopGPT, LoopGPTConfig, check_exit, compile_blocks, sample_short_route
 from tokenizer import load_tokenizer, token_byte_lengths
 
 
@@ -41,7 +41,7 @@ args, explicit = parse_args(sys.argv[1:], {**train_defaults, **model_defaults}, 
 tc = TrainConfig(**{k: args[k] for k in train_defaults})
 if not (0 < tc.learning_rate < math.inf and 0 <= tc.min_lr < math.inf):
     fail(f"need a finite learning_rate > 0 and min_lr >= 0, got {tc.learning_rate} and {tc.min_lr}")
-for key, valid in (("lr_schedule", ("cosine", "wsd")), ("objective", ("final", "shortcut", "prefix")),
+for key, valid in (("lr_schedule", ("cosine", "wsd")), ("optimizer", ("adamw", "muon")), ("objective", ("final", "shortcut", "prefix")),
                    ("loop_sampling", ("fixed", "uniform", "poisson_lognormal", "per_sequence")),
                    ("step_loss", ("final", "all", "last_third")), ("gate_stage", (0, 1, 2))):
     if getattr(tc, key) not in valid:
@@ -164,8 +164,15 @@ if tc.resume:
     ckpt = load_checkpoint(ckpt_path)
     if ckpt["data_meta"].get("tokenizer") != meta["tokenizer"]:
         fail(f"{ckpt_path} was trained with another tokenizer than {data_dir} has")
-    # the checkpoint's model config wins, except for keys given explicitly (e.g. n_loops)
-    changed = {k: model_keys[k] for k in explicit if k in model_defaults}
+    # the checkpoint's model config wins, except for keys given on the command line (e.g.
+    # n_loops); a config file's model keys never silently reinterpret trained weights
+    changed = {k: model_keys[k] for k, src in explicit.items() if k in model_defaults and src == "command line"}
+    kept = [f"{k} (checkpoint {ckpt['model_config'][k]!r}, config {model_keys[k]!r})" for k, src in explicit.items()
+            if src == "config" and k in ckpt["model_config"] and ckpt["model_config"][k] != model_keys[k]
+            and k != "vocab_size"]
+    if kept and master:
+        print(f"note: the checkpoint's model settings win over configs/{args['config']}.py for: {', '.join(kept)}; "
+              f"give --key=value to change them")
     model = model_from_checkpoint(ckpt, changed)
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
 else:
@@ -182,10 +189,19 @@ model.to(device)
 if tc.gate_stage == 2:  # Ouro's stage 2: the LM is frozen, only the exit gate learns
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("exit_gate"))
-optimizer = model.configure_optimizer(tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), device_type)
+optimizer = model.configure_optimizer(tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), device_type,
+                                      tc.optimizer, tc.muon_lr)
 if tc.resume:
-    if ckpt["train_config"].get("gate_stage") == 2 or tc.gate_stage != 2:
+    if ckpt["train_config"].get("optimizer", "adamw") != tc.optimizer and not tc.eval_only:
+        fail(f"{ckpt_path} was trained with optimizer={ckpt['train_config'].get('optimizer', 'adamw')}; "
+             f"resume with that (got optimizer={tc.optimizer})")
+    if tc.eval_only:
+        pass  # evaluation only: the optimizer state is not needed
+    elif ckpt["train_config"].get("gate_stage") == 2 or tc.gate_stage != 2:
+        scales = [g["lr_scale"] for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, scale in zip(optimizer.param_groups, scales):  # this run's learning_rate / muon_lr
+            group["lr_scale"] = scale
     elif master:  # e.g. stage 2 starting from a stage-1 checkpoint: other parameters train now
         print("note: gate_stage=2 trains only the exit gate: it gets a fresh optimizer")
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -194,7 +210,10 @@ if tc.resume:
     del ckpt
 raw_model = model
 if tc.compile:
-    model = torch.compile(model)
+    # compile each block, not the model: the loop stays in Python, so every budget M (a
+    # depth sampled per step, an eval sweep) reuses the same compiled blocks. Compiling
+    # the whole model would unroll the loop and compile once more for every new M.
+    compile_blocks(raw_model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
@@ -462,7 +481,7 @@ while iter_num < tc.max_iters:
     t0 = time.time()
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"]  # Muon's matrices: muon_lr / learning_rate
     loss_sum = torch.zeros((), device=device)
     loops_used = []
     for micro in range(accum_local):

@@ -58,12 +58,27 @@ def solve(task, prompt):
         for _ in range(int(p)):
             i = max(j for j in range(i) if seq[j] == seq[i]) + 1
         return seq[i], int(p)
-    facts, question = prompt.rstrip("?").split("|")
-    table = {f[:2]: f[3] for f in facts.split(",")}
-    node = question[-1]
-    for r in reversed(question[:-1]):  # x(y(d)): y first
-        node = table[node + r]
-    return node, len(question) - 1
+    raise ValueError(task)
+
+
+def knowledge(d):
+    """hops: the graph, read back from train's 1-hop questions ("dB=" -> k), as {(d, B): k}."""
+    facts = {}
+    for prompt, answer, group in examples(d, "train"):
+        if group == 1:
+            prompt = prompt.lstrip(".")
+            assert len(prompt) == 3 and prompt[2] == "="
+            facts[prompt[0], prompt[1]] = answer
+    return facts
+
+
+def solve_hops(facts, prompt):
+    assert len(prompt) == 8, prompt  # left-padded with "." to 1 + 6 hops + "="
+    prompt = prompt.lstrip(".")
+    node, relations = prompt[0], prompt[1:-1]
+    for r in relations:  # left to right: "dBA=" is A(B(d))
+        node = facts[node, r]
+    return node, len(relations)
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +89,11 @@ def task_dirs(tmp_path_factory):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_answers_match_an_independent_solution(task, task_dirs):
+    facts = knowledge(task_dirs[task]) if task == "hops" else None
     for split in ("train", "val"):
         for prompt, answer, group in examples(task_dirs[task], split):
-            assert (answer, group) == solve(task, prompt), (split, prompt, answer, group)
+            expected = solve_hops(facts, prompt) if task == "hops" else solve(task, prompt)
+            assert (answer, group) == expected, (split, prompt, answer, group)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -91,11 +108,24 @@ def test_generation_is_deterministic_and_splits_are_disjoint(task, task_dirs, tm
     assert len(set(val)) == len(val) and not train & set(val)
 
 
-def test_hops_split_out_of_distribution_by_hop_count(task_dirs):
+def test_hops_knowledge_and_out_of_distribution_split(task_dirs):
     meta = load(task_dirs["hops"], "train")[0]
-    assert meta["train_groups"] == [1, 2, 3] and meta["val_groups"] == [1, 2, 3, 4, 5, 6]
+    assert meta["train_groups"] == [1, 2, 3] and meta["val_groups"] == [2, 3, 4, 5, 6]
+    # train holds every atomic fact, each relation a permutation of the 16 entities
+    facts = knowledge(task_dirs["hops"])
+    entities, relations = "abcdefghijklmnop", "ABCDEFGH"
+    assert set(facts) == {(e, r) for e in entities for r in relations}
+    for r in relations:
+        assert sorted(facts[e, r] for e in entities) == list(entities)
+    # compositions: each hop count as common as the others, in train and in val
+    train = [g for _, _, g in examples(task_dirs["hops"], "train")]
+    val = [g for _, _, g in examples(task_dirs["hops"], "val")]
+    assert train.count(2) == train.count(3) == 300 and train.count(1) == 2 * 128
+    assert all(val.count(h) == 40 for h in range(2, 7))
     with pytest.raises(ValueError, match="unknown task"):
         prepare("sorting")
+    with pytest.raises(ValueError, match="max_hops >= 2"):
+        prepare("hops", max_hops=1)
 
 
 def write_rows(d, rows, answers, groups):

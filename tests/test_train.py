@@ -62,8 +62,9 @@ def test_config_errors(data_dir, tmp_path):
         run("train.py", *form, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=1", *SMALL)
 
 
-def test_resume_continues_exactly(data_dir, tmp_path):
-    common = [f"--data_dir={data_dir}", "--eval_interval=4", "--lr_decay_iters=8", *SMALL]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(data_dir, tmp_path, optimizer):
+    common = [f"--data_dir={data_dir}", "--eval_interval=4", "--lr_decay_iters=8", f"--optimizer={optimizer}", *SMALL]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run("train.py", f"--out_dir={straight}", "--max_iters=8", *common)
     run("train.py", f"--out_dir={split}", "--max_iters=4", *common)
@@ -91,6 +92,9 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     assert "loss is nan" in p.stderr or "loss is inf" in p.stderr
     assert os.path.getmtime(split / "ckpt.pt") == before
     assert torch.load(split / "ckpt.pt", weights_only=True)["iter_num"] == 8
+    other = "adamw" if optimizer == "muon" else "muon"  # its optimizer state would not fit
+    p = run("train.py", f"--out_dir={split}", "--max_iters=12", "--resume=True", *common, f"--optimizer={other}", ok=False)
+    assert f"trained with optimizer={optimizer}" in p.stderr
 
 
 def test_bad_checkpoints_give_clear_errors(data_dir, tmp_path):
@@ -105,12 +109,13 @@ def test_bad_checkpoints_give_clear_errors(data_dir, tmp_path):
     assert "no checkpoint" in p.stderr and "python train.py" in p.stderr
 
 
-def test_torchrun_two_processes_match_one(data_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_torchrun_two_processes_match_one(data_dir, tmp_path, optimizer):
     # same global batch (2 micro-steps of 4 rows): 1 process accumulates both, 2 processes one
     # each; the depth is sampled per step (Huginn) and must be the same on both ranks
     # (train.py checks that with an all-reduce and stops if not)
     common = [f"--data_dir={data_dir}", "--max_iters=3", "--eval_interval=3", "--grad_accum_steps=2",
-              "--loop_sampling=poisson_lognormal", *SMALL]
+              "--loop_sampling=poisson_lognormal", f"--optimizer={optimizer}", *SMALL]
     run("train.py", f"--out_dir={tmp_path / 'one'}", *common)
     run("torchrun", cmd=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                          "train.py", f"--out_dir={tmp_path / 'two'}", *common])

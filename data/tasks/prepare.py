@@ -14,12 +14,16 @@ tokenizer is the 256 single bytes plus EOT, served by tiktoken like the BPE ones
             Saunshi et al. 2025): from the last symbol, a hop moves to the symbol just
             after the previous occurrence of the current symbol; the answer is the symbol
             reached after p hops, p in 1..max_hops.
-  hops      "ax:c,bx:a,...|xxa?" -> "b"   multi-hop fact composition: every example has
-            its own random knowledge graph (each relation, from "xyzw"[:relations], is a
-            random permutation of the `entities` letters), listed in random order; the
-            question applies h relations to an entity, written as function application
-            ("xyd?" = x(y(d)): the relation next to the entity first). Train holds h = 1..max_hops, val
-            h = 1..max_hops+ood_hops: the out-of-distribution split is by hop count.
+  hops      "....dBA=" -> "k"   multi-hop composition over parametric knowledge (Kohli et al.
+            2026): one fixed random knowledge graph per seed, `entities` letters a.. and
+            `relations` capital letters A.., each relation a random permutation of the
+            entities. The prompt is an entity and h relations applied left to right ("dBA="
+            is A(B(d))), left-padded with "." to one width for every h (so the answer
+            sits at the same position whatever h is: longer chains test depth, not length). Train holds every atomic fact (the 1-hop questions: the knowledge,
+            repeated to be as common as an average hop count) and at most 3/4 of the
+            2..max_hops compositions; val holds unseen compositions of 2..max_hops hops
+            (in distribution) and of max_hops+1..max_hops+ood_hops (out of distribution).
+            Looping suits it: each loop can carry the entity one relation further.
   parity    "0110100=" -> "1"   the parity of n bits, n in 1..digits.
 
 Rows on disk (train.py reads them when meta.json says "format": "task"):
@@ -53,7 +57,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("addition", "phop", "hops", "parity")
 # what each task varies, and its default range
 DEFAULTS = {"addition": dict(digits=5), "phop": dict(length=16, symbols=4, max_hops=4),
-            "hops": dict(entities=6, relations=1, max_hops=3, ood_hops=3), "parity": dict(digits=16)}
+            "hops": dict(entities=16, relations=8, max_hops=3, ood_hops=3), "parity": dict(digits=16)}
 GROUP_NAMES = {"addition": "digits", "phop": "hops", "hops": "hops", "parity": "bits"}
 
 
@@ -95,25 +99,24 @@ def phop(rng, length, symbols, max_hops, **_):
             return f"{seq}|{p}=", answer, p
 
 
-def hops_answer(facts, start, relations):
-    node = start
-    for r in relations:
-        node = facts[node, r]
-    return node
+ENTITIES, RELATIONS = "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def hops(rng, entities, relations, hop_range, **_):
-    names, rels = "abcdefghijklmnopqrstuv"[:entities], "xyzw"[:relations]
-    # each relation a random permutation: no shortcuts through fixed points shared by all
-    facts = {(e, r): t for r in rels for e, t in zip(names, rng.sample(names, len(names)))}
-    listing = [f"{e}{r}:{t}" for (e, r), t in facts.items()]
-    rng.shuffle(listing)
-    h = rng.randint(*hop_range)
-    start = rng.choice(names)
-    relations = "".join(rng.choice(rels) for _ in range(h))
-    # written as function application, the entity last: "xyd?" is x(y(d)), y applied first;
-    # then the entity sits right before "?", where the answer is read, whatever h is
-    return f"{','.join(listing)}|{relations[::-1]}{start}?", hops_answer(facts, start, relations), h
+def hops_graph(rng, entities, relations):
+    """The knowledge: relation -> {entity: entity}, each a random permutation (no relation
+    has shortcuts like a common sink that would let deep questions be guessed)."""
+    names = ENTITIES[:entities]
+    return {r: dict(zip(names, rng.sample(names, entities))) for r in RELATIONS[:relations]}
+
+
+def hops(rng, graph, h, width):
+    start = node = rng.choice(sorted(graph["A"]))
+    chain = "".join(rng.choice(sorted(graph)) for _ in range(h))
+    for r in chain:  # left to right: "dBA=" is A(B(d))
+        node = graph[r][node]
+    # left-padded with "." to one width for every h: the answer is read at the same position
+    # whatever the hop count, so a longer question tests depth, not unseen positions
+    return f"{start}{chain}=".rjust(width, "."), node, h
 
 
 def parity(rng, digits, **_):
@@ -122,22 +125,41 @@ def parity(rng, digits, **_):
     return f"{bits}=", str(bits.count("1") % 2), n
 
 
-GENERATORS = {"addition": addition, "phop": phop, "hops": hops, "parity": parity}
+GENERATORS = {"addition": addition, "phop": phop, "parity": parity}
 
 
-def examples(task, n, rng, seen, hop_range=None, **kw):
-    """n examples whose prompts are not in `seen` (and adds them to it)."""
+def examples(draw, n, seen):
+    """n examples from draw() whose prompts are not in `seen` (and adds them to it)."""
     out, tries = [], 0
     while len(out) < n:
         tries += 1
         if tries > 50 * n + 1000:
-            raise ValueError(f"{task}: could not find {n} distinct examples; widen the task's ranges")
-        prompt, answer, group = GENERATORS[task](rng, hop_range=hop_range, **kw)
+            raise ValueError(f"could not find {n} distinct examples; widen the task's ranges")
+        prompt, answer, group = draw()
         if prompt in seen:
             continue
         seen.add(prompt)
         out.append((prompt, answer, group))
     return out
+
+
+def hops_splits(rng, seen, train_rows, val_rows, entities, relations, max_hops, ood_hops):
+    """Train: every atomic fact, and up to train_rows compositions spread evenly over
+    2..max_hops hops, leaving at least a quarter of each hop count's questions unseen; val:
+    val_rows unseen questions spread evenly over 2..max_hops+ood_hops hops."""
+    if not (2 <= entities <= len(ENTITIES) and 1 <= relations <= len(RELATIONS) and max_hops >= 2 and ood_hops >= 0):
+        raise ValueError(f"hops: need 2 <= entities <= 26, 1 <= relations <= 26, max_hops >= 2, ood_hops >= 0")
+    graph = hops_graph(rng, entities, relations)
+    width = max_hops + ood_hops + 2
+    atomic = [(f"{e}{r}=".rjust(width, "."), t, 1) for r in graph for e, t in graph[r].items()]
+    seen.update(p for p, _, _ in atomic)
+    per_hop = train_rows // (max_hops - 1)
+    train = [ex for h in range(2, max_hops + 1)
+             for ex in examples(lambda: hops(rng, graph, h, width), min(per_hop, 3 * entities * relations ** h // 4), seen)]
+    train += atomic * max(1, round(len(train) / (max_hops - 1) / len(atomic)))  # the knowledge, as common as a hop count
+    hop_counts = range(2, max_hops + ood_hops + 1)
+    val = [ex for h in hop_counts for ex in examples(lambda: hops(rng, graph, h, width), val_rows // len(hop_counts), seen)]
+    return train, val
 
 
 def to_rows(exs, enc):
@@ -154,12 +176,11 @@ def prepare(task, out_dir=None, train_rows=20000, val_rows=1000, seed=0, **overr
     kw = {**DEFAULTS[task], **overrides}
     out_dir = out_dir or os.path.join(HERE, task)
     rng, seen = random.Random(f"{task}-{seed}"), set()
-    if task == "hops":  # the out-of-distribution split: val also has longer questions
-        train = examples(task, train_rows, rng, seen, hop_range=(1, kw["max_hops"]), **kw)
-        val = examples(task, val_rows, rng, seen, hop_range=(1, kw["max_hops"] + kw["ood_hops"]), **kw)
+    if task == "hops":
+        train, val = hops_splits(rng, seen, train_rows, val_rows, **kw)
     else:
-        train = examples(task, train_rows, rng, seen, **kw)
-        val = examples(task, val_rows, rng, seen, **kw)
+        draw = lambda: GENERATORS[task](rng, **kw)  # noqa: E731
+        train, val = examples(draw, train_rows, seen), examples(draw, val_rows, seen)
     tok = byte_tokenizer()
     enc = load_tokenizer(tok)
     splits = {name: to_rows(exs, enc) for name, exs in (("train", train), ("val", val))}
