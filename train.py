@@ -90,7 +90,12 @@ def log(msg):
 
 data_dir = tc.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", tc.dataset)
 meta_path = os.path.join(data_dir, "meta.json")
-if not os.path.exists(meta_path):
+stale = False  # a task made by an older generator is made again (rank 0 checks, the others wait)
+if master and tc.dataset.startswith("tasks/") and os.path.exists(meta_path):
+    from data.tasks.prepare import VERSION as TASKS_VERSION
+    with open(meta_path) as f:
+        stale = json.load(f).get("version") != TASKS_VERSION
+if stale or not os.path.exists(meta_path):
     if tc.dataset == "pydoc":  # the built-in corpus needs no network: make it on first use
         if master:
             print(f"first use: preparing the built-in corpus (Python's pydoc topics) into {data_dir} ...")
@@ -102,7 +107,8 @@ if not os.path.exists(meta_path):
         if task not in TASKS:
             fail(f"dataset '{tc.dataset}': unknown task (valid: {', '.join('tasks/' + t for t in TASKS)})")
         if master:
-            print(f"first use: generating the '{task}' task into {data_dir} ...")
+            print(f"{'made by an older generator, regenerating' if stale else 'first use: generating'} "
+                  f"the '{task}' task into {data_dir} ...")
             prepare_task(task, out_dir=data_dir)
     else:
         fail(f"dataset '{tc.dataset}' is not prepared (no {meta_path}); prepare it with: "
@@ -259,11 +265,12 @@ def sample_depth(step, m):
     else:  # Huginn: a log-normal Poisson with mean ~ L, plus one
         tau = rng.normal(math.log(L) - tc.loop_sigma ** 2 / 2, tc.loop_sigma, size=size)
         M = rng.poisson(np.exp(tau)) + 1
-    cap = tc.loop_max if tc.loop_max and tc.loop_sampling != "uniform" else None
+    sampled = tc.loop_sampling != "fixed"  # loop_min / loop_max bound sampled depths only
+    cap = tc.loop_max if tc.loop_max and sampled and tc.loop_sampling != "uniform" else None
     if tc.curriculum_start:  # L_max(s) = min(L_target, L0 + k s)
         curriculum = int(tc.curriculum_start + tc.curriculum_rate * step)
         cap = curriculum if cap is None else min(cap, curriculum)
-    M = np.clip(M, tc.loop_min, cap)
+    M = np.clip(M, tc.loop_min if sampled else 1, cap)
     return torch.as_tensor(M, device=device) if size else int(M)
 
 

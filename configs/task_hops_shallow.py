@@ -6,5 +6,3 @@ n_core = 2
 n_loops = 1
 eval_budgets = (1,)
 loop_sampling = "fixed"
-bptt_k = 0
-injection = "none"

@@ -1,12 +1,13 @@
 """Model tests: the block against a hand-written reference, weight sharing, the loop, KV cache."""
 
+import cmath
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from loopgpt import INJECTIONS, LoopGPT, LoopGPTConfig, apply_rotary, norm
+from loopgpt import INJECTIONS, LoopGPT, LoopGPTConfig, apply_rotary, norm, rotary_table
 
 
 def small_config(**kw):
@@ -42,6 +43,18 @@ def reference_attention(attn, x, cos, sin, xq=None):
     att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
     y = (att @ v).transpose(1, 2).reshape(B, T, C)
     return y @ attn.proj.weight.T
+
+
+def test_rotary_rotates_each_pair_by_its_angle():
+    # RoPE: the pair (x_i, x_{i+hd/2}) at position p, as a complex number, times e^{i p θ_i}
+    hd, T, base = 8, 6, 10000.0
+    cos, sin = rotary_table(T, hd, base)
+    x = torch.randn(1, 1, T, hd, dtype=torch.float64)
+    out = apply_rotary(x, cos.double(), sin.double())
+    for p in range(T):
+        for i in range(hd // 2):
+            z = complex(x[0, 0, p, i], x[0, 0, p, i + hd // 2]) * cmath.exp(1j * p * base ** (-2 * i / hd))
+            assert abs(out[0, 0, p, i].item() - z.real) < 1e-6 and abs(out[0, 0, p, i + hd // 2].item() - z.imag) < 1e-6
 
 
 def test_attention_matches_reference():

@@ -216,6 +216,9 @@ def test_depth_sampling_and_curriculum(data_dir, tmp_path):
         "--checkpoint_loops=True", *common)
     loops = [r["loops"] for r in records(tmp_path / "p", "train")]
     assert len(set(loops)) > 1 and any(not float(M).is_integer() for M in loops)  # per-row depths average
+    # fixed depth is n_loops: loop_min / loop_max (left over from a sampled config) do not move it
+    run("train.py", f"--out_dir={tmp_path / 'f'}", "--loop_min=3", "--loop_max=1", *common)
+    assert {r["loops"] for r in records(tmp_path / "f", "train")} == {2}
     p = run("train.py", "--loop_sampling=sometimes", f"--data_dir={data_dir}", ok=False)
     assert "valid: fixed, uniform, poisson_lognormal, per_sequence" in p.stderr
 

@@ -54,6 +54,7 @@ if ROOT not in sys.path:
 from tokenizer import load_tokenizer, tokenizer_to_dict  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+VERSION = 2  # bumped when a generator changes; train.py then makes the task again
 TASKS = ("addition", "phop", "hops", "parity")
 # what each task varies, and its default range
 DEFAULTS = {"addition": dict(digits=5), "phop": dict(length=16, symbols=4, max_hops=4),
@@ -148,7 +149,7 @@ def hops_splits(rng, seen, train_rows, val_rows, entities, relations, max_hops, 
     2..max_hops hops, leaving at least a quarter of each hop count's questions unseen; val:
     val_rows unseen questions spread evenly over 2..max_hops+ood_hops hops."""
     if not (2 <= entities <= len(ENTITIES) and 1 <= relations <= len(RELATIONS) and max_hops >= 2 and ood_hops >= 0):
-        raise ValueError(f"hops: need 2 <= entities <= 26, 1 <= relations <= 26, max_hops >= 2, ood_hops >= 0")
+        raise ValueError("hops: need 2 <= entities <= 26, 1 <= relations <= 26, max_hops >= 2, ood_hops >= 0")
     graph = hops_graph(rng, entities, relations)
     width = max_hops + ood_hops + 2
     atomic = [(f"{e}{r}=".rjust(width, "."), t, 1) for r in graph for e, t in graph[r].items()]
@@ -192,7 +193,7 @@ def prepare(task, out_dir=None, train_rows=20000, val_rows=1000, seed=0, **overr
         os.remove(meta_path)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=out_dir)
     try:
-        meta = {"format": "task", "task": task, "params": kw, "seed": seed, "tokenizer": tok,
+        meta = {"format": "task", "version": VERSION, "task": task, "params": kw, "seed": seed, "tokenizer": tok,
                 "vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "dtype": "uint16", "row_len": row_len,
                 "group_name": GROUP_NAMES[task]}
         for split, (rows, groups) in splits.items():
