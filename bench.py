@@ -127,7 +127,8 @@ def bench_loop_vs_deep():
                             n_coda=0, n_loops=L)
         model = LoopGPT(cfg).to(device)
         opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), device.split(":")[0])
-        variants[name] = train_step_fn(model, opt, tuple(torch.randint(0, 2048, (B, T), device=device) for _ in range(2)))
+        batch = tuple(torch.randint(0, 2048, (B, T), device=device) for _ in range(2))
+        variants[name] = train_step_fn(model, opt, batch)
     secs = time_steps(variants, rounds=8 if quick else 30)
     ratio = secs["8⊗1 deep"] / secs["2⊗4 looped"]
     print(f"\nlooped vs deep, effective depth 8, d={d}, T={T}, B={B} on {device}")
@@ -262,7 +263,8 @@ def profile():
     prompt = torch.randint(0, 2048, (1, 16), device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     for name, fn in (("training step, B=8, T=128", step),
-                     ("decoding 64 tokens with the KV cache", lambda: model.eval().generate(prompt, 64, temperature=0))):
+                     ("decoding 64 tokens with the KV cache",
+                      lambda: model.eval().generate(prompt, 64, temperature=0))):
         fn()
         with torch_profile(activities=activities) as prof:
             fn()

@@ -185,7 +185,8 @@ class Attention(nn.Module):
             v = v + (x @ A_v.T) @ B_v.T
         # q and k go through RoPE and QK-norm together: one rotation and one norm, not two
         # (half the small ops, which is what a decoding step's time goes to on a CPU)
-        qk = torch.cat([q.view(B, T, self.n_head, self.head_dim), self.k(x).view(B, T, self.n_kv_head, self.head_dim)], 2)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
+        qk = torch.cat([q.view(B, T, self.n_head, self.head_dim), k], dim=2)
         cos, sin = rope
         q, k = norm(apply_rotary(qk.transpose(1, 2), cos, sin)).split([self.n_head, self.n_kv_head], dim=1)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)

@@ -41,7 +41,8 @@ args, explicit = parse_args(sys.argv[1:], {**train_defaults, **model_defaults}, 
 tc = TrainConfig(**{k: args[k] for k in train_defaults})
 if not (0 < tc.learning_rate < math.inf and 0 <= tc.min_lr < math.inf):
     fail(f"need a finite learning_rate > 0 and min_lr >= 0, got {tc.learning_rate} and {tc.min_lr}")
-for key, valid in (("lr_schedule", ("cosine", "wsd")), ("optimizer", ("adamw", "muon")), ("objective", ("final", "shortcut", "prefix")),
+for key, valid in (("lr_schedule", ("cosine", "wsd")), ("optimizer", ("adamw", "muon")),
+                   ("objective", ("final", "shortcut", "prefix")),
                    ("loop_sampling", ("fixed", "uniform", "poisson_lognormal", "per_sequence")),
                    ("step_loss", ("final", "all", "last_third")), ("gate_stage", (0, 1, 2))):
     if getattr(tc, key) not in valid:
@@ -197,19 +198,18 @@ if tc.gate_stage == 2:  # Ouro's stage 2: the LM is frozen, only the exit gate l
         p.requires_grad_(name.startswith("exit_gate"))
 optimizer = model.configure_optimizer(tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), device_type,
                                       tc.optimizer, tc.muon_lr)
-if tc.resume:
-    if ckpt["train_config"].get("optimizer", "adamw") != tc.optimizer and not tc.eval_only:
-        fail(f"{ckpt_path} was trained with optimizer={ckpt['train_config'].get('optimizer', 'adamw')}; "
-             f"resume with that (got optimizer={tc.optimizer})")
-    if tc.eval_only:
-        pass  # evaluation only: the optimizer state is not needed
-    elif ckpt["train_config"].get("gate_stage") == 2 or tc.gate_stage != 2:
+if tc.resume and not tc.eval_only:  # (an evaluation needs no optimizer state)
+    trained_with = ckpt["train_config"].get("optimizer", "adamw")
+    if trained_with != tc.optimizer:
+        fail(f"{ckpt_path} was trained with optimizer={trained_with}; resume with that (got optimizer={tc.optimizer})")
+    if ckpt["train_config"].get("gate_stage") == 2 or tc.gate_stage != 2:
         scales = [g["lr_scale"] for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, scale in zip(optimizer.param_groups, scales):  # this run's learning_rate / muon_lr
             group["lr_scale"] = scale
     elif master:  # e.g. stage 2 starting from a stage-1 checkpoint: other parameters train now
         print("note: gate_stage=2 trains only the exit gate: it gets a fresh optimizer")
+if tc.resume:
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
