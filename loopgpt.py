@@ -425,8 +425,9 @@ class LoopGPT(nn.Module):
         depend on tokens after it. We keep the capacity but make the choice causal: token
         t is kept if the number of candidates at positions <= t that score higher than it,
         plus 1/2, is below keep * n_t, with n_t the number of those candidates and
-        keep = (N-i)/(N-i+1) the fraction of candidates to keep. For exchangeable scores that keeps the same fraction in expectation, training and
-        generation make the same choice, and generation only needs the scores and
+        keep = (N-i)/(N-i+1) the fraction of candidates to keep. For exchangeable scores
+        that keeps the same fraction in expectation, training and generation make the
+        same choice, and generation only needs the scores and
         selections of earlier tokens, which the KV cache stores per recursion.
         Returns (sel (B, T) bool, gate g = router_scale * σ(s) (B, T), scores s, key mask
         (B, pos+T): the tokens selected at recursion i, the only keys attention sees).
@@ -849,7 +850,7 @@ class LoopGPT(nn.Module):
 def compile_blocks(model, **kwargs):
     """torch.compile every Block in place (train.py's compile=True). One compiled block
     serves every loop and every budget M: the loop itself is plain Python, so changing M
-    triggers no recompile (tests/test_perf.py counts them)."""
+    triggers no recompile (tests/test_compile.py counts them)."""
     for module in model.modules():
         if isinstance(module, Block):
             module.compile(**kwargs)

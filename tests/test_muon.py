@@ -28,10 +28,9 @@ def test_newton_schulz_equals_its_polynomial_on_the_singular_values(shape):
     got = orthogonalize(G)
     assert got.shape == G.shape and got.dtype == G.dtype
     torch.testing.assert_close(got.double(), expected, atol=2e-4, rtol=1e-3)
-    # and it is close to orthogonal: every singular value in Muon's band, U and V kept
+    # and it is close to orthogonal: every singular value in Muon's band
     sv = torch.linalg.svdvals(got.double())
     assert sv.min() > 0.6 and sv.max() < 1.25
-    assert (U.T @ got.double() @ Vh.T - torch.diag(sv.sort(descending=True).values)).abs().max() < 0.6
 
 
 def test_one_muon_step_by_hand():

@@ -97,6 +97,17 @@ def test_resume_continues_exactly(data_dir, tmp_path, optimizer):
     assert f"trained with optimizer={optimizer}" in p.stderr
 
 
+def test_resume_keeps_the_checkpoints_model_over_a_config_file(data_dir, tmp_path):
+    # configs/base_loop.py says injection="none"; the checkpoint was trained with "add": an
+    # eval with --config base_loop must run the trained model, and say that it does
+    common = ["--config", "base_loop", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=1", *SMALL]
+    run("train.py", *common, "--injection=add")
+    p = run("train.py", *common, "--eval_only=True", "--resume=True")
+    assert "injection (checkpoint 'add', config 'none')" in p.stdout and "injection=add" in p.stdout
+    p = run("train.py", *common, "--eval_only=True", "--resume=True", "--injection=none")  # the command line wins
+    assert "injection=none" in p.stdout and "win over" not in p.stdout
+
+
 def test_bad_checkpoints_give_clear_errors(data_dir, tmp_path):
     p = run("train.py", f"--out_dir={tmp_path}", "--resume=True", f"--data_dir={data_dir}", ok=False)
     assert "no checkpoint" in p.stderr
