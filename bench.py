@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from common import detect_device, parse_args, print_table
+from common import detect_device, gpu_peak_flops, parse_args, print_table
 from loopgpt import LoopGPT, LoopGPTConfig, sample_short_route
 
 args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "memory_probe": "", "profile": False},
@@ -74,10 +74,6 @@ def train_step_fn(model, opt, batch, short_fn=None):
     return step
 
 
-# datasheet dense bf16 peaks (FLOP/s) for MFU on GPU
-GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
 def verdict(ok):
     return "ok" if ok else "OVER"
 
@@ -87,8 +83,7 @@ def matmul_peak():
     so that MFU says how much of the attainable throughput the model uses); on GPU the
     datasheet bf16 peak."""
     if device.startswith("cuda"):
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in GPU_PEAK.items() if k in name), None)
+        peak, name = gpu_peak_flops(device)
         return peak, f"datasheet bf16 peak of {name}" if peak else f"unknown peak for {name}"
     n = 1024 if quick else 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -112,7 +107,7 @@ def bench_train_mfu():
     mfu = achieved / peak if peak else float("nan")
     print(f"\ntraining step, 1 + 2⊗4 + 1, d={d}, T={T}, B={B} on {device}: {B * T / secs:,.0f} tokens/s, "
           f"{achieved / 1e9:.1f} GFLOP/s")
-    print(print_table([("MFU", f"{100 * mfu:.1f}%", f"{peak / 1e9:,.1f} GFLOP/s ({what})", ">= 40%",
+    print(print_table([("MFU", f"{100 * mfu:.1f}%", f"{(peak or 0) / 1e9:,.1f} GFLOP/s ({what})", ">= 40%",
                         verdict(mfu >= 0.4))], ["what", "measured", "against", "target", "verdict"]))
     return mfu
 

@@ -193,6 +193,16 @@ def detect_device(requested=""):
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# datasheet dense bf16 peaks (FLOP/s): the MFU denominator on a GPU
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "3090": 71e12}
+
+
+def gpu_peak_flops(device):
+    """(peak bf16 FLOP/s or None if the card is not in the table, the card's name)."""
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None), name
+
+
 # ---- checkpoints -----------------------------------------------------------------------
 
 def save_checkpoint(obj, path):

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (CHECKPOINT_VERSION, TrainConfig, detect_device, fail, load_checkpoint, model_config_defaults,
-                    model_from_checkpoint, parse_args, print_table, save_checkpoint, train_config_defaults)
+from common import (CHECKPOINT_VERSION, TrainConfig, detect_device, fail, gpu_peak_flops, load_checkpoint,
+                    model_config_defaults, model_from_checkpoint, parse_args, print_table, save_checkpoint,
+                    train_config_defaults)
 from loopgpt import LoopGPT, LoopGPTConfig, check_exit, compile_blocks, sample_short_route
 from tokenizer import load_tokenizer, token_byte_lengths
 
@@ -236,11 +237,7 @@ tokens_per_step = tc.batch_size * T * tc.grad_accum_steps
 eval_budgets = tc.eval_budgets or tuple(sorted({1, max(1, cfg.n_loops // 2), cfg.n_loops, 2 * cfg.n_loops}))
 if any(m < 1 for m in eval_budgets):
     fail(f"eval_budgets must all be >= 1, got {eval_budgets}")
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "3090": 71e12}
-peak_flops = None
-if device_type == "cuda":
-    name = torch.cuda.get_device_name(device)
-    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+peak_flops = gpu_peak_flops(device)[0] if device_type == "cuda" else None
 
 if master:
     os.makedirs(tc.out_dir, exist_ok=True)
