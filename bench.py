@@ -14,13 +14,19 @@ Measured:
   effective depth, step time deep / looped (target >= 0.95).
 - generation at the `tiny` size: tokens/s with the KV cache vs without at 256 new tokens
   (target >= 5x; block_size covers prompt + 256, so the cache is never rebuilt), at B=1
-  and B=8, and seconds per token vs the budget M (should grow like the depth).
+  and B=8, on 1 CPU thread (as sample.py decodes) and on all; seconds per token vs the
+  budget M (should grow like the depth).
+- the MLP with ReLU²'s hand-written backward against autograd's, and (full mode) a training
+  step with compiled blocks against eager: what fusion buys.
 - training-step cost of LoopFormer's shortcut-consistency and of the early-exit baselines'
   prefix route, relative to a plain 3⊗8 Base-Loop step (targets: <= 1.5x and <= 1.05x).
 - peak training memory at L = 16 vs L = 4: plain backprop grows with L; truncated
   backprop (bptt_k = 4) and per-loop activation checkpointing should not (target <= 1.3x).
   On CPU each setting runs in a fresh process and the peak is the process's high-water
   RSS during one training step minus its RSS before it; on CUDA, max_memory_allocated.
+
+The first line says the threads and the OpenMP wait policy it ran with (PASSIVE unless
+OMP_WAIT_POLICY is set: see below).
 """
 
 import json
@@ -30,11 +36,19 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import torch
+# OpenMP's threads spin while they wait for work by default: with another process on the
+# cores that makes small-op timings swing by 100x (a decoding step: 2.4 ms, then 200 ms).
+# Passive waiting costs a little when the machine is idle and is stable when it is not. It
+# must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common import detect_device, gpu_peak_flops, parse_args, print_table
-from loopgpt import LoopGPT, LoopGPTConfig, sample_short_route
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import detect_device, gpu_peak_flops, parse_args, print_table  # noqa: E402
+from loopgpt import LoopGPT, LoopGPTConfig, ReLUSquared, compile_blocks, sample_short_route  # noqa: E402
 
 args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "memory_probe": "", "profile": False},
                      allow_config=False)
@@ -98,7 +112,7 @@ def bench_train_mfu():
     cfg = LoopGPTConfig(vocab_size=2048, block_size=T, n_embd=d, n_head=d // 64, n_prelude=1, n_core=2,
                         n_coda=1, n_loops=4, injection="add")
     model = LoopGPT(cfg).to(device)
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), device.split(":")[0])
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
     batch = tuple(torch.randint(0, 2048, (B, T), device=device) for _ in range(2))
     step = train_step_fn(model, opt, batch)
     secs = time_steps({"step": step}, rounds=3 if quick else 10)["step"]
@@ -121,7 +135,7 @@ def bench_loop_vs_deep():
         cfg = LoopGPTConfig(vocab_size=2048, block_size=T, n_embd=d, n_head=d // 64, n_prelude=0, n_core=n_core,
                             n_coda=0, n_loops=L)
         model = LoopGPT(cfg).to(device)
-        opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), device.split(":")[0])
+        opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
         batch = tuple(torch.randint(0, 2048, (B, T), device=device) for _ in range(2))
         variants[name] = train_step_fn(model, opt, batch)
     secs = time_steps(variants, rounds=8 if quick else 30)
@@ -134,36 +148,87 @@ def bench_loop_vs_deep():
 
 
 def bench_generation():
-    """Decoding at the `tiny` size (1 + 2⊗4 + 1, d=128): KV cache vs none, and cost vs M."""
+    """Decoding at the `tiny` size (1 + 2⊗4 + 1, d=128): KV cache vs none at B=1 and B=8, on
+    one CPU thread (sample.py's default) and on all of them; then the cost vs M."""
     n_new = 64 if quick else 256
     torch.manual_seed(0)
     cfg = LoopGPTConfig(vocab_size=2048, block_size=n_new + 16, n_embd=128, n_head=4, n_prelude=1, n_core=2,
                         n_coda=1, n_loops=4, injection="add")
     model = LoopGPT(cfg).to(device).eval()
     prompts = {B: torch.randint(0, 2048, (B, 16), device=device) for B in (1, 8)}
+    all_threads = torch.get_num_threads()
+    thread_counts = (1, all_threads) if all_threads > 1 and not device.startswith("cuda") else (all_threads,)
 
-    def gen(M, use_cache, B=1):
-        return lambda: model.generate(prompts[B], n_new, loops=M, temperature=0, use_cache=use_cache)
+    def gen(M, use_cache, B=1, threads=1):
+        def fn():
+            torch.set_num_threads(threads)
+            model.generate(prompts[B], n_new, loops=M, temperature=0, use_cache=use_cache)
+        return fn
     rows, speedup = [], None
     for B in (1, 8):
-        secs = time_steps({"cache": gen(4, True, B), "no cache": gen(4, False, B)}, rounds=2 if quick else 3, warmup=1)
-        ratio = secs["no cache"] / secs["cache"]
-        speedup = speedup or ratio  # the target is for B=1, a single stream
-        rows.append((B, f"{B * n_new / secs['cache']:,.0f}", f"{B * n_new / secs['no cache']:,.0f}", f"{ratio:.1f}x",
-                     f"{verdict(ratio >= 5)} (target >= 5x)" if B == 1 else "-"))
+        secs = time_steps({(n, c): gen(4, c, B, n) for n in thread_counts for c in (True, False)},
+                          rounds=2 if quick else 3, warmup=1)
+        for n in thread_counts:
+            ratio = secs[n, False] / secs[n, True]
+            target = B == 1 and n == thread_counts[0]  # the target is for one stream, as sample.py decodes
+            speedup = ratio if target else speedup
+            rows.append((B, n, f"{B * n_new / secs[n, True]:,.0f}", f"{B * n_new / secs[n, False]:,.0f}",
+                         f"{ratio:.1f}x", f"{verdict(ratio >= 5)} (target >= 5x)" if target else "-"))
     print(f"\ngeneration, tiny size (1 + 2⊗4 + 1, d=128), {n_new} new tokens after 16, greedy, M=4, on {device}")
-    print(print_table(rows, ["B", "KV cache tok/s", "no cache tok/s", "speedup", "verdict"]))
+    print(print_table(rows, ["B", "threads", "KV cache tok/s", "no cache tok/s", "speedup", "verdict"]))
     budgets = (1, 2, 4, 8)
-    by_M = time_steps({M: gen(M, True) for M in budgets}, rounds=2 if quick else 3, warmup=1)
+    by_M = time_steps({M: gen(M, True, 1, thread_counts[0]) for M in budgets}, rounds=2 if quick else 3, warmup=1)
+    torch.set_num_threads(all_threads)
     rows = []
     for M in budgets:
         # cost per token should grow like the effective depth (prelude + 2M + coda blocks)
         rel, ideal = by_M[M] / by_M[1], model.effective_depth(M) / model.effective_depth(1)
         rows.append((M, model.effective_depth(M), f"{n_new / by_M[M]:,.0f}", f"{rel:.2f}x", f"{ideal:.2f}x",
                      f"{rel / ideal:.2f}", verdict(0.8 <= rel / ideal <= 1.2)))
-    print(print_table(rows, ["M", "depth", "tokens/s", "s/token vs M=1", "depth vs M=1", "ratio (target 0.8..1.2)",
-                             "verdict"]))
+    print(print_table(rows, ["M", "depth", "tokens/s (B=1)", "s/token vs M=1", "depth vs M=1",
+                             "ratio (target 0.8..1.2)", "verdict"]))
     return speedup
+
+
+def bench_compile():
+    """What torch.compile's fusion buys: one training step eager and with compiled blocks."""
+    d, T, B = (128, 128, 8) if quick else (256, 256, 8)
+    batch = tuple(torch.randint(0, 2048, (B, T), device=device) for _ in range(2))
+    variants, t0 = {}, time.time()
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        cfg = LoopGPTConfig(vocab_size=2048, block_size=T, n_embd=d, n_head=d // 64, n_prelude=1, n_core=2,
+                            n_coda=1, n_loops=4, injection="add")
+        model = LoopGPT(cfg).to(device)
+        if name == "compiled":
+            compile_blocks(model)
+        variants[name] = train_step_fn(model, model.configure_optimizer(0.1, 1e-3, (0.9, 0.95)), batch)
+    variants["compiled"]()  # the compilation itself, timed apart
+    compile_s = time.time() - t0
+    secs = time_steps(variants, rounds=5 if quick else 20)
+    ratio = secs["eager"] / secs["compiled"]
+    print(f"\ntorch.compile of the blocks, training step, 1 + 2⊗4 + 1, d={d}, T={T}, B={B} on {device} "
+          f"(compiling took {compile_s:.0f} s)")
+    print(print_table([(name, f"{1000 * s:.1f}") for name, s in secs.items()] +
+                      [("eager / compiled", f"{ratio:.3f}x")], ["mode", "ms/step"]))
+
+
+def bench_relu2():
+    """The MLP (d=512) with ReLU²'s hand-written backward against autograd's relu(x).square()."""
+    d, (B, T) = 512, ((4, 128) if quick else (8, 256))
+    torch.manual_seed(0)
+    fc, proj = nn.Linear(d, 4 * d, bias=False).to(device), nn.Linear(4 * d, d, bias=False).to(device)
+    x = torch.randn(B, T, d, device=device, requires_grad=True)
+    g = torch.randn(B, T, d, device=device)
+
+    def mlp(act):
+        return lambda: proj(act(fc(x))).backward(g)
+    secs = time_steps({"autograd relu(x).square()": mlp(lambda h: F.relu(h).square()),
+                       "ReLUSquared (loopgpt)": mlp(ReLUSquared.apply)}, rounds=5 if quick else 20)
+    base = secs["autograd relu(x).square()"]
+    print(f"\nMLP forward + backward, d={d}, ({B}, {T}, {4 * d}) hidden, on {device}")
+    print(print_table([(name, f"{1000 * s:.1f}", f"{base / s:.2f}x") for name, s in secs.items()],
+                      ["ReLU²", "ms", "speed vs autograd"]))
 
 
 def bench_short_routes():
@@ -183,7 +248,7 @@ def bench_short_routes():
         cfg = LoopGPTConfig(vocab_size=2048, block_size=T, n_embd=d, n_head=d // 64, n_prelude=0, n_core=3,
                             n_coda=0, n_loops=L, modulation=modulation, mlp="gelu", tie_embeddings=True)
         model = LoopGPT(cfg).to(device)
-        opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), device.split(":")[0])
+        opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
         variants[name] = train_step_fn(model, opt, batch, short_fn)
     secs = time_steps(variants, rounds=8 if quick else 30)
     base = secs["Base-Loop 3⊗8 (final loss only)"]
@@ -253,7 +318,7 @@ def profile():
     cfg = LoopGPTConfig(vocab_size=2048, block_size=128, n_embd=128, n_head=4, n_prelude=1, n_core=2, n_coda=1,
                         n_loops=4, injection="add")
     model = LoopGPT(cfg).to(device)
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), device.split(":")[0])
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
     step = train_step_fn(model, opt, tuple(torch.randint(0, 2048, (8, 128), device=device) for _ in range(2)))
     prompt = torch.randint(0, 2048, (1, 16), device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
@@ -274,10 +339,13 @@ elif __name__ == "__main__" and args["profile"]:
     profile()
 elif __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    print(f"bench.py on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-          f"{' (quick)' if quick else ''}")
+    print(f"bench.py on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}{' (quick)' if quick else ''}")
     bench_train_mfu()
     bench_loop_vs_deep()
     bench_generation()
+    bench_relu2()
+    if not quick:  # compiling takes most of a minute on a CPU
+        bench_compile()
     bench_short_routes()
     bench_loop_memory()

@@ -1,11 +1,12 @@
 """
 What train.py and sample.py share: TrainConfig, nanoGPT-style command-line configuration
-(defaults -> --config NAME -> --key=value), device choice, and checkpoints
+(defaults -> --config NAME -> --key=value), device choice, mixed precision, and checkpoints
 (written atomically, read with weights_only=True, checked before use).
 """
 
 import difflib
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -79,6 +80,7 @@ class TrainConfig:
     grad_clip: float = 1.0        # 0 = off
     # system
     device: str = ""              # "" = cuda if available, else cpu
+    dtype: str = ""               # bfloat16 (autocast) | float32; "" = bfloat16 on CUDA, float32 on CPU
     compile: bool = False
 
 
@@ -193,14 +195,36 @@ def detect_device(requested=""):
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# datasheet dense bf16 peaks (FLOP/s): the MFU denominator on a GPU
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "3090": 71e12}
+def autocast_context(device, dtype=""):
+    """(context manager, dtype name) for mixed precision on `device`. "bfloat16" runs the
+    matmuls and attention in bf16 under torch.autocast (on CPU too: that is how the GPU
+    path is rehearsed without a GPU); "float32" runs everything in fp32; "" picks bfloat16
+    on CUDA and float32 elsewhere (bf16 matmuls are slow on most CPUs)."""
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype == "float16":
+        fail("dtype=float16 would need a gradient scaler, which loopgpt does not have: use dtype=bfloat16")
+    if dtype not in ("bfloat16", "float32"):
+        fail(f"dtype={dtype!r} (valid: bfloat16, float32)")
+    if dtype == "float32":
+        return nullcontext(), dtype
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16), dtype
+
+
+# datasheet dense bf16 peaks (FLOP/s), the MFU denominator on a GPU; the first name that
+# occurs in the device's name wins, so the more specific names come first
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12), ("3090", 71e12))
+
+
+def peak_bf16_flops(name):
+    """Datasheet dense bf16 FLOP/s of the GPU called `name`, or None if it is not in the table."""
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
 def gpu_peak_flops(device):
     """(peak bf16 FLOP/s or None if the card is not in the table, the card's name)."""
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None), name
+    return peak_bf16_flops(name), name
 
 
 # ---- checkpoints -----------------------------------------------------------------------

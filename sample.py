@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from common import detect_device, fail, load_checkpoint, model_from_checkpoint, parse_args, print_table
+from common import (autocast_context, detect_device, fail, load_checkpoint, model_from_checkpoint, parse_args,
+                    print_table)
 from loopgpt import check_exit, check_schedule
 from tokenizer import load_tokenizer
 
@@ -34,13 +35,19 @@ defaults = dict(
     top_k=200,               # 0 = no top-k
     seed=1337,
     device="",
+    dtype="",                # bfloat16 (autocast) | float32; "" = bfloat16 on CUDA, float32 on CPU
+    threads=1,               # CPU threads; 0 = torch's default. One decodes fastest here (README)
     use_cache=True,
     exit="",                 # per-token early exit, kind:threshold: kl:1e-3, latent:0.03 or gate:0.9
     min_loops=1,             # with exit: no token stops before this many loops
 )
 args, _ = parse_args(sys.argv[1:], defaults, allow_config=False)
-if args["num_samples"] < 1 or args["max_new_tokens"] < 1 or args["temperature"] < 0:
-    fail("need num_samples >= 1, max_new_tokens >= 1 and temperature >= 0")
+if args["num_samples"] < 1 or args["max_new_tokens"] < 1 or args["temperature"] < 0 or args["threads"] < 0:
+    fail("need num_samples >= 1, max_new_tokens >= 1, temperature >= 0 and threads >= 0")
+if args["threads"]:
+    # a decoding step at B=1 is ~2,000 small ops; on a CPU each parallel op pays a thread
+    # hand-off that outweighs its work, and a busy neighbour core stalls it far more
+    torch.set_num_threads(args["threads"])
 
 ckpt = load_checkpoint(f"{args['out_dir']}/ckpt.pt")
 model = model_from_checkpoint(ckpt)
@@ -86,6 +93,7 @@ for text in filter(None, args["schedule"].split("/")):
     steps = parse_schedule(text)
     routes.append((f"schedule {text}", {"schedule": steps}, len(steps)))
 device = detect_device(args["device"])
+autocast, dtype = autocast_context(device, args["dtype"])
 model.to(device).eval()
 
 start = args["start"]
@@ -101,16 +109,18 @@ if len(start_ids) > cfg.block_size:
     start_ids = start_ids[-cfg.block_size:]
 x = torch.tensor([start_ids], dtype=torch.long, device=device)
 
-print(f"{args['out_dir']}/ckpt.pt: {model.summary()}, trained {ckpt['iter_num']} steps")
+print(f"{args['out_dir']}/ckpt.pt: {model.summary()}, trained {ckpt['iter_num']} steps | {device}, {dtype}, "
+      f"{torch.get_num_threads()} threads")
 rows = []
 for name, route, M in routes:
     torch.manual_seed(args["seed"])
     t0 = time.time()
     texts, used = [], []
     for _ in range(args["num_samples"]):
-        y = model.generate(x, args["max_new_tokens"], temperature=args["temperature"],
-                           top_k=args["top_k"] or None, use_cache=args["use_cache"], exit=exit,
-                           min_loops=args["min_loops"], loops_used=used, **route)
+        with autocast:
+            y = model.generate(x, args["max_new_tokens"], temperature=args["temperature"],
+                               top_k=args["top_k"] or None, use_cache=args["use_cache"], exit=exit,
+                               min_loops=args["min_loops"], loops_used=used, **route)
         new = [t for t in y[0, len(start_ids):].tolist() if t < enc.n_vocab]  # drop padded-vocab ids
         texts.append(enc.decode(new))
     dt = time.time() - t0

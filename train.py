@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -27,9 +26,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (CHECKPOINT_VERSION, TrainConfig, detect_device, fail, gpu_peak_flops, load_checkpoint,
-                    model_config_defaults, model_from_checkpoint, parse_args, print_table, save_checkpoint,
-                    train_config_defaults)
+from common import (CHECKPOINT_VERSION, TrainConfig, autocast_context, detect_device, fail, gpu_peak_flops,
+                    load_checkpoint, model_config_defaults, model_from_checkpoint, parse_args, print_table,
+                    save_checkpoint, train_config_defaults)
 from loopgpt import LoopGPT, LoopGPTConfig, check_exit, compile_blocks, sample_short_route
 from tokenizer import load_tokenizer, token_byte_lengths
 
@@ -77,10 +76,9 @@ if tc.grad_accum_steps % world:
     fail(f"grad_accum_steps={tc.grad_accum_steps} must be divisible by the number of processes ({world})")
 accum_local = tc.grad_accum_steps // world
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-if device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+if device_type == "cuda":  # fp32 matmuls (dtype=float32, and the optimizer's) may use TF32 tensor cores
+    torch.set_float32_matmul_precision("high")
+autocast, dtype = autocast_context(device, tc.dtype)  # bf16 autocast on CUDA by default
 
 
 def log(msg):
@@ -197,8 +195,8 @@ model.to(device)
 if tc.gate_stage == 2:  # Ouro's stage 2: the LM is frozen, only the exit gate learns
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("exit_gate"))
-optimizer = model.configure_optimizer(tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), device_type,
-                                      tc.optimizer, tc.muon_lr)
+optimizer = model.configure_optimizer(tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), tc.optimizer,
+                                      tc.muon_lr)
 if tc.resume and not tc.eval_only:  # (an evaluation needs no optimizer state)
     trained_with = ckpt["train_config"].get("optimizer", "adamw")
     if trained_with != tc.optimizer:
@@ -245,7 +243,7 @@ if master:
     what = (f"{meta['task']} task, {meta['train_rows']:,} train / {meta['val_rows']:,} val examples" if is_task else
             f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {enc.n_vocab}")
     print(f"data: {data_dir} ({what}) | "
-          f"device {device} x{world} | {tokens_per_step:,} tokens/step | "
+          f"device {device} x{world}, {dtype} | {tokens_per_step:,} tokens/step | "
           f"{'resuming at step ' + str(iter_num) if tc.resume else 'from scratch'}")
 
 
@@ -472,6 +470,10 @@ def write_jsonl(record):
 
 # ---- the training loop -----------------------------------------------------------------
 
+# what this run is, first in the log: enough to recompute its FLOPs and compare runs later
+write_jsonl({"type": "config", "step": iter_num, "model": cfg.to_dict(), "train": asdict(tc), "device": device,
+             "device_name": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
+             "world": world, "dtype": dtype, "tokens_per_step": tokens_per_step})
 if tc.eval_only:
     budget_sweep()
     if ddp:
@@ -544,7 +546,8 @@ while iter_num < tc.max_iters:
     if iter_num % tc.log_interval == 0:
         write_jsonl({"type": "train", "step": iter_num, "loss": train_loss, "lr": lr, "loops": mean_loops,
                      "grad_norm": grad_norm.item(), "core0_mlp_grad_norm": mlp_grad_norm, "tok_per_s": tok_per_s, "mfu": mfu,
-                     "elapsed_s": time.time() - t_start})
+                     "step_ms": 1000 * dt, "elapsed_s": time.time() - t_start,
+                     "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device_type == "cuda" else None})
 
     if iter_num % tc.eval_interval == 0 or iter_num == tc.max_iters:
         res, rms, recursions = evaluate()

@@ -238,7 +238,7 @@ def test_overfits_one_batch(injection):
     model = LoopGPT(small_config(injection=injection))
     x = torch.randint(0, 61, (4, 16))
     y = torch.roll(x, -1, dims=1)
-    opt = model.configure_optimizer(0.0, 1e-2, (0.9, 0.95), "cpu")
+    opt = model.configure_optimizer(0.0, 1e-2, (0.9, 0.95))
     first = None
     for _ in range(80):
         _, loss = model(x, y)
@@ -362,7 +362,7 @@ def test_parcae_decay_in_unit_interval_and_not_decayed():
         model.diag_dt_bias.normal_(std=1.0)
     A_bar, dt = model.parcae_decay()
     assert (A_bar > 0).all() and (A_bar < 1).all() and (dt > 0).all()
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
     no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     for p in (model.diag_A_log, model.diag_dt_bias, model.diag_B.weight):
         assert id(p) in no_decay
@@ -714,7 +714,7 @@ def test_mor_overfits_one_batch():
     model = LoopGPT(small_config(routing="mor", n_loops=4))
     x = torch.randint(0, 61, (4, 16))
     y = torch.roll(x, -1, dims=1)
-    opt = model.configure_optimizer(0.0, 1e-2, (0.9, 0.95), "cpu")
+    opt = model.configure_optimizer(0.0, 1e-2, (0.9, 0.95))
     for _ in range(80):
         _, loss = model(x, y)
         opt.zero_grad()

@@ -65,7 +65,7 @@ def test_adamw_groups_match_torch_adamw():
 def test_configure_optimizer_splits_the_parameters():
     cfg = LoopGPTConfig(vocab_size=64, block_size=16, n_embd=32, n_head=2, injection="concat")
     model = LoopGPT(cfg)
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.02)
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "muon", muon_lr=0.02)
     names = {id(p): n for n, p in model.named_parameters()}
     muon = [names[id(p)] for g in opt.param_groups if g["use_muon"] for p in g["params"]]
     adam = [names[id(p)] for g in opt.param_groups if not g["use_muon"] for p in g["params"]]
@@ -80,7 +80,7 @@ def test_muon_overfits_a_batch():
     torch.manual_seed(0)
     cfg = LoopGPTConfig(vocab_size=64, block_size=16, n_embd=32, n_head=2, n_loops=2)
     model = LoopGPT(cfg)
-    opt = model.configure_optimizer(0.0, 3e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.02)
+    opt = model.configure_optimizer(0.0, 3e-3, (0.9, 0.95), "muon", muon_lr=0.02)
     x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
     first = None
     for _ in range(150):

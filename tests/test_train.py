@@ -169,19 +169,6 @@ def test_every_config_builds_a_model(name):
     assert model.num_params() > 0 and values["max_iters"] >= 1
 
 
-def test_flt_small_runs_on_cpu(data_dir, tmp_path):
-    # the GPU config itself (6 blocks x 12 loops, d=384, GPT-2 vocab size) on this CPU:
-    # `python train.py --config flt_small --device=cpu --batch_size=1 --max_iters=2`, with
-    # the built-in corpus standing in for FineWeb-Edu (no network here), one micro-step,
-    # no compile and a 128-token context so that the test takes seconds, not minutes
-    p = run("train.py", "--config", "flt_small", "--device=cpu", "--batch_size=1", "--max_iters=2",
-            f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--compile=False", "--grad_accum_steps=1",
-            "--eval_iters=1", "--eval_budgets=1,12", "--block_size=128")
-    assert "injection=full_attn" in p.stdout and "1 + 6⊗12" not in p.stdout and "0 + 6⊗12 + 0" in p.stdout
-    ev = records(tmp_path, "eval")[-1]
-    assert len(ev["residual_rms"]) == 12 and ev["core0_mlp_grad_norm"] > 0
-
-
 LOOPFORMER = ["--config=loopformer_3x8_tiny", "--n_embd=32", "--n_head=2", "--n_core=1", "--n_loops=4",
               "--block_size=32", "--batch_size=4", "--eval_iters=2", "--warmup_iters=2", "--log_interval=1"]
 

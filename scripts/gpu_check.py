@@ -1,0 +1,331 @@
+"""
+The GPU check: one prepared command for a short window on a GPU. Does
+`torchrun train.py --config flt_small` train fast and correctly there?
+
+    python scripts/gpu_check.py --out_dir=DIR                  # one GPU, about 6 minutes
+    python scripts/gpu_check.py --out_dir=DIR --device=cpu     # the same steps, shortened: a rehearsal
+
+It needs only PyTorch, numpy, tiktoken and tqdm, and no network: the built-in corpus stands
+in for FineWeb-Edu (the models keep their GPT-2-sized vocabulary, so every matmul has the
+paper's shape). In order, each step written to DIR/gpu_check.json as soon as it is done; a
+step that fails is recorded with its error and the next one runs; a step that would not
+finish inside time_limit is skipped:
+
+1. device, torch and CUDA versions; a bf16 8192³ matmul's TFLOP/s beside the datasheet peak.
+2. training runs, each `torchrun --standalone --nproc_per_node=1 train.py --config NAME` for
+   `steps` steps on one micro-batch per step: flt_small compiled and eager; a plain stack of
+   flt_small's depth (6 x 12 = 72 blocks, the same FLOPs) compiled, for the looped / plain step
+   time ratio; huginn_small compiled (sampled depth, truncated backprop, the adapter, a random
+   initial state). Tokens/s, MFU against the bf16 peak, peak memory, first and last loss. A
+   run that runs out of memory is retried at half the batch.
+3. decoding with the trained flt_small in bf16 at B=1 and B=8, with and without the KV cache:
+   tokens/s, whether cached and uncached greedy tokens agree, and how far the cache's logits
+   are from the full forward's (bf16 and fp32), on the same tokens.
+4. bf16 autocast against fp32: flt_small from the same init on the same batches; every
+   step's loss must stay within BF16_TOLERANCE of the fp32 one.
+
+Prints a table last; DIR/gpu_check.log keeps every run's output.
+"""
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common import (autocast_context, detect_device, fail, gpu_peak_flops, load_checkpoint,  # noqa: E402
+                    model_config_defaults, model_from_checkpoint, parse_args, print_table, train_config_defaults)
+from loopgpt import LoopGPT, LoopGPTConfig  # noqa: E402
+
+BF16_TOLERANCE = 0.01  # |loss_bf16 - loss_fp32| <= 1% of loss_fp32 at every step
+RUNS = ("flt_small compiled", "flt_small eager", "plain compiled", "plain eager", "huginn_small compiled")
+
+args, _ = parse_args(sys.argv[1:], {
+    "out_dir": "",        # where gpu_check.json and gpu_check.log go
+    "device": "",         # "" = cuda if available
+    "steps": 0,           # training steps per run; 0 = 50 on a GPU, 3 on a CPU
+    "time_limit": 450,    # seconds for the whole check: a step that would not fit is skipped
+    "shrink": "",         # --key=value settings added to every run (a CPU rehearsal's smaller model)
+    "compile": True,      # False: skip the compiled runs (a quick CPU rehearsal)
+}, allow_config=False)
+if not args["out_dir"]:
+    fail("say where the results go: --out_dir=DIR")
+device = detect_device(args["device"])
+gpu = device.startswith("cuda")
+deadline = time.time() + args["time_limit"]
+steps = args["steps"] or (50 if gpu else 3)
+# on a CPU everything is shortened: the same code paths on a small context and batch
+shrink = ([] if gpu else ["--block_size=64", "--batch_size=1"]) + args["shrink"].split()
+os.makedirs(args["out_dir"], exist_ok=True)
+work = tempfile.mkdtemp(prefix="loopgpt-gpu-check-")  # checkpoints stay out of out_dir
+data_dir = os.path.join(work, "pydoc")
+log_path = os.path.join(args["out_dir"], "gpu_check.log")
+open(log_path, "w").close()
+results = {"device": device, "steps": steps, "shrink": shrink, "bf16_tolerance": BF16_TOLERANCE}
+
+
+def save():
+    with open(os.path.join(args["out_dir"], "gpu_check.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def log(text):
+    with open(log_path, "a") as f:
+        f.write(text + "\n")
+
+
+def step(name, fn, need_s=20):
+    """Run one step of the check; its result or its error goes into results[name]."""
+    left = deadline - time.time()
+    if left < need_s:
+        results[name] = {"skipped": f"time limit ({left:.0f} s left, needs ~{need_s} s)"}
+    else:
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+        t0 = time.time()
+        try:
+            results[name] = fn()
+        except Exception as e:  # record it and go on: one failure must not waste the window
+            log(traceback.format_exc())
+            results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        results[name]["seconds"] = round(time.time() - t0, 1)
+    brief = {k: v for k, v in results[name].items() if not isinstance(v, (list, dict)) and k != "checkpoint"}
+    print(f"    {json.dumps(brief)[:400]}", flush=True)
+    save()
+
+
+def sync():
+    if gpu:
+        torch.cuda.synchronize()
+
+
+# ---- 1. the device ------------------------------------------------------------------------
+
+def environment():
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "threads": torch.get_num_threads()}
+    n = 8192 if gpu else 512
+    if gpu:
+        props = torch.cuda.get_device_properties(device)
+        peak, name = gpu_peak_flops(device)
+        info.update(name=name, memory_gb=props.total_memory / 2 ** 30, sms=props.multi_processor_count,
+                    datasheet_bf16_tflops=peak / 1e12 if peak else None)
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync()
+    t0, reps = time.perf_counter(), 20 if gpu else 2
+    for _ in range(reps):
+        a @ b
+    sync()
+    info[f"matmul_bf16_{n}_tflops"] = 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+    return info
+
+
+# ---- 2. training runs ------------------------------------------------------------------------
+
+def prepare_data():
+    from data.pydoc.prepare import prepare
+    prepare(out_dir=data_dir)
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    return {"train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"]}
+
+
+def settings(config, extra):
+    """The settings train.py will use for --config config + extra."""
+    values, _ = parse_args([f"--config={config}", *extra], {**train_config_defaults(), **model_config_defaults()})
+    return values
+
+
+def train(name, config, *extra, cap_s=240):
+    """`torchrun ... train.py --config config` for `steps` steps; tokens/s, MFU, memory, loss."""
+    extra = [f"--data_dir={data_dir}", f"--device={device}", f"--max_iters={steps}", f"--eval_interval={steps}",
+             "--eval_iters=2", "--log_interval=1", "--grad_accum_steps=1", "--warmup_iters=10", *shrink, *extra]
+    batch = settings(config, extra)["batch_size"]
+    while True:
+        out = os.path.join(work, name)
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+               f"--config={config}", *extra, f"--batch_size={batch}", f"--out_dir={out}"]
+        log(f"\n$ {' '.join(cmd[1:])}")
+        timeout = max(1, min(cap_s, deadline - time.time()))
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            log(f"{e.stdout or ''}\n{e.stderr or ''}")
+            return {"error": f"timed out after {timeout:.0f} s", "batch_size": batch}
+        log(proc.stdout + proc.stderr)
+        if proc.returncode == 0:
+            break
+        if "out of memory" in proc.stderr.lower() and batch > 1:
+            results.setdefault("out_of_memory", []).append(f"{name} at batch_size={batch}")
+            batch //= 2  # the same run at half the batch: memory then tells what fits
+            continue
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        return {"error": lines[-1] if lines else f"exit status {proc.returncode}", "batch_size": batch}
+    with open(os.path.join(out, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    conf = next(r for r in records if r["type"] == "config")
+    train_records = [r for r in records if r["type"] == "train"]
+    timed = train_records[max(1, len(train_records) // 5):]  # the first steps compile and warm up
+    with torch.device("meta"):
+        model = LoopGPT(LoopGPTConfig(**conf["model"]))
+    seconds = sum(r["step_ms"] for r in timed) / 1000
+    flops = sum(model.flops_per_token(max(1, round(r["loops"]))) for r in timed) * conf["tokens_per_step"]
+    peak = gpu_peak_flops(device)[0] if gpu else None
+    val = next(r for r in reversed(records) if r["type"] == "eval")["val"]
+    return {"config": config, "args": extra, "batch_size": batch, "block_size": conf["model"]["block_size"],
+            "compile": conf["train"]["compile"], "dtype": conf["dtype"], "params_m": model.num_params() / 1e6,
+            "tokens_per_step": conf["tokens_per_step"], "step_ms": statistics.median(r["step_ms"] for r in timed),
+            "tokens_per_s": conf["tokens_per_step"] * len(timed) / seconds,
+            "mfu": flops / seconds / peak if peak else None, "mean_loops": statistics.mean(r["loops"] for r in timed),
+            "peak_mem_gb": train_records[-1]["peak_mem_mb"] / 1024 if gpu else None,
+            "loss_first": train_records[0]["loss"], "loss_last": train_records[-1]["loss"],
+            "val_loss": {M: v["loss"] for M, v in val.items()}, "losses": [r["loss"] for r in train_records],
+            "checkpoint": os.path.join(out, "ckpt.pt")}
+
+
+# ---- 3. decoding ---------------------------------------------------------------------------
+
+def decode():
+    """Greedy decoding at the train budget, B=1 and B=8, with and without the KV cache (bf16)."""
+    run = next((results[k] for k in ("flt_small compiled", "flt_small eager") if "checkpoint" in results.get(k, {})),
+               None)
+    if run is None:
+        raise RuntimeError("no flt_small run finished: nothing trained to decode with")
+    model = model_from_checkpoint(load_checkpoint(run["checkpoint"])).to(device).eval()
+    M, n_new, P = model.config.n_loops, (128 if gpu else 4), 16
+    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    bf16, _ = autocast_context(device, "bfloat16")
+    out = {"loops": M, "new_tokens": n_new, "prompt_tokens": P}
+    for B in (1, 8):
+        prompt = torch.from_numpy(val[:B * P].astype(np.int64)).view(B, P).to(device)
+        tokens = {}
+        for use_cache in (True, False):
+            with bf16:
+                model.generate(prompt, 2, loops=M, temperature=0, use_cache=use_cache)  # warm-up
+                sync()
+                t0 = time.perf_counter()
+                tokens[use_cache] = model.generate(prompt, n_new, loops=M, temperature=0, use_cache=use_cache)
+                sync()
+            out[f"B{B}_{'cache' if use_cache else 'no_cache'}_tok_s"] = B * n_new / (time.perf_counter() - t0)
+        out[f"B{B}_cache_speedup"] = out[f"B{B}_cache_tok_s"] / out[f"B{B}_no_cache_tok_s"]
+        differ = (tokens[True] != tokens[False]).any(0).nonzero()
+        out[f"B{B}_greedy_equal"] = not len(differ)
+        out[f"B{B}_first_difference"] = int(differ[0]) - P if len(differ) else None
+    # the cache's logits against the full forward's, token by token on the same sequence
+    seq = tokens[True][:1]
+    for name, ctx in (("bf16", bf16), ("fp32", autocast_context(device, "float32")[0])):
+        with torch.inference_mode(), ctx:
+            full = model(seq[:, :-1], loops=M)[0][:, P - 1:]
+            cache = model.new_cache(M)
+            cached = [model(seq[:, :P], loops=M, cache=cache)[0][:, -1]]
+            cached += [model(seq[:, t:t + 1], loops=M, cache=cache)[0][:, -1] for t in range(P, seq.size(1) - 1)]
+            out[f"cache_logits_max_abs_diff_{name}"] = (torch.stack(cached, 1) - full).abs().max().item()
+            out[f"cache_dtype_{name}"] = str(cache.k.dtype).replace("torch.", "")
+    return out
+
+
+# ---- 4. bf16 against fp32 -----------------------------------------------------------------------
+
+def bf16_vs_fp32():
+    batch = ["--batch_size=8"] if gpu else []
+    runs = {dtype: train(f"flt_small {dtype}", "flt_small", "--compile=False", f"--dtype={dtype}", *batch)
+            for dtype in ("float32", "bfloat16")}
+    if any("losses" not in r for r in runs.values()):
+        raise RuntimeError(f"a run failed: {({k: r.get('error') for k, r in runs.items()})}")
+    pairs = list(zip(runs["float32"]["losses"], runs["bfloat16"]["losses"]))
+    rel = [abs(b - a) / a for a, b in pairs]
+    return {"max_rel_diff": max(rel), "mean_rel_diff": statistics.mean(rel), "ok": max(rel) <= BF16_TOLERANCE,
+            "loss_fp32": [a for a, _ in pairs], "loss_bf16": [b for _, b in pairs],
+            "step_ms_fp32": runs["float32"]["step_ms"], "step_ms_bf16": runs["bfloat16"]["step_ms"]}
+
+
+# ---- the check --------------------------------------------------------------------------------
+
+flt = settings("flt_small", shrink)
+plain = [f"--n_core={flt['n_prelude'] + flt['n_core'] * flt['n_loops'] + flt['n_coda']}", "--n_prelude=0",
+         "--n_coda=0", "--n_loops=1", "--injection=none", "--eval_budgets=1"]
+looped_budgets = f"--eval_budgets=1,{flt['n_loops']}"
+step("environment", environment, need_s=5)
+step("data", prepare_data, need_s=5)
+if args["compile"]:
+    step("flt_small compiled", lambda: train("flt_small compiled", "flt_small", "--compile=True", looped_budgets))
+step("flt_small eager", lambda: train("flt_small eager", "flt_small", "--compile=False", looped_budgets), need_s=40)
+if args["compile"]:
+    step("plain compiled", lambda: train("plain compiled", "flt_small", "--compile=True", *plain))
+else:
+    step("plain eager", lambda: train("plain eager", "flt_small", "--compile=False", *plain), need_s=40)
+step("decode", decode, need_s=30)
+step("bf16 vs fp32", bf16_vs_fp32, need_s=60)
+if args["compile"]:
+    step("huginn_small compiled", lambda: train("huginn_small compiled", "huginn_small", "--compile=True",
+                                                "--eval_budgets=1,8"), need_s=60)
+shutil.rmtree(work, ignore_errors=True)
+
+# ---- the tables -------------------------------------------------------------------------------
+
+def pct(x):
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+runs = {k: results[k] for k in RUNS if k in results}
+rows = []
+for name, r in runs.items():
+    if "tokens_per_s" in r:
+        rows.append((name, f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.0f}", pct(r["mfu"]),
+                     "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}", r["batch_size"],
+                     f"{r['loss_first']:.2f} -> {r['loss_last']:.2f}"))
+    else:
+        rows.append((name, r.get("error") or r.get("skipped"), "", "", "", "", ""))
+env = results["environment"]
+print(f"\nloopgpt GPU check: {env.get('name', device)}, torch {env.get('torch')}, CUDA {env.get('cuda')}; "
+      f"{steps} steps a run; every number in {args['out_dir']}/gpu_check.json\n")
+print(print_table(rows, ["run", "tokens/s", "ms/step", "MFU (bf16 peak)", "peak GB", "batch", "loss"]))
+
+checks = []  # (what, measured, target, verdict)
+n = 8192 if gpu else 512
+if f"matmul_bf16_{n}_tflops" in env:
+    peak = env.get("datasheet_bf16_tflops")
+    checks.append((f"bf16 matmul {n}³, TFLOP/s", f"{env[f'matmul_bf16_{n}_tflops']:.3g}",
+                   f"datasheet {peak:.0f}" if peak else "-", ""))
+looped, base = (runs.get(f"{m} {'compiled' if args['compile'] else 'eager'}", {}) for m in ("flt_small", "plain"))
+if "mfu" in looped and looped["mfu"] is not None:
+    checks.append(("MFU, " + looped["config"] + (" compiled" if args["compile"] else " eager"), pct(looped["mfu"]),
+                   ">= 40%", "ok" if looped["mfu"] >= 0.4 else "UNDER"))
+if "step_ms" in looped and "step_ms" in base:
+    results["plain_over_looped_step_time"] = ratio = base["step_ms"] / looped["step_ms"]
+    checks.append(("step time, plain / looped (same FLOPs)", f"{ratio:.3f}", ">= 0.95", "ok" if ratio >= 0.95 else "UNDER"))
+d = results.get("decode", {})
+for B in (1, 8):
+    if f"B{B}_cache_speedup" in d:
+        checks.append((f"decode B={B}, M={d['loops']}, bf16: cache / no cache",
+                       f"{d[f'B{B}_cache_speedup']:.1f}x ({d[f'B{B}_cache_tok_s']:,.0f} / {d[f'B{B}_no_cache_tok_s']:,.0f} tok/s)",
+                       ">= 5x" if B == 1 else "-", ("ok" if d["B1_cache_speedup"] >= 5 else "UNDER") if B == 1 else ""))
+        checks.append((f"decode B={B}: cached greedy tokens = uncached", str(d[f"B{B}_greedy_equal"]), "True",
+                       "ok" if d[f"B{B}_greedy_equal"] else f"first differs at token {d[f'B{B}_first_difference']}"))
+if "cache_logits_max_abs_diff_fp32" in d:
+    checks.append(("cached vs full-forward logits, max |diff|", f"bf16 {d['cache_logits_max_abs_diff_bf16']:.2g}, "
+                   f"fp32 {d['cache_logits_max_abs_diff_fp32']:.2g}", "fp32 < 1e-3", "ok" if
+                   d["cache_logits_max_abs_diff_fp32"] < 1e-3 else "OVER"))
+c = results.get("bf16 vs fp32", {})
+if "max_rel_diff" in c:
+    checks.append((f"bf16 vs fp32 loss over {len(c['loss_bf16'])} steps, max relative diff", pct(c["max_rel_diff"]),
+                   f"<= {pct(BF16_TOLERANCE)}", "ok" if c["ok"] else "OVER"))
+for name in ("decode", "bf16 vs fp32"):
+    if name in results and ("error" in results[name] or "skipped" in results[name]):
+        checks.append((name, results[name].get("error") or results[name]["skipped"], "", "FAILED"))
+save()
+print()
+print(print_table(checks, ["check", "measured", "target", "verdict"]))
