@@ -6,6 +6,8 @@ verdict against its target.
     python bench.py                 # full
     python bench.py --quick=True    # under a minute on a 2-core CPU
     python bench.py --profile=True  # torch.profiler tables of a train step and a decode step
+    python bench.py --only=generation,relu2   # some sections: mfu, loop, generation, relu2,
+                                              # compile, routes, memory
 
 Measured:
 - training throughput and MFU of a d=512 looped model: on CPU against the matmul throughput
@@ -47,14 +49,18 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import detect_device, gpu_peak_flops, parse_args, print_table  # noqa: E402
+from common import autocast_context, detect_device, fail, gpu_peak_flops, parse_args, print_table  # noqa: E402
 from loopgpt import LoopGPT, LoopGPTConfig, ReLUSquared, compile_blocks, sample_short_route  # noqa: E402
 
-args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "memory_probe": "", "profile": False},
-                     allow_config=False)
+SECTIONS = ("mfu", "loop", "generation", "relu2", "compile", "routes", "memory")
+args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "memory_probe": "", "profile": False,
+                                    "only": ""}, allow_config=False)
+only = [s for s in args["only"].split(",") if s] or list(SECTIONS)
+if set(only) - set(SECTIONS):
+    fail(f"--only={args['only']}: valid sections are {', '.join(SECTIONS)}")
 device = detect_device(args["device"])
 quick = args["quick"]
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+autocast, _ = autocast_context(device)  # bf16 on CUDA, fp32 on a CPU, as train.py runs
 
 
 def time_steps(variants, rounds, warmup=2):
@@ -341,11 +347,8 @@ elif __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     print(f"bench.py on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}{' (quick)' if quick else ''}")
-    bench_train_mfu()
-    bench_loop_vs_deep()
-    bench_generation()
-    bench_relu2()
-    if not quick:  # compiling takes most of a minute on a CPU
-        bench_compile()
-    bench_short_routes()
-    bench_loop_memory()
+    for name, bench in (("mfu", bench_train_mfu), ("loop", bench_loop_vs_deep), ("generation", bench_generation),
+                        ("relu2", bench_relu2), ("compile", bench_compile), ("routes", bench_short_routes),
+                        ("memory", bench_loop_memory)):
+        if name in only and not (name == "compile" and quick and not args["only"]):  # compiling takes a CPU minute
+            bench()

@@ -76,7 +76,7 @@ if tc.grad_accum_steps % world:
     fail(f"grad_accum_steps={tc.grad_accum_steps} must be divisible by the number of processes ({world})")
 accum_local = tc.grad_accum_steps // world
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-if device_type == "cuda":  # fp32 matmuls (dtype=float32, and the optimizer's) may use TF32 tensor cores
+if device_type == "cuda":  # fp32 matmuls (dtype=float32) may use TF32 tensor cores
     torch.set_float32_matmul_precision("high")
 autocast, dtype = autocast_context(device, tc.dtype)  # bf16 autocast on CUDA by default
 

@@ -2,14 +2,14 @@
 The GPU check: one prepared command for a short window on a GPU. Does
 `torchrun train.py --config flt_small` train fast and correctly there?
 
-    python scripts/gpu_check.py --out_dir=DIR                  # one GPU, about 6 minutes
+    python scripts/gpu_check.py --out_dir=DIR                  # one GPU, at most time_limit = 450 s
     python scripts/gpu_check.py --out_dir=DIR --device=cpu     # the same steps, shortened: a rehearsal
 
 It needs only PyTorch, numpy, tiktoken and tqdm, and no network: the built-in corpus stands
 in for FineWeb-Edu (the models keep their GPT-2-sized vocabulary, so every matmul has the
 paper's shape). In order, each step written to DIR/gpu_check.json as soon as it is done; a
-step that fails is recorded with its error and the next one runs; a step that would not
-finish inside time_limit is skipped:
+step that fails is recorded with its error and the next one runs; a step that cannot start
+with enough of time_limit left is skipped, and a run still going at the deadline is killed:
 
 1. device, torch and CUDA versions; a bf16 8192³ matmul's TFLOP/s beside the datasheet peak.
 2. training runs, each `torchrun --standalone --nproc_per_node=1 train.py --config NAME` for
@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -135,11 +136,22 @@ def environment():
 # ---- 2. training runs ------------------------------------------------------------------------
 
 def prepare_data():
-    from data.pydoc.prepare import prepare
-    prepare(out_dir=data_dir)
+    """The built-in corpus; on a Python without pydoc_data, the repository's own text."""
+    try:
+        from data.pydoc.prepare import prepare
+        prepare(out_dir=data_dir)
+    except ImportError:
+        from data.common import write_dataset
+        from tokenizer import tokenizer_to_dict, train_bpe
+        docs = []
+        for folder, _, files in sorted(os.walk(ROOT)):
+            docs += [open(os.path.join(folder, f), encoding="utf-8").read() for f in sorted(files)
+                     if f.endswith((".py", ".md")) and "/." not in folder]
+        write_dataset(data_dir, docs[:-4], docs[-4:], tokenizer_to_dict(train_bpe(docs[:-4], 2048)),
+                      {"source": "loopgpt's own files"})
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
-    return {"train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"]}
+    return {"source": meta["source"], "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"]}
 
 
 def settings(config, extra):
@@ -160,19 +172,29 @@ def train(name, config, *extra, cap_s=240):
                f"--config={config}", *extra, f"--batch_size={batch}", f"--out_dir={out}"]
         log(f"\n$ {' '.join(cmd[1:])}")
         timeout = max(1, min(cap_s, deadline - time.time()))
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            log(f"{e.stdout or ''}\n{e.stderr or ''}")
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # torchrun stops its workers when it gets SIGTERM (they run in sessions of their
+            # own, so killing torchrun's would orphan them, holding the GPU for later steps)
+            proc.terminate()
+            try:
+                stdout, stderr = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                stdout, stderr = proc.communicate()
+            log(stdout + stderr)
             return {"error": f"timed out after {timeout:.0f} s", "batch_size": batch}
-        log(proc.stdout + proc.stderr)
+        log(stdout + stderr)
         if proc.returncode == 0:
             break
-        if "out of memory" in proc.stderr.lower() and batch > 1:
+        if "out of memory" in stderr.lower() and batch > 1:
             results.setdefault("out_of_memory", []).append(f"{name} at batch_size={batch}")
             batch //= 2  # the same run at half the batch: memory then tells what fits
             continue
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        lines = [line for line in stderr.splitlines() if line.strip()]
         return {"error": lines[-1] if lines else f"exit status {proc.returncode}", "batch_size": batch}
     with open(os.path.join(out, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -295,37 +317,43 @@ print(f"\nloopgpt GPU check: {env.get('name', device)}, torch {env.get('torch')}
 print(print_table(rows, ["run", "tokens/s", "ms/step", "MFU (bf16 peak)", "peak GB", "batch", "loss"]))
 
 checks = []  # (what, measured, target, verdict)
+
+
+def check(what, measured, target="-", ok=None):
+    checks.append((what, measured, target, "" if ok is None else "ok" if ok else "MISSED"))
+
+
 n = 8192 if gpu else 512
 if f"matmul_bf16_{n}_tflops" in env:
     peak = env.get("datasheet_bf16_tflops")
-    checks.append((f"bf16 matmul {n}³, TFLOP/s", f"{env[f'matmul_bf16_{n}_tflops']:.3g}",
-                   f"datasheet {peak:.0f}" if peak else "-", ""))
-looped, base = (runs.get(f"{m} {'compiled' if args['compile'] else 'eager'}", {}) for m in ("flt_small", "plain"))
-if "mfu" in looped and looped["mfu"] is not None:
-    checks.append(("MFU, " + looped["config"] + (" compiled" if args["compile"] else " eager"), pct(looped["mfu"]),
-                   ">= 40%", "ok" if looped["mfu"] >= 0.4 else "UNDER"))
+    check(f"bf16 matmul {n}³, TFLOP/s", f"{env[f'matmul_bf16_{n}_tflops']:.3g}", f"datasheet {peak:.0f}" if peak else "-")
+mode = "compiled" if args["compile"] else "eager"
+looped, base = runs.get(f"flt_small {mode}", {}), runs.get(f"plain {mode}", {})
+if looped.get("mfu") is not None:
+    check(f"MFU, flt_small {mode}", pct(looped["mfu"]), ">= 40%", looped["mfu"] >= 0.4)
 if "step_ms" in looped and "step_ms" in base:
     results["plain_over_looped_step_time"] = ratio = base["step_ms"] / looped["step_ms"]
-    checks.append(("step time, plain / looped (same FLOPs)", f"{ratio:.3f}", ">= 0.95", "ok" if ratio >= 0.95 else "UNDER"))
+    check("step time, plain / looped (same FLOPs)", f"{ratio:.3f}", ">= 0.95", ratio >= 0.95)
 d = results.get("decode", {})
 for B in (1, 8):
     if f"B{B}_cache_speedup" in d:
-        checks.append((f"decode B={B}, M={d['loops']}, bf16: cache / no cache",
-                       f"{d[f'B{B}_cache_speedup']:.1f}x ({d[f'B{B}_cache_tok_s']:,.0f} / {d[f'B{B}_no_cache_tok_s']:,.0f} tok/s)",
-                       ">= 5x" if B == 1 else "-", ("ok" if d["B1_cache_speedup"] >= 5 else "UNDER") if B == 1 else ""))
-        checks.append((f"decode B={B}: cached greedy tokens = uncached", str(d[f"B{B}_greedy_equal"]), "True",
-                       "ok" if d[f"B{B}_greedy_equal"] else f"first differs at token {d[f'B{B}_first_difference']}"))
+        speedup = d[f"B{B}_cache_speedup"]
+        check(f"decode B={B}, M={d['loops']}, bf16: cache / no cache", f"{speedup:.1f}x ({d[f'B{B}_cache_tok_s']:,.0f}"
+              f" / {d[f'B{B}_no_cache_tok_s']:,.0f} tok/s)", *((">= 5x", speedup >= 5) if B == 1 else ()))
+        first = d[f"B{B}_first_difference"]
+        check(f"decode B={B}: cached greedy tokens = uncached", "yes" if first is None else f"no, from token {first}",
+              "yes", first is None)
 if "cache_logits_max_abs_diff_fp32" in d:
-    checks.append(("cached vs full-forward logits, max |diff|", f"bf16 {d['cache_logits_max_abs_diff_bf16']:.2g}, "
-                   f"fp32 {d['cache_logits_max_abs_diff_fp32']:.2g}", "fp32 < 1e-3", "ok" if
-                   d["cache_logits_max_abs_diff_fp32"] < 1e-3 else "OVER"))
+    fp32 = d["cache_logits_max_abs_diff_fp32"]
+    check("cached vs full-forward logits, max |diff|", f"bf16 {d['cache_logits_max_abs_diff_bf16']:.2g}, "
+          f"fp32 {fp32:.2g}", "fp32 < 1e-3", fp32 < 1e-3)
 c = results.get("bf16 vs fp32", {})
 if "max_rel_diff" in c:
-    checks.append((f"bf16 vs fp32 loss over {len(c['loss_bf16'])} steps, max relative diff", pct(c["max_rel_diff"]),
-                   f"<= {pct(BF16_TOLERANCE)}", "ok" if c["ok"] else "OVER"))
+    check(f"bf16 vs fp32 loss over {len(c['loss_bf16'])} steps, max relative diff", pct(c["max_rel_diff"]),
+          f"<= {pct(BF16_TOLERANCE)}", c["ok"])
 for name in ("decode", "bf16 vs fp32"):
-    if name in results and ("error" in results[name] or "skipped" in results[name]):
-        checks.append((name, results[name].get("error") or results[name]["skipped"], "", "FAILED"))
+    if "error" in results.get(name, {}) or "skipped" in results.get(name, {}):
+        check(name, results[name].get("error") or results[name]["skipped"], ok=False)
 save()
 print()
 print(print_table(checks, ["check", "measured", "target", "verdict"]))

@@ -30,3 +30,18 @@ def test_budgets_reuse_the_compiled_blocks():
         graphs.append(counters["stats"]["unique_graphs"])
         torch.testing.assert_close(loss, eager(x, y, loops=M)[1])
     assert graphs[0] > 0 and len(set(graphs)) == 1, graphs  # every M after the first: nothing new
+
+
+def test_the_blocks_of_a_stack_share_one_compiled_graph():
+    # a plain 12-block stack (the GPU check's same-FLOPs baseline is 72 blocks): each block is
+    # compiled on its own, but all of them reuse one graph instead of compiling 12
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+    dynamo.reset()
+    counters.clear()
+    cfg = LoopGPTConfig(vocab_size=64, block_size=16, n_embd=32, n_head=2, n_prelude=0, n_core=12, n_coda=0,
+                        n_loops=1)
+    model = compile_blocks(LoopGPT(cfg), backend="eager")
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x)[1].backward()
+    assert counters["stats"]["unique_graphs"] == 1
