@@ -326,7 +326,8 @@ def check(what, measured, target="-", ok=None):
 n = 8192 if gpu else 512
 if f"matmul_bf16_{n}_tflops" in env:
     peak = env.get("datasheet_bf16_tflops")
-    check(f"bf16 matmul {n}³, TFLOP/s", f"{env[f'matmul_bf16_{n}_tflops']:.3g}", f"datasheet {peak:.0f}" if peak else "-")
+    tflops = env[f"matmul_bf16_{n}_tflops"]
+    check(f"bf16 matmul {n}³, TFLOP/s", f"{tflops:.3g}", f"datasheet {peak:.0f}" if peak else "-")
 mode = "compiled" if args["compile"] else "eager"
 looped, base = runs.get(f"flt_small {mode}", {}), runs.get(f"plain {mode}", {})
 if looped.get("mfu") is not None:
