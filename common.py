@@ -36,11 +36,11 @@ class TrainConfig:
     # objective: final = CE at the train budget; shortcut = LoopFormer's shortcut-consistency
     # (a random short route as a second forward); prefix = the early-exit baselines' short
     # route, the first S loops of the full route. Both add lambda_short * CE(short) +
-    # lambda_cons * MSE(sg(h_full), h_short) (DESIGN §7)
+    # lambda_cons * MSE(sg(h_full), h_short)
     objective: str = "final"
     lambda_short: float = 0.1
     lambda_cons: float = 0.1
-    # loops per step (DESIGN §7): fixed = n_loops; uniform = U{loop_min..loop_max or n_loops};
+    # loops per step: fixed = n_loops; uniform = U{loop_min..loop_max or n_loops};
     # poisson_lognormal = Huginn's Poisson(e^τ) + 1, τ ~ N(log n_loops - σ²/2, σ = loop_sigma);
     # per_sequence = Parcae: every row draws its own depth that way, finished rows are frozen.
     # Every DDP rank uses the same depth in a step. loop_max > 0 caps the sampled depth.
@@ -48,7 +48,7 @@ class TrainConfig:
     loop_min: int = 1
     loop_max: int = 0
     loop_sigma: float = 0.5
-    # exits (DESIGN §6): step_loss = final | all | last_third: supervise every loop's state
+    # exits: step_loss = final | all | last_third: supervise every loop's state
     # through the shared coda and head (FLT's STEP / FEW). gate_stage (needs exit_gate=True):
     # 1 = Ouro's stage 1, Σ p_t CE_t - gate_beta H(p); 2 = train the gate alone, the LM frozen
     step_loss: str = "final"

@@ -10,17 +10,17 @@ n_prelude + k*M + n_coda at loop budget M, and the parameter count never depends
 (per-loop LoRA is the one deliberate exception). A model trained at L = n_loops may be run
 at any budget M >= 1, including M > L, or with a LoopFormer schedule of step sizes.
 
-Read in this order (../shared/DESIGN.md has the equations):
+Read in this order (README.md has the variant table, with the papers):
 - LoopGPTConfig: every model flag.
-- Attention, MLP, Block: the nanochat block (§3): pre-norm, parameter-free RMSNorm, RoPE,
+- Attention, MLP, Block: the nanochat block: pre-norm, parameter-free RMSNorm, RoPE,
   QK-norm, optional GQA, ReLU² MLP, no biases, zero-initialised output projections;
   optional sandwich norm, queries from another stream (FLT), LoRA deltas, adaLN gates.
-- LoopGPT.core_pass: one loop; every `injection` (§4) is one branch there, found by
+- LoopGPT.core_pass: one loop; every `injection` is one branch there, found by
   searching its flag value, e.g. `inj == "full_attn"`.
-- LoopGPT.conditioning: `modulation` (§5), TMLT's loop index or LoopFormer's (t, Δ).
+- LoopGPT.conditioning: `modulation`, TMLT's loop index or LoopFormer's (t, Δ).
 - LoopGPT.trunk / forward: the loop over a schedule, truncated backprop, checkpointing,
-  per-sequence depth, and the training objectives that read it (§6, §7).
-- generate / decode_with_exit: KV-cached generation and per-token early exit (§8).
+  per-sequence depth, and the training objectives that read it.
+- generate / decode_with_exit: KV-cached generation and per-token early exit.
 """
 
 import math
@@ -125,7 +125,7 @@ class KVCache:
     Keys and values for generation, one slot per (loop, layer) visit: prelude layers,
     then core layer j at loop t, then coda layers. Each loop's attention reads the keys
     of the *same* loop, so a single cache shared by all loops would not reproduce the
-    full forward (FLT's official code caches only the last loop: DESIGN §8).
+    full forward (FLT's official code caches only the last loop).
     Buffers are preallocated to block_size so decoding never concatenates.
     """
 
@@ -376,7 +376,7 @@ class LoopGPT(nn.Module):
     # ---- the loop --------------------------------------------------------------------
 
     def initial_state(self, e, pos):
-        """h_0 (DESIGN §4, `state_init`)."""
+        """h_0, chosen by `state_init`."""
         init = self.config.state_init
         if init == "prelude":
             return e
@@ -393,7 +393,7 @@ class LoopGPT(nn.Module):
         """
         Loop t (0-based) of the core: previous state h = h_{t-1}, loop input e (prelude
         output, i.e. the normed embedding when n_prelude = 0). Returns the core's output.
-        Each `injection` is one branch here (DESIGN §4). With state_init='prelude',
+        Each `injection` is one branch here. With state_init='prelude',
         h_0 = e and loop 1 is a plain pass of the core in every variant. c is the loop's
         conditioning vector when the core is modulated (see `conditioning`).
         """
@@ -439,7 +439,7 @@ class LoopGPT(nn.Module):
     def route(self, h, i, cand, cache, pos):
         """
         Mixture-of-Recursions (Bae et al. 2025), expert-choice routing for recursion i of
-        N = n_loops (DESIGN §6). Recursion i keeps a fraction (N-i)/N of the tokens, chosen
+        N = n_loops. Recursion i keeps a fraction (N-i)/N of the tokens, chosen
         among those recursion i-1 kept (cand, (B, T) bool), so a token's depth is the
         number of recursions before it is dropped. Router score s_i = w_i · norm(h).
 
@@ -484,7 +484,7 @@ class LoopGPT(nn.Module):
 
     def steps(self, loops=None, schedule=None):
         """The loop schedule as step sizes Δ_1..Δ_M that sum to 1: `schedule` if given,
-        else M = `loops` (default n_loops) uniform steps of 1/M (DESIGN §8)."""
+        else M = `loops` (default n_loops) uniform steps of 1/M."""
         if schedule is None:
             M = check_loops(self.config.n_loops if loops is None else loops)
             steps = [1.0 / M] * M
@@ -600,7 +600,7 @@ class LoopGPT(nn.Module):
         rest. Stage 2 (the LM frozen): BCE(1 - λ_t, σ(gate_k (I_t - gate_gamma))) with
         I_t = max(0, CE_t - CE_{t+1}) detached: continue where the next loop still helps.
 
-        short (training): an auxiliary short route, DESIGN §7. A schedule (list) is
+        short (training): an auxiliary short route. A schedule (list) is
         LoopFormer's shortcut route, run as a second forward; an int S is the prefix route
         of the early-exit baselines, the first S loops of the full route read off its
         intermediate state (no second forward). The loss is then
@@ -707,7 +707,7 @@ class LoopGPT(nn.Module):
         step rebuilds the cache from the cropped window (every position's K/V depends on
         the window it saw), so cached and uncached decoding stay identical.
 
-        exit: per-token early exit while decoding (DESIGN §6), loops = the maximum:
+        exit: per-token early exit while decoding, loops = the maximum:
         ("kl", 1e-3): KL(p_{t-1} || p_t) of the next-token distributions < threshold (Huginn);
         ("latent", 0.03): relative change ||h_t - h_{t-1}|| / ||h_t|| < threshold (Huginn);
         ("gate", 0.9): Ouro's gate, stop once the exit CDF reaches q (needs exit_gate).
@@ -899,7 +899,7 @@ def huginn_noise(n, d, generator=None, device=None):
 
 def sample_short_route(L, rng):
     """
-    LoopFormer's random shortcut route on the 1/L grid (DESIGN §7): S ~ U{1..L-1} steps;
+    LoopFormer's random shortcut route on the 1/L grid: S ~ U{1..L-1} steps;
     each of the first S-1 steps draws its size from {1/L, 2/L, ...}, leaving at least 1/L
     for every step still to come; the last step takes the rest. rng: numpy Generator.
     """

@@ -256,7 +256,7 @@ def test_flops_grow_with_loops_params_do_not():
     assert "unique params" in model.summary()
 
 
-# ---- injection variants (DESIGN §4) -------------------------------------------------------
+# ---- injection variants -------------------------------------------------------------------
 
 def ref_block(block, x, cos, sin, xq=None):
     """A pre-norm block written out by hand; queries from norm(xq) when given."""
@@ -266,7 +266,7 @@ def ref_block(block, x, cos, sin, xq=None):
 
 
 def reference_loop(model, idx, M):
-    """The injection table of DESIGN §4, written independently of LoopGPT.core_pass,
+    """The README's injection table, written independently of LoopGPT.core_pass,
     for models with no prelude/coda and state_init='prelude'."""
     cfg = model.config
     T = idx.size(1)
@@ -413,7 +413,7 @@ def test_residual_rms_grows_for_plain_loop_with_large_updates():
     assert len(rms) == 5 and rms[-1] > rms[0]
 
 
-# ---- modulation and schedules (DESIGN §5, §7, §8) -------------------------------------------
+# ---- modulation and schedules -------------------------------------------------------------
 
 def modulated_model(modulation, seed=0, **kw):
     """A model whose modulation is not zero (as after training), so t, Δ and i matter."""
@@ -540,7 +540,7 @@ def test_short_routes_lie_on_the_grid():
         assert firsts == (set(range(1, L + 1)) if L > 2 else {2})
 
 
-# ---- training recipes: truncated backprop, checkpointing, per-sequence depth (DESIGN §7) ----
+# ---- training recipes: truncated backprop, checkpointing, per-sequence depth -----------------
 
 def grads(model, x, y, **kw):
     model.zero_grad()
@@ -605,7 +605,7 @@ def test_per_loop_lora_starts_as_the_shared_model():
         assert torch.equal(a, lora.generate(prompt, 12, loops=M, temperature=0, use_cache=False))
 
 
-# ---- Mixture-of-Recursions routing (DESIGN §6) -------------------------------------------------
+# ---- Mixture-of-Recursions routing -------------------------------------------------------------
 
 def mor_model(**kw):
     return random_model(routing="mor", n_loops=4, **kw)
@@ -723,7 +723,7 @@ def test_mor_overfits_one_batch():
     assert loss.item() < 0.5, loss.item()
 
 
-# ---- exits (DESIGN §6) -------------------------------------------------------------------------
+# ---- exits -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("exit", [("kl", 1e-30), ("latent", 1e-12), ("gate", 1.0)])
 @pytest.mark.parametrize("injection", ["add", "full_attn"])

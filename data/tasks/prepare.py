@@ -1,5 +1,5 @@
 """
-Synthetic reasoning tasks where the number of loops matters (DESIGN §9), no network.
+Synthetic reasoning tasks where the number of loops matters, no network.
 
 Each example is a prompt and an answer in plain ASCII, one character per token (the
 tokenizer is the 256 single bytes plus EOT, served by tiktoken like the BPE ones):
