@@ -42,8 +42,9 @@ class TrainConfig:
     lambda_cons: float = 0.1
     # loops per step: fixed = n_loops; uniform = U{loop_min..loop_max or n_loops};
     # poisson_lognormal = Huginn's Poisson(e^τ) + 1, τ ~ N(log n_loops - σ²/2, σ = loop_sigma);
-    # per_sequence = Parcae: every row draws its own depth that way, finished rows are frozen.
-    # Every DDP rank uses the same depth in a step. loop_max > 0 caps the sampled depth.
+    # per_sequence = Parcae: every row draws its own depth max(1, Poisson(n_loops)) and runs
+    # its own loops (with bptt_k, its last min(depth, bptt_k) with gradient). Otherwise every
+    # DDP rank uses the same depth in a step. loop_max > 0 caps the sampled depth.
     loop_sampling: str = "fixed"
     loop_min: int = 1
     loop_max: int = 0

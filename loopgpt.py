@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 INJECTIONS = ("none", "add", "concat", "diag", "attn_first", "full_res", "full_attn")
-STATE_INITS = ("prelude", "randn", "zero")
+STATE_INITS = ("prelude", "randn", "randn_small", "zero")
 BLOCK_NORMS = ("pre", "sandwich")
 MODULATIONS = ("none", "tmlt", "loopformer")
 MLPS = ("relu2", "gelu")
@@ -52,7 +52,8 @@ class LoopGPTConfig:
     n_coda: int = 1            # blocks run once after the loop
     n_loops: int = 4           # L: loops at train time, and the default budget M
     injection: str = "none"    # one of INJECTIONS: how h_{t-1} and the input enter loop t
-    state_init: str = "prelude"  # one of STATE_INITS: h_0 = prelude output, random, or zero
+    state_init: str = "prelude"  # one of STATE_INITS: h_0 = prelude output, random (Huginn, Parcae), or zero
+    norm_state: bool = False   # pass h_t = norm(x_t) between loops, LTi adds the raw embedding (FLT code)
     block_norm: str = "pre"    # one of BLOCK_NORMS
     modulation: str = "none"   # one of MODULATIONS: condition each loop on its index or on (t, Δ)
     exit_gate: bool = False    # Ouro's exit gate λ_t = σ(w·norm(h_t) + b) on every loop's state
@@ -326,8 +327,8 @@ class LoopGPT(nn.Module):
         cos, sin = rotary_table(cfg.block_size, d // cfg.n_head, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        if cfg.state_init == "randn":  # the fixed draw used at inference, see initial_state
-            self.register_buffer("state_noise", huginn_noise(cfg.block_size, d, torch.Generator().manual_seed(0)),
+        if cfg.state_init.startswith("randn"):  # the fixed draw used at inference, see initial_state
+            self.register_buffer("state_noise", self.random_state(cfg.block_size, torch.Generator().manual_seed(0)),
                                  persistent=False)
         self.init_weights()
         if cfg.tie_embeddings:
@@ -382,12 +383,23 @@ class LoopGPT(nn.Module):
             return e
         if init == "zero":
             return torch.zeros_like(e)
-        # randn (Huginn): a fresh random state every training forward, so the core learns
-        # to start from anywhere. At inference a fixed draw per position is used instead:
-        # the same prompt then gives the same text, and the KV cache stays exact.
+        # randn (Huginn), randn_small (Parcae): a fresh random state every training forward,
+        # so the core learns to start from anywhere. At inference a fixed draw per position
+        # is used instead (both official codes draw afresh there too): the same prompt then
+        # gives the same text, and the KV cache stays exact.
         if self.training:
-            return huginn_noise(e.size(0) * e.size(1), e.size(2), device=e.device).view_as(e).to(e.dtype)
+            return self.random_state(e.size(0) * e.size(1), device=e.device).view_as(e).to(e.dtype)
         return self.state_noise[pos:pos + e.size(1)].to(e.dtype).expand_as(e)
+
+    def random_state(self, n, generator=None, device=None):
+        """n random states: truncated normal, std sqrt(2/(5d)) cut at ±3 std (both papers'
+        init std); Huginn scales it by sqrt(d) to the scale of a normed state (RMS ≈ 0.6),
+        Parcae does not (RMS ≈ 0.02 at d = 768)."""
+        d = self.config.n_embd
+        std = math.sqrt(2 / (5 * d))
+        x = torch.empty(n, d, device=device)
+        nn.init.trunc_normal_(x, std=std, a=-3 * std, b=3 * std, generator=generator)
+        return x * math.sqrt(d) if self.config.state_init == "randn" else x
 
     def core_pass(self, h, e, t, rope, cache, slot, c=None, key_mask=None):
         """
@@ -407,11 +419,12 @@ class LoopGPT(nn.Module):
             # LTi, input injection (Yang et al. 2024): x = norm(e + h_{t-1})
             x = norm(e + h)
         elif inj == "concat":
-            # Huginn adapter (Geiping et al. 2025): x = W_a [norm(h_{t-1}); e]. In Huginn
-            # h_{t-1} leaves the core through a sandwich norm, so it is normed already (the
-            # same here with block_norm='sandwich'); with pre-norm blocks the raw stream
-            # would grow loop after loop (RMS 174 -> 98,000 over 8 loops, measured)
-            x = self.adapter(torch.cat([norm(h), e], dim=-1))
+            # Huginn adapter (Geiping et al. 2025): x = W_a [h_{t-1}; e]. In Huginn h_{t-1}
+            # leaves the core through a sandwich norm, so it has a bounded scale, and h_0 (its
+            # random state) enters raw, as here with block_norm='sandwich'. Pre-norm blocks
+            # pass norm(h_{t-1}): their raw stream would grow loop after loop (RMS 174 ->
+            # 98,000 over 8 loops, measured)
+            x = self.adapter(torch.cat([h if self.config.block_norm == "sandwich" else norm(h), e], dim=-1))
         elif inj == "diag":
             # Parcae: a stable diagonal linear recurrence around the core,
             # x = Ā ⊙ h_{t-1} + Δ ⊙ (B ē), Δ = softplus(dt_bias), Ā = exp(-Δ ⊙ exp(A_log))
@@ -512,7 +525,7 @@ class LoopGPT(nn.Module):
         """Everything up to the final norm for the schedule `steps`: returns the coda's
         output (B, T, d). If `states` is a list, each loop's output is appended to it.
         depths (B,): Parcae's per-sequence depth, row b runs depths[b] <= len(steps)
-        loops and keeps its state after that. routes: a list that receives MoR's
+        loops and keeps its state outside them (see the bptt note in the loop). routes: a list that receives MoR's
         (scores, candidates, selections) per recursion."""
         cfg = self.config
         B, T = idx.shape
@@ -521,14 +534,19 @@ class LoopGPT(nn.Module):
             raise ValueError(f"sequence of {pos + T} tokens exceeds block_size={cfg.block_size}")
         rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
 
-        x = norm(self.wte(idx))
-        slot = 0  # KV-cache slot of the next (loop, layer) visit
-        for block in self.prelude:
-            x = block(x, rope, cache, slot)
-            slot += 1
-        e = x  # the loop input
-        h = self.initial_state(e, pos)
+        e, h = self.loop_input(idx, rope, cache, pos)
+        x = h  # the last loop's output; h_0 before the first
+        slot = cfg.n_prelude  # KV-cache slot of the next (loop, layer) visit
         M = len(steps)
+        if depths is not None:
+            # Parcae's per-sequence depth with truncated backprop (Parcae code): row b runs
+            # n_b = d_b - min(d_b, k) loops without gradient, then min(d_b, k) with, so
+            # every row sends gradient through the core, however shallow. The batch runs
+            # max(n_b) gradient-free loops, then max min(d_b, k) with gradient; a row takes
+            # part in the first n_b of the one and the first min(d_b, k) of the other
+            n_grad = depths.clamp(max=cfg.bptt_k or M).view(-1, 1, 1)
+            n_free = depths.view(-1, 1, 1) - n_grad
+            grad_from = max(0, M - cfg.bptt_k) if cfg.bptt_k else 0  # the first loop with gradient
         mor = cfg.routing == "mor"  # (steps() has checked M <= n_loops)
         sel = torch.ones(B, T, dtype=torch.bool, device=idx.device)  # MoR: tokens still in the loop
         for i, dt in enumerate(steps):
@@ -553,18 +571,39 @@ class LoopGPT(nn.Module):
                 if mor:
                     # MoR: selected tokens take the gated update h + g (f(h) - h), the others keep h
                     x_new = x + (sel * gate).unsqueeze(-1).to(x.dtype) * (x_new - x)
-            if depths is not None and i > 0:  # rows whose depth is reached keep their state
-                x_new = torch.where((i < depths).view(-1, 1, 1), x_new, x)
+            if depths is not None:  # a row outside its loops keeps its state
+                x_new = torch.where(i < n_free if truncated else i - grad_from < n_grad, x_new, x)
             x = x_new
             slot += cfg.n_core
             if states is not None:
                 states.append(x)
-            # the FLT family passes on the normalised output, h_t = norm(x) (FLT code)
-            h = norm(x) if cfg.injection in ("attn_first", "full_res", "full_attn") else x
+            h = self.next_state(x)
         slot = cfg.n_prelude + cfg.n_core * M  # the coda's slots (a MoR loop may have stopped early)
         x = self.run_coda(x, rope, cache, slot)
         if cache is not None:
             cache.pos += T
+        return x
+
+    def loop_input(self, idx, rope, cache, pos):
+        """Embedding and prelude: returns the loop input e and the initial state h_0."""
+        emb = self.wte(idx)
+        x = norm(emb)
+        for slot, block in enumerate(self.prelude):
+            x = block(x, rope, cache, slot)
+        if not self.config.norm_state:
+            return x, self.initial_state(x, pos)
+        # the FLT code's convention: every state that enters a loop is normed, h_0 included,
+        # and the input is the raw embedding (with no prelude), so LTi's
+        # x = norm(e + h_{t-1}) adds a learned-scale embedding to a unit-RMS state
+        e = emb if not self.prelude else x
+        return e, norm(self.initial_state(e, pos))
+
+    def next_state(self, x):
+        """h_t, what loop t+1 reads of loop t's output x_t: the raw stream (Saunshi et al.,
+        LoopFormer's Base-Loop), or norm(x_t) (FLT code: always for its FLT / FLTres / LTai,
+        with norm_state for LT and LTi)."""
+        if self.config.norm_state or self.config.injection in ("attn_first", "full_res", "full_attn"):
+            return norm(x)
         return x
 
     def run_coda(self, x, rope=None, cache=None, slot=0):
@@ -591,14 +630,18 @@ class LoopGPT(nn.Module):
         Returns (logits (B, T, V) in float32, loss or None).
 
         depths (B,) ints (training, Parcae's per-sequence depth): row b runs depths[b]
-        loops and is then frozen; the batch runs max(depths) loops.
+        loops, the batch max(depths); with bptt_k = k the last min(depths[b], k) of them
+        get gradients. A row's loops are not aligned with the batch's, so the loops must
+        not depend on their index: no modulation, no per-loop LoRA, and a first loop that
+        is not special (state_init other than 'prelude', or injection='none').
 
         step_weights (training): per-step supervision, loss = Σ_t w_t CE_t / Σ_t w_t with
         CE_t the loss of the shared coda and head on loop t's state (FLT's STEP / FEW).
-        gate_stage (training, needs exit_gate): Ouro's gate. Stage 1: loss =
-        Σ_t p_t CE_t - gate_beta * H(p), p_t = λ_t Π_{j<t}(1-λ_j), the last loop takes the
-        rest. Stage 2 (the LM frozen): BCE(1 - λ_t, σ(gate_k (I_t - gate_gamma))) with
-        I_t = max(0, CE_t - CE_{t+1}) detached: continue where the next loop still helps.
+        gate_stage (training, needs exit_gate): Ouro's gate (Zhu et al. 2025, arXiv
+        2510.25741). Stage 1 (Eq. 4): loss = Σ_t p_t CE_t - gate_beta * H(p),
+        p_t = λ_t Π_{j<t}(1-λ_j), the last loop takes the rest. Stage 2 (Eq. 5-6, the LM
+        frozen): (1/T) Σ_{t=2..T} BCE(1 - λ_t, σ(gate_k (I_t - gate_gamma))) with
+        I_t = max(0, CE_{t-1} - CE_t) detached: continue after loops that still helped.
 
         short (training): an auxiliary short route. A schedule (list) is
         LoopFormer's shortcut route, run as a second forward; an int S is the prefix route
@@ -614,8 +657,12 @@ class LoopGPT(nn.Module):
             if schedule is not None or short is not None or cache is not None:
                 raise ValueError("per-sequence depths go with loops only (no schedule, short route or cache)")
             loops = int(depths.max())
-            if self.config.routing == "mor":
+            c = self.config
+            if c.routing == "mor":
                 raise ValueError("routing='mor' chooses each token's depth itself: no per-sequence depths")
+            if c.modulation != "none" or c.lora_rank or (c.state_init == "prelude" and c.injection != "none"):
+                raise ValueError("per-sequence depths need loops that do not depend on their index: no modulation "
+                                 "or lora_rank, and state_init='randn'/'zero' unless injection='none'")
         per_step = targets is not None and (step_weights is not None or gate_stage)
         if per_step and (short is not None or (step_weights is not None and gate_stage)):
             raise ValueError("use one of: a short route, step_weights, gate_stage")
@@ -676,10 +723,13 @@ class LoopGPT(nn.Module):
             p = torch.cat([lam[:-1] * survive[:-1], survive[-1:]])  # the last loop takes the rest
             entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(0)
             return (((p * ce_t).sum(0) - beta * entropy) * valid).sum() / valid.sum()
-        improve = (ce_t[:-1] - ce_t[1:]).clamp_min(0)  # what the next loop still gains, detached
+        # Ouro Eq. 5-6: I_t = max(0, CE_{t-1} - CE_t), what loop t gained, detached; the
+        # gate after loop t learns to continue (1 - λ_t) where that gain was large:
+        # (1/T) Σ_{t=2..T} mean_tokens BCE(1 - λ_t, σ(k (I_t - γ))), divided by T, not T-1, as written
+        improve = (ce_t[:-1] - ce_t[1:]).clamp_min(0)
         target = torch.sigmoid(k * (improve - gamma))
-        bce = F.binary_cross_entropy(1 - lam[:-1], target, reduction="none")
-        return (bce * valid).sum() / (valid.sum() * (M - 1))
+        bce = F.binary_cross_entropy(1 - lam[1:], target, reduction="none")
+        return (bce * valid).sum() / (valid.sum() * M)
 
     @torch.no_grad()
     def residual_rms(self, idx, loops=None, routes=None):
@@ -710,7 +760,9 @@ class LoopGPT(nn.Module):
         exit: per-token early exit while decoding, loops = the maximum:
         ("kl", 1e-3): KL(p_{t-1} || p_t) of the next-token distributions < threshold (Huginn);
         ("latent", 0.03): relative change ||h_t - h_{t-1}|| / ||h_t|| < threshold (Huginn);
-        ("gate", 0.9): Ouro's gate, stop once the exit CDF reaches q (needs exit_gate).
+        ("gate", 0.9): Ouro's gate, stop once the exit CDF reaches q (needs exit_gate);
+        ("gate_all", 0.9): the same choice as Ouro's released code makes it: every loop
+        runs (no compute saved, every K/V real), the exit picks which state reaches the head.
         No token stops before min_loops. The prompt runs at the full budget. loops_used, a
         list, receives the loops each decoded token ran (a list per step, one per row).
 
@@ -760,16 +812,14 @@ class LoopGPT(nn.Module):
         whose exit criterion fires. A row that stopped keeps its state, and the K/V of
         the loops it skipped are filled from its last computed loop for the same layer
         (Huginn's latest-m4), so later tokens attending to it find an entry in every
-        (loop, layer) slot. Returns (logits (B, 1, V), loops used per row).
+        (loop, layer) slot. exit kind 'gate_all' runs every loop instead and sends each
+        row's exit state to the coda and head. Returns (logits (B, 1, V), loops used per row).
         """
         cfg, kind, threshold = self.config, exit[0], exit[1]
         B, pos, M = idx.size(0), cache.pos, len(steps)
         rope = (self.rope_cos[pos:pos + 1], self.rope_sin[pos:pos + 1])
-        x = norm(self.wte(idx))
-        for j, block in enumerate(self.prelude):
-            x = block(x, rope, cache, j)
-        e = x
-        h = self.initial_state(e, pos)
+        e, h = self.loop_input(idx, rope, cache, pos)
+        x = h  # the latent exit compares loop 1 with h_0 (Huginn code)
         first, coda_slot = cfg.n_prelude, cfg.n_prelude + cfg.n_core * M
         used = torch.full((B,), M, device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -777,7 +827,7 @@ class LoopGPT(nn.Module):
         continue_prob = torch.ones(B, device=idx.device)  # gate: Π_{j<t} (1 - λ_j)
         for i, dt in enumerate(steps):
             x_new = self.core_pass(h, e, i, rope, cache, first + i * cfg.n_core, self.conditioning(i, math.fsum(steps[:i]), dt))
-            if done.any():
+            if done.any() and kind != "gate_all":
                 x_new = torch.where(done.view(-1, 1, 1), x, x_new)
                 for b in done.nonzero().flatten().tolist():
                     src = first + (int(used[b]) - 1) * cfg.n_core
@@ -785,7 +835,7 @@ class LoopGPT(nn.Module):
                         cache.k[first + i * cfg.n_core + j, b, :, pos] = cache.k[src + j, b, :, pos]
                         cache.v[first + i * cfg.n_core + j, b, :, pos] = cache.v[src + j, b, :, pos]
             x_prev, x = x, x_new
-            h = norm(x) if cfg.injection in ("attn_first", "full_res", "full_attn") else x
+            h = self.next_state(x)
             if i == M - 1:
                 break
             if kind == "kl":  # the next-token distribution after this loop, through coda and head
@@ -795,13 +845,16 @@ class LoopGPT(nn.Module):
                 fire = kl < threshold
             elif kind == "latent":
                 fire = ((x - x_prev).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12))[:, -1] < threshold
-            else:  # gate: p_t = λ_t Π_{j<t}(1 - λ_j); stop once Σ p_t >= q
+            else:  # gate, gate_all: p_t = λ_t Π_{j<t}(1 - λ_j); stop once Σ p_t >= q
                 lam = torch.sigmoid(self.exit_gate(norm(x)))[:, -1, 0]
                 continue_prob = continue_prob * (1 - lam)
                 fire = 1 - continue_prob >= threshold
             newly = fire & ~done & (i + 1 >= min_loops)
             used = torch.where(newly, torch.full_like(used, i + 1), used)
             done = done | newly
+            x_exit = torch.where(newly.view(-1, 1, 1), x, x if i == 0 else x_exit)  # gate_all: the chosen state
+        if kind == "gate_all" and M > 1:
+            x = torch.where(done.view(-1, 1, 1), x_exit, x)
         x = self.run_coda(x, rope, cache, coda_slot)  # every row's final state: the real coda K/V
         cache.pos += 1
         return self.logits(norm(x)), used
@@ -888,15 +941,6 @@ def compile_blocks(model, **kwargs):
     return model
 
 
-def huginn_noise(n, d, generator=None, device=None):
-    """Huginn's random initial state: truncated normal, std sqrt(2/(5d)) cut at ±3 std,
-    scaled by sqrt(d) so that it has the scale of a normed state."""
-    std = math.sqrt(2 / (5 * d))
-    x = torch.empty(n, d, device=device)
-    nn.init.trunc_normal_(x, std=std, a=-3 * std, b=3 * std, generator=generator)
-    return x * math.sqrt(d)
-
-
 def sample_short_route(L, rng):
     """
     LoopFormer's random shortcut route on the 1/L grid: S ~ U{1..L-1} steps;
@@ -930,14 +974,15 @@ def check_schedule(schedule, loops=None, modulation="loopformer"):
 
 
 def check_exit(exit, cfg):
-    kinds = ("kl", "latent", "gate")
+    kinds = ("kl", "latent", "gate", "gate_all")
     if not (isinstance(exit, (tuple, list)) and len(exit) == 2 and exit[0] in kinds):
         raise ValueError(f"exit must be (kind, threshold) with kind in {kinds}, got {exit!r}")
-    if not (isinstance(exit[1], (int, float)) and exit[1] > 0) or (exit[0] == "gate" and not exit[1] <= 1):
+    gate = exit[0].startswith("gate")
+    if not (isinstance(exit[1], (int, float)) and exit[1] > 0) or (gate and not exit[1] <= 1):
         raise ValueError(f"exit threshold must be > 0 (and <= 1 for gate), got {exit[1]!r}")
     if cfg.routing == "mor":
         raise ValueError("routing='mor' already chooses each token's depth: no exit criterion on top")
-    if exit[0] == "gate" and not cfg.exit_gate:
+    if gate and not cfg.exit_gate:
         raise ValueError("exit=('gate', q) needs a model trained with exit_gate=True")
 
 

@@ -257,9 +257,11 @@ def sample_depth(step, m):
         M = np.full(size or (), L)
     elif tc.loop_sampling == "uniform":
         M = rng.integers(tc.loop_min, (tc.loop_max or L) + 1, size=size)
-    else:  # Huginn: a log-normal Poisson with mean ~ L, plus one
+    elif tc.loop_sampling == "poisson_lognormal":  # Huginn: a log-normal Poisson with mean ~ L, plus one
         tau = rng.normal(math.log(L) - tc.loop_sigma ** 2 / 2, tc.loop_sigma, size=size)
         M = rng.poisson(np.exp(tau)) + 1
+    else:  # per_sequence, Parcae: max(1, Poisson(L)) for each row (mean ~ L, variance ~ L)
+        M = rng.poisson(L, size=size)
     sampled = tc.loop_sampling != "fixed"  # loop_min / loop_max bound sampled depths only
     cap = tc.loop_max if tc.loop_max and sampled and tc.loop_sampling != "uniform" else None
     if tc.curriculum_start:  # L_max(s) = min(L_target, L0 + k s)

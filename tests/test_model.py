@@ -314,6 +314,42 @@ def test_injection_matches_design_table(injection):
         torch.testing.assert_close(model(idx, loops=M)[0], reference_loop(model, idx, M), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("injection", ["none", "add"])
+def test_norm_state_is_the_flt_codes_lt_and_lti(injection):
+    # FLT code (Fu et al. 2026): x_0 = wte(idx); loop 1 runs the core on norm(x_0); each
+    # loop passes on h_t = norm(x_t); LT's loop t > 1 runs on h_{t-1}, LTi's on
+    # norm(x_0 + h_{t-1}) with the raw embedding
+    model = random_model(injection=injection, n_prelude=0, n_coda=0, softcap=0.0, norm_state=True)
+    raw = random_model(injection=injection, n_prelude=0, n_coda=0, softcap=0.0)
+    with torch.no_grad():
+        model.wte.weight.mul_(3.0)  # an embedding whose scale is not 1, as after training
+        raw.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 61, (2, 12))
+    cos, sin = model.rope_cos[:12], model.rope_sin[:12]
+    for M in (1, 2, 4):
+        x0 = model.wte(idx)
+        for t in range(M):
+            x = norm(x0) if t == 0 else h if injection == "none" else norm(x0 + h)
+            for block in model.core:
+                x = ref_block(block, x, cos, sin)
+            h = norm(x)
+        torch.testing.assert_close(model(idx, loops=M)[0], (h @ model.lm_head.weight.T).float(), atol=2e-5, rtol=2e-5)
+        assert (M == 1) == torch.allclose(model(idx, loops=M)[0], raw(idx, loops=M)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_norm_state_cached_decoding_equals_full_forward(injection):
+    model = randomize_extras(random_model(injection=injection, norm_state=True,
+                                          state_init="prelude" if injection == "none" else "randn"))
+    idx = torch.randint(0, 61, (2, 10))
+    for M in (1, 4):
+        full, _ = model(idx, loops=M)
+        cache = model.new_cache(M)
+        model(idx[:, :6], loops=M, cache=cache)
+        steps = [model(idx[:, t:t + 1], loops=M, cache=cache)[0] for t in range(6, 10)]
+        torch.testing.assert_close(torch.cat(steps, 1), full[:, 6:], atol=2e-5, rtol=2e-5)
+
+
 def test_injection_parameter_counts():
     d = 32
     n = {inj: LoopGPT(small_config(injection=inj)).num_params() for inj in INJECTIONS}
@@ -573,8 +609,10 @@ def test_checkpointed_loops_give_the_same_gradients(injection):
         torch.testing.assert_close(ckpt[n], plain[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
-def test_per_sequence_depth_freezes_finished_rows():
-    model = modulated_model("none", injection="add")
+@pytest.mark.parametrize("injection", ["none", "diag"])
+def test_per_sequence_depth_runs_each_row_its_own_loops(injection):
+    state_init = "prelude" if injection == "none" else "zero"
+    model = random_model(injection=injection, state_init=state_init)
     idx = torch.randint(0, 61, (3, 8))
     depths = torch.tensor([1, 4, 2])
     logits, _ = model(idx, depths=depths)
@@ -582,6 +620,23 @@ def test_per_sequence_depth_freezes_finished_rows():
         torch.testing.assert_close(logits[b:b + 1], model(idx[b:b + 1], loops=int(depths[b]))[0])
     with pytest.raises(ValueError, match="per-sequence"):
         model(idx, depths=depths, schedule=[0.5, 0.5])
+    with pytest.raises(ValueError, match="do not depend on their index"):
+        random_model(injection="add")(idx, depths=depths)  # loop 1 is special with state_init='prelude'
+
+
+def test_per_sequence_bptt_gives_every_row_its_last_k_loops():
+    # Parcae: row b runs d_b - min(d_b, k) loops without gradient, then min(d_b, k) with,
+    # so the batch's gradient is the mean of each row's own truncated gradient; a row
+    # shallower than the batch's deepest still sends gradient through the core
+    k, depths = 2, torch.tensor([1, 2, 3, 5])
+    model = random_model(injection="diag", state_init="zero", bptt_k=k).train()
+    x, y = torch.randint(0, 61, (4, 10)), torch.randint(0, 61, (4, 10))
+    batch = grads(model, x, y, depths=depths)
+    rows = [grads(model, x[b:b + 1], y[b:b + 1], loops=int(depths[b])) for b in range(4)]
+    for n, g in batch.items():
+        ref = sum(r[n] for r in rows if r[n] is not None) / 4
+        torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-4, msg=n)
+    assert rows[0]["core.0.attn.q.weight"].abs().sum() > 0  # depth 1 < 5 - k: still a core gradient
 
 
 def test_per_loop_lora_starts_as_the_shared_model():
@@ -806,3 +861,54 @@ def test_ouro_gate_losses():
     loss.backward()
     assert model.exit_gate.weight.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("exit_gate"))
+
+
+def test_ouro_stage_two_is_eq_5_6():
+    # Ouro (arXiv 2510.25741) Eq. 5-6: I_t = max(0, CE_{t-1} - CE_t) per token (detached),
+    # w_t = σ(k (I_t - γ)), loss = (1/T) Σ_{t=2..T} mean_tokens BCE(1 - λ_t, w_t): the gate
+    # after loop t is paired with what loop t itself gained
+    model = random_model(injection="add", exit_gate=True, n_coda=0)
+    with torch.no_grad():
+        model.exit_gate.weight.normal_(std=1.0)  # λ differs from loop to loop and token to token
+    x, y = torch.randint(0, 61, (2, 10)), torch.randint(0, 61, (2, 10))
+    y[1, :4] = -1
+    T, k, gamma = 3, 50.0, 0.005
+    with torch.no_grad():
+        ce = [F.cross_entropy(model(x, loops=t)[0].view(-1, 61), y.view(-1), ignore_index=-1, reduction="none")
+              for t in range(1, T + 1)]
+        lam = [torch.sigmoid(model.exit_gate(norm(model.trunk(x, model.steps(t))))).view(-1) for t in range(1, T + 1)]
+    valid = y.view(-1) != -1
+    expected = 0.0
+    for t in range(1, T):  # 0-based: loop t + 1 against loop t
+        w = torch.sigmoid(k * ((ce[t - 1] - ce[t]).clamp_min(0) - gamma))
+        bce = -(w * torch.log(1 - lam[t]) + (1 - w) * torch.log(lam[t]))
+        expected = expected + bce[valid].mean()
+    torch.testing.assert_close(model(x, y, loops=T, gate_stage=2, gate_k=k, gate_gamma=gamma)[1], expected / T)
+
+
+def test_gate_all_exit_runs_every_loop_and_picks_the_exit_state():
+    # Ouro's released code: all loops run, the first state whose exit CDF reaches q goes
+    # to the head; the cache is then the fixed-budget cache, and the logits are the
+    # chosen loop's
+    model = random_model(injection="none", exit_gate=True, n_coda=0, norm_state=True)
+    with torch.no_grad():
+        model.exit_gate.weight.normal_(std=2.0)
+    idx = torch.randint(0, 61, (3, 8))
+    M, q = 4, 0.5
+    cache = model.new_cache(M)
+    with torch.no_grad():
+        model(idx[:, :7], loops=M, cache=cache)
+        logits, used = model.decode_with_exit(idx[:, 7:], model.steps(M), cache, ("gate_all", q), 1)
+        full_cache = model.new_cache(M)
+        model(idx, loops=M, cache=full_cache)
+        torch.testing.assert_close(cache.k, full_cache.k)  # every (loop, layer) K/V is real
+        for b in range(3):
+            cdf, s = [], torch.tensor(1.0)
+            for t in range(1, M + 1):
+                lam = torch.sigmoid(model.exit_gate(norm(model.trunk(idx[b:b + 1], model.steps(t)))))[0, -1, 0]
+                s = s * (1 - lam)
+                cdf.append(1 - s)
+            t_exit = next((t for t in range(1, M) if cdf[t - 1] >= q), M)
+            assert used[b] == t_exit
+            torch.testing.assert_close(logits[b, -1], model(idx[b:b + 1], loops=t_exit)[0][0, -1])
+    assert len(set(used.tolist())) > 1  # the rows exit at different loops
