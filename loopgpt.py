@@ -361,8 +361,8 @@ class LoopGPT(nn.Module):
             nn.init.normal_(self.lora_A_v, std=cfg.n_embd ** -0.5)
             self.lora_B_q.zero_()
             self.lora_B_v.zero_()
-        if cfg.routing == "mor":  # scores of order 1 on a normed state, so the ranks differ at init
-            nn.init.normal_(self.router.weight, std=cfg.n_embd ** -0.5)
+        if cfg.routing == "mor":  # N(0, 0.02) as in the MoR code
+            nn.init.normal_(self.router.weight, std=0.02)
         if cfg.injection == "concat":
             # W_a = [I | 0]: at init the adapter passes the state through (as Huginn's
             # small peers do); the input half starts at zero and is learned
@@ -454,7 +454,8 @@ class LoopGPT(nn.Module):
         Mixture-of-Recursions (Bae et al. 2025), expert-choice routing for recursion i of
         N = n_loops. Recursion i keeps a fraction (N-i)/N of the tokens, chosen
         among those recursion i-1 kept (cand, (B, T) bool), so a token's depth is the
-        number of recursions before it is dropped. Router score s_i = w_i · norm(h).
+        number of recursions before it is dropped. Router score s_i = w_i · h, on the raw
+        state (MoR code).
 
         MoR picks the top-k scores over the whole sequence, which lets a token's depth
         depend on tokens after it. We keep the capacity but make the choice causal: token
@@ -468,7 +469,7 @@ class LoopGPT(nn.Module):
         (B, pos+T): the tokens selected at recursion i, the only keys attention sees).
         """
         N = self.config.n_loops
-        s = self.router(norm(h))[..., i].float()
+        s = self.router(h)[..., i].float()
         T = s.size(1)
         s_all, cand_all = s, cand
         if cache is not None:
@@ -569,8 +570,9 @@ class LoopGPT(nn.Module):
                 else:
                     x_new = self.core_pass(h, e, i, rope, cache, slot, c, key_mask)
                 if mor:
-                    # MoR: selected tokens take the gated update h + g (f(h) - h), the others keep h
-                    x_new = x + (sel * gate).unsqueeze(-1).to(x.dtype) * (x_new - x)
+                    # MoR code: selected tokens take h + g f(h), f the core with its residuals,
+                    # i.e. (1 + g) h + g Δ(h); the others keep h
+                    x_new = x + (sel * gate).unsqueeze(-1).to(x.dtype) * x_new
             if depths is not None:  # a row outside its loops keeps its state
                 x_new = torch.where(i < n_free if truncated else i - grad_from < n_grad, x_new, x)
             x = x_new
@@ -650,8 +652,8 @@ class LoopGPT(nn.Module):
         CE(full) + lambda_short * CE(short) + lambda_cons * MSE(sg(h_full), h_short),
         h = the hidden state after the final norm.
 
-        routing='mor' adds lambda_router * BCE(σ(s_i), selected) over each recursion's
-        candidates (MoR's auxiliary loss: the router's sigmoid learns to say who is kept).
+        routing='mor' adds lambda_router * Σ_i mean BCE(σ(s_i), selected_i) over recursion
+        i's candidates (MoR's auxiliary loss: the router's sigmoid learns to say who is kept).
         """
         if depths is not None:
             if schedule is not None or short is not None or cache is not None:
@@ -689,10 +691,9 @@ class LoopGPT(nn.Module):
                                        ignore_index=-1)
             # stop-gradient on the full route: the short route learns to match it, not vice versa
             loss = loss + lambda_short * ce_short + lambda_cons * F.mse_loss(h_short, h.detach())
-        if routes:
-            score = torch.cat([s[c] for s, c, _ in routes])
-            kept = torch.cat([k[c] for _, c, k in routes]).float()
-            loss = loss + lambda_router * F.binary_cross_entropy_with_logits(score, kept)
+        if routes:  # MoR code: Σ over recursions of the mean BCE over that recursion's candidates
+            loss = loss + lambda_router * sum(F.binary_cross_entropy_with_logits(s[c], k[c].float())
+                                              for s, c, k in routes)
         return logits, loss
 
     def per_step_loss(self, states, logits, targets, step_weights, gate_stage, beta, k, gamma):

@@ -695,20 +695,28 @@ def test_mor_is_causal():
     torch.testing.assert_close(model(idx)[0][:, :12], model(other)[0][:, :12], atol=0, rtol=0)
 
 
-def test_mor_keeping_everyone_with_gate_one_is_the_plain_loop():
-    # a zero router gives equal scores: nobody outscores anyone, so every token is kept
-    # while keep > 1/2 (recursions 1..3 of 4); router_scale 2 makes g = 2 σ(0) = 1, and
-    # h + g (f(h) - h) = f(h): the routed model is then the plain model
-    plain = random_model(n_loops=4)
-    mor = mor_model(router_scale=2.0)
-    mor.load_state_dict(plain.state_dict(), strict=False)
+def test_mor_update_is_h_plus_g_times_the_core_output():
+    # MoR code: a kept token takes h + g f(h), f = the core blocks with their residuals, so
+    # (1 + g) h + g Δ(h); g = router_scale σ(s). A zero router gives equal scores: nobody
+    # outscores anyone, so every token is kept while keep > 1/2 (recursions 1..3 of 4)
+    model = mor_model(n_prelude=0, n_coda=0, softcap=0.0)
     with torch.no_grad():
-        mor.router.weight.zero_()
+        model.router.weight.zero_()
     idx = torch.randint(0, 61, (2, 16))
+    cos, sin = model.rope_cos[:16], model.rope_sin[:16]
+    g = 0.1 * 0.5
+    h = norm(model.wte(idx))
     for M in (1, 2, 3):
-        torch.testing.assert_close(mor(idx, loops=M)[0], plain(idx, loops=M)[0], atol=1e-5, rtol=1e-5)
-    # recursion 4 keeps half: the first token (n = 1) is dropped, and the outputs part
-    assert not torch.allclose(mor(idx, loops=4)[0], plain(idx, loops=4)[0])
+        f = h
+        for block in model.core:
+            f = ref_block(block, f, cos, sin)
+        h = h + g * f
+        torch.testing.assert_close(model(idx, loops=M)[0], (norm(h) @ model.lm_head.weight.T).float(),
+                                   atol=1e-5, rtol=1e-5)
+    # recursion 4 keeps half: the first token (n = 1) is dropped and keeps its state
+    four, three = model(idx, loops=4)[0], model(idx, loops=3)[0]
+    torch.testing.assert_close(four[:, 0], three[:, 0])
+    assert not torch.allclose(four, three)
 
 
 def test_mor_key_mask_is_attention_over_the_kept_tokens_only():
@@ -750,9 +758,10 @@ def test_mor_router_loss_and_errors():
     _, without = model(idx, idx, lambda_router=0.0)
     routes = []
     model.trunk(idx, model.steps(), routes=routes)
-    score = torch.cat([s[c] for s, c, _ in routes])
-    kept = torch.cat([k[c] for _, c, k in routes]).float()
-    bce = -(kept * F.logsigmoid(score) + (1 - kept) * F.logsigmoid(-score)).mean()
+    bce = 0.0  # MoR code: summed over recursions, each the mean over its candidates
+    for score, cand, kept in routes:
+        s, y = score[cand], kept[cand].float()
+        bce = bce - (y * F.logsigmoid(s) + (1 - y) * F.logsigmoid(-s)).mean()
     torch.testing.assert_close(with_aux - without, bce)
     with_aux.backward()
     assert model.router.weight.grad.abs().sum() > 0
