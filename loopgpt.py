@@ -36,7 +36,7 @@ INJECTIONS = ("none", "add", "concat", "diag", "attn_first", "full_res", "full_a
 STATE_INITS = ("prelude", "randn", "randn_small", "zero")
 BLOCK_NORMS = ("pre", "sandwich")
 MODULATIONS = ("none", "tmlt", "loopformer")
-MLPS = ("relu2", "gelu")
+MLPS = ("relu2", "gelu", "swiglu")
 ROUTINGS = ("none", "mor")
 
 
@@ -63,6 +63,7 @@ class LoopGPTConfig:
     bptt_k: int = 0            # truncated backprop: only the last k loops get gradients; 0 = all
     checkpoint_loops: bool = False  # recompute each loop's activations in backward (memory)
     mlp: str = "relu2"         # one of MLPS
+    mlp_ratio: float = 4.0     # MLP hidden width / n_embd (LoopFormer 2.5)
     tie_embeddings: bool = False
     softcap: float = 15.0      # logits = c * tanh(logits / c); 0 turns it off
     rope_base: float = 10000.0
@@ -77,6 +78,8 @@ class LoopGPTConfig:
                            ("mlp", MLPS), ("routing", ROUTINGS)):
             if getattr(self, key) not in valid:
                 problems.append(f"{key}={getattr(self, key)!r} (valid: {', '.join(valid)})")
+        if not self.mlp_ratio * self.n_embd >= 1:
+            problems.append(f"mlp_ratio={self.mlp_ratio} leaves no hidden units")
         if self.lora_rank < 0:
             problems.append(f"lora_rank={self.lora_rank} must be >= 0 (0 = off)")
         if self.bptt_k < 0:
@@ -235,13 +238,19 @@ class ReLUSquared(torch.autograd.Function):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+        hidden = round(cfg.mlp_ratio * cfg.n_embd)
+        # swiglu (Huginn, Ouro): fc makes the gate and the value side by side
+        self.fc = nn.Linear(cfg.n_embd, (2 if cfg.mlp == "swiglu" else 1) * hidden, bias=False)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=False)
         self.act = cfg.mlp
 
     def forward(self, x):
         x = self.fc(x)
-        x = ReLUSquared.apply(x) if self.act == "relu2" else F.gelu(x)
+        if self.act == "swiglu":
+            gate, value = x.chunk(2, dim=-1)
+            x = F.silu(gate) * value
+        else:
+            x = ReLUSquared.apply(x) if self.act == "relu2" else F.gelu(x)
         return self.proj(x)
 
 

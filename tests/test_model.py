@@ -215,6 +215,20 @@ def test_gelu_mlp_and_no_gqa_run():
     assert logits.shape == (2, 8, 61) and loss.ndim == 0
 
 
+@pytest.mark.parametrize("mlp", ["relu2", "gelu", "swiglu"])
+def test_mlp_activations_and_width(mlp):
+    # relu2: relu(x W1)^2 W2; gelu: gelu(x W1) W2; swiglu: (silu(x W_g) * x W_v) W2,
+    # hidden width mlp_ratio * d
+    model = random_model(mlp=mlp, mlp_ratio=2.5)
+    block = model.core[0].mlp
+    x = torch.randn(2, 5, 32)
+    a = x @ block.fc.weight.T
+    hidden = {"relu2": lambda: F.relu(a) ** 2, "gelu": lambda: F.gelu(a),
+              "swiglu": lambda: F.silu(a[..., :80]) * a[..., 80:]}[mlp]()
+    assert hidden.shape[-1] == 80
+    torch.testing.assert_close(block(x), hidden @ block.proj.weight.T)
+
+
 def test_bad_config_lists_valid_values():
     with pytest.raises(ValueError, match="valid: none, add"):
         small_config(injection="bogus")
