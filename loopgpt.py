@@ -38,6 +38,7 @@ BLOCK_NORMS = ("pre", "sandwich")
 MODULATIONS = ("none", "tmlt", "loopformer")
 MLPS = ("relu2", "gelu", "swiglu")
 ROUTINGS = ("none", "mor")
+INITS = ("nanochat", "huginn", "loopformer")
 
 
 @dataclass
@@ -55,6 +56,9 @@ class LoopGPTConfig:
     state_init: str = "prelude"  # one of STATE_INITS: h_0 = prelude output, random (Huginn, Parcae), or zero
     norm_state: bool = False   # pass h_t = norm(x_t) between loops, LTi adds the raw embedding (FLT code)
     block_norm: str = "pre"    # one of BLOCK_NORMS
+    norm_gains: bool = False   # learnable RMSNorm gains (init 1) in the blocks and the final norm
+    qk_norm: bool = True       # RMSNorm on queries and keys after RoPE (nanochat, FLT, Parcae)
+    init: str = "nanochat"     # one of INITS: the weights' initial scales (see init_weights)
     modulation: str = "none"   # one of MODULATIONS: condition each loop on its index or on (t, Δ)
     exit_gate: bool = False    # Ouro's exit gate λ_t = σ(w·norm(h_t) + b) on every loop's state
     lora_rank: int = 0         # per-loop LoRA on the core's q and v (Relaxed Recursive Transformers); 0 = off
@@ -75,7 +79,7 @@ class LoopGPTConfig:
         if self.injection not in INJECTIONS:
             problems.append(f"injection={self.injection!r} (valid: {', '.join(INJECTIONS)})")
         for key, valid in (("state_init", STATE_INITS), ("block_norm", BLOCK_NORMS), ("modulation", MODULATIONS),
-                           ("mlp", MLPS), ("routing", ROUTINGS)):
+                           ("mlp", MLPS), ("routing", ROUTINGS), ("init", INITS)):
             if getattr(self, key) not in valid:
                 problems.append(f"{key}={getattr(self, key)!r} (valid: {', '.join(valid)})")
         if not self.mlp_ratio * self.n_embd >= 1:
@@ -106,6 +110,18 @@ class LoopGPTConfig:
 def norm(x):
     # parameter-free RMSNorm (nanochat): no gains to learn, nothing to weight-decay
     return F.rms_norm(x, (x.size(-1),))
+
+
+class RMSNorm(nn.Module):
+    """norm(x), times a learnable gain g (init 1) with norm_gains (Huginn, Parcae, Ouro and
+    LoopFormer learn them; nanochat and FLT do not). Without gains it holds no parameters."""
+
+    def __init__(self, d, gain):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d)) if gain else None
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight)
 
 
 def rotary_table(seq_len, head_dim, base):
@@ -173,7 +189,7 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.n_head, self.n_kv_head, self.qk_norm = cfg.n_head, cfg.n_kv_head, cfg.qk_norm
         self.head_dim = cfg.n_embd // cfg.n_head
         self.q = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=False)
         self.k = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
@@ -197,7 +213,8 @@ class Attention(nn.Module):
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
         qk = torch.cat([q.view(B, T, self.n_head, self.head_dim), k], dim=2)
         cos, sin = rope
-        q, k = norm(apply_rotary(qk.transpose(1, 2), cos, sin)).split([self.n_head, self.n_kv_head], dim=1)
+        qk = apply_rotary(qk.transpose(1, 2), cos, sin)
+        q, k = (norm(qk) if self.qk_norm else qk).split([self.n_head, self.n_kv_head], dim=1)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(slot, k, v)
@@ -260,6 +277,11 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.sandwich = cfg.block_norm == "sandwich"
+        # pre-norm: norm_1 before attention, norm_2 before the MLP; sandwich (Huginn) also
+        # norms the stream after each residual add: norm_3 after attention, norm_4 after the MLP
+        self.norm_1, self.norm_2 = RMSNorm(cfg.n_embd, cfg.norm_gains), RMSNorm(cfg.n_embd, cfg.norm_gains)
+        if self.sandwich:
+            self.norm_3, self.norm_4 = RMSNorm(cfg.n_embd, cfg.norm_gains), RMSNorm(cfg.n_embd, cfg.norm_gains)
         if modulated:
             # adaLN-Zero without shift (LoopFormer): SiLU(c) -> gates and norm scales for
             # both sub-layers. Zero-initialised (init_weights), so at init the block is the
@@ -269,15 +291,15 @@ class Block(nn.Module):
     def forward(self, x, rope, cache=None, slot=0, xq=None, c=None, lora=None, key_mask=None):
         xq = None if xq is None else norm(xq)
         if c is None:
-            a = self.attn(norm(x), rope, cache, slot, xq, lora, key_mask)
-            x = norm(x + a) if self.sandwich else x + a  # Huginn's sandwich norm keeps unit RMS
-            m = self.mlp(norm(x))
-            return norm(x + m) if self.sandwich else x + m
+            a = self.attn(self.norm_1(x), rope, cache, slot, xq, lora, key_mask)
+            x = self.norm_3(x + a) if self.sandwich else x + a  # Huginn's sandwich norm bounds the stream
+            m = self.mlp(self.norm_2(x))
+            return self.norm_4(x + m) if self.sandwich else x + m
         gate_attn, gate_mlp, scale_attn, scale_mlp = self.modulation(F.silu(c)).chunk(4, dim=-1)
-        a = gate_attn * self.attn(norm(x) * (1 + scale_attn), rope, cache, slot, xq, lora)
-        x = norm(x + a) if self.sandwich else x + a
-        m = gate_mlp * self.mlp(norm(x) * (1 + scale_mlp))
-        return norm(x + m) if self.sandwich else x + m
+        a = gate_attn * self.attn(self.norm_1(x) * (1 + scale_attn), rope, cache, slot, xq, lora)
+        x = self.norm_3(x + a) if self.sandwich else x + a
+        m = gate_mlp * self.mlp(self.norm_2(x) * (1 + scale_mlp))
+        return self.norm_4(x + m) if self.sandwich else x + m
 
 
 class TimestepEmbedder(nn.Module):
@@ -306,6 +328,7 @@ class LoopGPT(nn.Module):
         modulated = cfg.modulation != "none"
         self.core = nn.ModuleList(Block(cfg, modulated) for _ in range(cfg.n_core))  # looped, weight-tied
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
+        self.norm_f = RMSNorm(d, cfg.norm_gains)  # the final norm, before the head
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.injection == "concat":  # Huginn's adapter W_a: [h; e] (2d) -> d
             self.adapter = nn.Linear(2 * d, d, bias=False)
@@ -345,26 +368,48 @@ class LoopGPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
+        """
+        init='nanochat' (default): hidden matrices N(0, 1/fan_in), output projections zero,
+        so every block starts as the identity and looping more cannot blow the stream up.
+        init='huginn' (Geiping et al. 2025, after Takase et al.'s small init): every matrix
+        N(0, 2/(5d)), output projections divided by sqrt(2 x effective depth), nothing zero,
+        and a random adapter. init='loopformer' (nanoGPT's): N(0, 0.02²), output projections
+        divided by sqrt(2 x blocks), the adaLN modulation too (its code re-initialises it).
+        """
         cfg = self.config
+        small = math.sqrt(2 / (5 * cfg.n_embd))
         for name, p in self.named_parameters():
             if ".modulation." in name:
                 # adaLN-Zero: zero gates make a modulated block the identity at init. The
                 # LoopFormer paper says so; its public code re-initialises these to
-                # N(0, 0.02) by accident. Here it is deliberate (and tested).
-                nn.init.zeros_(p)
+                # N(0, 0.02) (init='loopformer' does that too).
+                if cfg.init == "loopformer" and p.dim() == 2:
+                    nn.init.normal_(p, std=0.02)
+                else:
+                    nn.init.zeros_(p)
             elif p.dim() == 2 and name.startswith(("prelude", "core", "coda")):
-                if name.endswith("proj.weight") and not (cfg.modulation != "none" and name.startswith("core")):
-                    # zero-init output projections: every block starts as the identity,
-                    # so at init looping more cannot blow the residual stream up. A
-                    # modulated block is already the identity through its zero gates, and
-                    # zero gates times a zero projection would never get a gradient.
+                out = name.endswith("proj.weight")
+                if cfg.init == "huginn":
+                    nn.init.normal_(p, std=small / math.sqrt(2 * self.effective_depth()) if out else small)
+                elif cfg.init == "loopformer":
+                    n_blocks = cfg.n_prelude + cfg.n_core + cfg.n_coda
+                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_blocks) if out else 0.02)
+                elif out and not (cfg.modulation != "none" and name.startswith("core")):
+                    # zero-init output projections. A modulated block is already the
+                    # identity through its zero gates, and zero gates times a zero
+                    # projection would never get a gradient.
                     nn.init.zeros_(p)
                 else:
                     nn.init.normal_(p, std=p.size(1) ** -0.5)
-        # the embedding is RMS-normed after lookup, so its scale is free; a tied
-        # matrix also produces the logits, so it gets the small output scale
-        nn.init.normal_(self.wte.weight, std=cfg.n_embd ** -0.5 if cfg.tie_embeddings else 1.0)
-        nn.init.normal_(self.lm_head.weight, std=cfg.n_embd ** -0.5 if cfg.tie_embeddings else 0.001)
+        if cfg.init == "nanochat":
+            # the embedding is RMS-normed after lookup, so its scale is free; a tied
+            # matrix also produces the logits, so it gets the small output scale
+            nn.init.normal_(self.wte.weight, std=cfg.n_embd ** -0.5 if cfg.tie_embeddings else 1.0)
+            nn.init.normal_(self.lm_head.weight, std=cfg.n_embd ** -0.5 if cfg.tie_embeddings else 0.001)
+        else:
+            std = small if cfg.init == "huginn" else 0.02
+            nn.init.normal_(self.wte.weight, std=std)
+            nn.init.normal_(self.lm_head.weight, std=std)
         if cfg.lora_rank:
             nn.init.normal_(self.lora_A_q, std=cfg.n_embd ** -0.5)
             nn.init.normal_(self.lora_A_v, std=cfg.n_embd ** -0.5)
@@ -372,9 +417,12 @@ class LoopGPT(nn.Module):
             self.lora_B_v.zero_()
         if cfg.routing == "mor":  # N(0, 0.02) as in the MoR code
             nn.init.normal_(self.router.weight, std=0.02)
-        if cfg.injection == "concat":
-            # W_a = [I | 0]: at init the adapter passes the state through (as Huginn's
-            # small peers do); the input half starts at zero and is learned
+        if cfg.injection == "concat" and cfg.init == "huginn":  # Huginn: a random W_a, N(0, 2/(5d))
+            nn.init.normal_(self.adapter.weight, std=small)
+        elif cfg.injection == "concat":
+            # W_a = [I | 0]: at init the adapter passes the state through; the input half
+            # starts at zero and is learned. (With Huginn's sandwich blocks this stalls
+            # training, measured: use init='huginn' there, see the README.)
             self.adapter.weight.zero_()
             self.adapter.weight[:, :cfg.n_embd].copy_(torch.eye(cfg.n_embd))
         if cfg.injection == "diag":
@@ -681,7 +729,7 @@ class LoopGPT(nn.Module):
         states = [] if isinstance(short, int) or per_step else None
         routes = [] if self.config.routing == "mor" and targets is not None else None
         with torch.no_grad() if gate_stage == 2 else nullcontext():  # stage 2 trains the gate only
-            h = norm(self.trunk(idx, steps, cache, states, depths, routes))
+            h = self.norm_f(self.trunk(idx, steps, cache, states, depths, routes))
             logits = self.logits(h)
         if targets is None:
             return logits, None
@@ -693,9 +741,9 @@ class LoopGPT(nn.Module):
             if isinstance(short, int):
                 if not 1 <= short <= len(steps):
                     raise ValueError(f"prefix route of {short} loops in a route of {len(steps)}")
-                h_short = norm(self.run_coda(states[short - 1]))
+                h_short = self.norm_f(self.run_coda(states[short - 1]))
             else:
-                h_short = norm(self.trunk(idx, self.steps(None, short)))
+                h_short = self.norm_f(self.trunk(idx, self.steps(None, short)))
             ce_short = F.cross_entropy(self.logits(h_short).view(-1, logits.size(-1)), targets.reshape(-1),
                                        ignore_index=-1)
             # stop-gradient on the full route: the short route learns to match it, not vice versa
@@ -720,7 +768,7 @@ class LoopGPT(nn.Module):
 
         with torch.no_grad() if gate_stage == 2 else nullcontext():
             # the last loop's logits are the forward's; earlier loops go through the coda and head
-            ce_t = torch.stack([ce(self.logits(norm(self.run_coda(s)))) for s in states[:-1]] + [ce(logits)])
+            ce_t = torch.stack([ce(self.logits(self.norm_f(self.run_coda(s)))) for s in states[:-1]] + [ce(logits)])
         if step_weights is not None:
             w = torch.as_tensor(step_weights, dtype=ce_t.dtype, device=ce_t.device)
             if w.numel() != M or (w < 0).any() or w.sum() <= 0:
@@ -849,7 +897,7 @@ class LoopGPT(nn.Module):
             if i == M - 1:
                 break
             if kind == "kl":  # the next-token distribution after this loop, through coda and head
-                logp = F.log_softmax(self.logits(norm(self.run_coda(x, rope, cache, coda_slot)))[:, -1], dim=-1)
+                logp = F.log_softmax(self.logits(self.norm_f(self.run_coda(x, rope, cache, coda_slot)))[:, -1], dim=-1)
                 kl = (logp_prev.exp() * (logp_prev - logp)).sum(-1)  # KL(p_{t-1} || p_t)
                 logp_prev = logp
                 fire = kl < threshold
@@ -867,7 +915,7 @@ class LoopGPT(nn.Module):
             x = torch.where(done.view(-1, 1, 1), x_exit, x)
         x = self.run_coda(x, rope, cache, coda_slot)  # every row's final state: the real coda K/V
         cache.pos += 1
-        return self.logits(norm(x)), used
+        return self.logits(self.norm_f(x)), used
 
     # ---- bookkeeping ------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ def random_model(seed=0, **kw):
     return model.eval()
 
 
-def reference_attention(attn, x, cos, sin, xq=None):
+def reference_attention(attn, x, cos, sin, xq=None, qk_norm=True):
     """Causal attention written out by hand: RoPE, QK-norm, GQA; queries from xq if given."""
     B, T, C = x.shape
     H, Hkv, hd = attn.n_head, attn.n_kv_head, attn.head_dim
@@ -36,8 +36,9 @@ def reference_attention(attn, x, cos, sin, xq=None):
     k = (x @ attn.k.weight.T).view(B, T, Hkv, hd).transpose(1, 2)
     v = (x @ attn.v.weight.T).view(B, T, Hkv, hd).transpose(1, 2)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    q = q / q.pow(2).mean(-1, keepdim=True).add(torch.finfo(q.dtype).eps).sqrt()
-    k = k / k.pow(2).mean(-1, keepdim=True).add(torch.finfo(k.dtype).eps).sqrt()
+    if qk_norm:
+        q = q / q.pow(2).mean(-1, keepdim=True).add(torch.finfo(q.dtype).eps).sqrt()
+        k = k / k.pow(2).mean(-1, keepdim=True).add(torch.finfo(k.dtype).eps).sqrt()
     k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
     att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
     att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
@@ -63,6 +64,15 @@ def test_attention_matches_reference():
     x = torch.randn(2, 10, 32)
     cos, sin = model.rope_cos[:10], model.rope_sin[:10]
     torch.testing.assert_close(attn(x, (cos, sin)), reference_attention(attn, x, cos, sin), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_without_qk_norm_matches_reference():
+    model = random_model(qk_norm=False)
+    attn = model.core[0].attn
+    x = torch.randn(2, 7, 32)
+    cos, sin = model.rope_cos[:7], model.rope_sin[:7]
+    torch.testing.assert_close(attn(x, (cos, sin)), reference_attention(attn, x, cos, sin, qk_norm=False),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_rotary_is_relative():
@@ -935,3 +945,54 @@ def test_gate_all_exit_runs_every_loop_and_picks_the_exit_state():
             assert used[b] == t_exit
             torch.testing.assert_close(logits[b, -1], model(idx[b:b + 1], loops=t_exit)[0][0, -1])
     assert len(set(used.tolist())) > 1  # the rows exit at different loops
+
+
+# ---- learnable norm gains and the papers' inits -----------------------------------------------
+
+@pytest.mark.parametrize("block_norm", ["pre", "sandwich"])
+def test_norm_gains_start_as_the_parameter_free_model(block_norm):
+    plain = random_model(injection="concat", block_norm=block_norm, state_init="randn")
+    gains = random_model(injection="concat", block_norm=block_norm, state_init="randn", norm_gains=True)
+    missing, unexpected = gains.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith("weight") and "norm" in k for k in missing)
+    per_block = 4 if block_norm == "sandwich" else 2
+    assert len(missing) == per_block * 4 + 1  # every block's norms and the final norm
+    assert gains.num_params() - plain.num_params() == (per_block * 4 + 1) * 32
+    idx = torch.randint(0, 61, (2, 10))
+    for M in (1, 3):
+        torch.testing.assert_close(gains(idx, loops=M)[0], plain(idx, loops=M)[0])
+    with torch.no_grad():
+        for name, p in gains.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    assert not torch.allclose(gains(idx, loops=3)[0], plain(idx, loops=3)[0])
+    # a gain multiplies norm(x) feature by feature
+    x = torch.randn(3, 32)
+    n = gains.core[0].norm_1
+    torch.testing.assert_close(n(x), x / x.pow(2).mean(-1, keepdim=True).add(torch.finfo(x.dtype).eps).sqrt() * n.weight)
+    # and the KV cache stays exact
+    full, _ = gains(idx, loops=3)
+    cache = gains.new_cache(3)
+    gains(idx[:, :6], loops=3, cache=cache)
+    steps = [gains(idx[:, t:t + 1], loops=3, cache=cache)[0] for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 6:], atol=2e-5, rtol=2e-5)
+
+
+def test_huginn_and_loopformer_inits():
+    d = 64
+    cfg = dict(vocab_size=61, block_size=16, n_embd=d, n_head=2, n_prelude=2, n_core=4, n_coda=2, n_loops=8)
+    small = math.sqrt(2 / (5 * d))
+    torch.manual_seed(0)
+    huginn = LoopGPT(LoopGPTConfig(injection="concat", state_init="randn", block_norm="sandwich", init="huginn", **cfg))
+    depth = 2 + 2 + 4 * 8
+    assert abs(huginn.core[0].attn.q.weight.std().item() - small) < 0.1 * small
+    assert abs(huginn.core[0].attn.proj.weight.std().item() - small / math.sqrt(2 * depth)) < 0.1 * small / math.sqrt(2 * depth)
+    assert abs(huginn.adapter.weight.std().item() - small) < 0.1 * small  # random, not [I | 0]
+    assert abs(huginn.wte.weight.std().item() - small) < 0.1 * small
+    torch.manual_seed(0)
+    lf = LoopGPT(LoopGPTConfig(modulation="loopformer", init="loopformer", **cfg))
+    assert abs(lf.core[0].modulation.weight.std().item() - 0.02) < 0.002  # the official code's N(0, 0.02)
+    assert lf.core[0].modulation.bias.abs().sum() == 0
+    assert abs(lf.core[0].mlp.proj.weight.std().item() - 0.02 / math.sqrt(2 * 8)) < 0.002
+    with pytest.raises(ValueError, match="valid: nanochat, huginn, loopformer"):
+        LoopGPTConfig(init="xavier")
