@@ -58,6 +58,7 @@ class LoopGPTConfig:
     block_norm: str = "pre"    # one of BLOCK_NORMS
     norm_gains: bool = False   # learnable RMSNorm gains (init 1) in the blocks and the final norm
     qk_norm: bool = True       # RMSNorm on queries and keys after RoPE (nanochat, FLT, Parcae)
+    window_pattern: str = "L"  # FLT's sliding windows: per core layer, tiled, L = full, S = block_size // 4
     init: str = "nanochat"     # one of INITS: the weights' initial scales (see init_weights)
     modulation: str = "none"   # one of MODULATIONS: condition each loop on its index or on (t, Δ)
     exit_gate: bool = False    # Ouro's exit gate λ_t = σ(w·norm(h_t) + b) on every loop's state
@@ -82,6 +83,8 @@ class LoopGPTConfig:
                            ("mlp", MLPS), ("routing", ROUTINGS), ("init", INITS)):
             if getattr(self, key) not in valid:
                 problems.append(f"{key}={getattr(self, key)!r} (valid: {', '.join(valid)})")
+        if not self.window_pattern or set(self.window_pattern) - set("SL"):
+            problems.append(f"window_pattern={self.window_pattern!r} must be letters S (short) and L (long), e.g. 'SSSL'")
         if not self.mlp_ratio * self.n_embd >= 1:
             problems.append(f"mlp_ratio={self.mlp_ratio} leaves no hidden units")
         if self.lora_rank < 0:
@@ -187,8 +190,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, window=0):
         super().__init__()
+        self.window = window  # > 0: each query sees itself and the window - 1 keys before it
         self.n_head, self.n_kv_head, self.qk_norm = cfg.n_head, cfg.n_kv_head, cfg.qk_norm
         self.head_dim = cfg.n_embd // cfg.n_head
         self.q = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=False)
@@ -218,13 +222,18 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(slot, k, v)
+        if self.window and q.size(2) == 1 and key_mask is None:  # decoding: the window is the last keys
+            k, v = k[:, :, -self.window:], v[:, :, -self.window:]
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_head != self.n_kv_head
-        if key_mask is not None:  # causal, over selected keys; a query always sees itself (no empty rows)
+        if key_mask is not None or (self.window and Tq > 1):
+            # causal; within the window; over MoR's selected keys (a query always sees itself)
             q_pos = torch.arange(Tk - Tq, Tk, device=q.device).view(-1, 1)
             k_pos = torch.arange(Tk, device=q.device).view(1, -1)
-            mask = (k_pos <= q_pos) & (key_mask[:, None, :] | (k_pos == q_pos))  # (B, Tq, Tk)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+            mask = (k_pos <= q_pos) & ((q_pos - k_pos < self.window) if self.window else True)
+            if key_mask is not None:
+                mask = mask & (key_mask[:, None, :] | (k_pos == q_pos))  # (B, Tq, Tk)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(-1, 1, Tq, Tk), enable_gqa=gqa)
         elif Tq == Tk:  # training, or prefilling an empty cache
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif Tq == 1:  # one new token attends to everything cached
@@ -272,9 +281,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, modulated=False):
+    def __init__(self, cfg, modulated=False, window=0):
         super().__init__()
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, window)
         self.mlp = MLP(cfg)
         self.sandwich = cfg.block_norm == "sandwich"
         # pre-norm: norm_1 before attention, norm_2 before the MLP; sandwich (Huginn) also
@@ -326,7 +335,11 @@ class LoopGPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, d)
         self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
         modulated = cfg.modulation != "none"
-        self.core = nn.ModuleList(Block(cfg, modulated) for _ in range(cfg.n_core))  # looped, weight-tied
+        # FLT's sliding windows: core layer j is short (a quarter of the context) if the
+        # pattern, tiled over the core, says S there; the last core layer always sees everything
+        windows = [max(1, cfg.block_size // 4) if cfg.window_pattern[j % len(cfg.window_pattern)] == "S" and j < cfg.n_core - 1
+                   else 0 for j in range(cfg.n_core)]
+        self.core = nn.ModuleList(Block(cfg, modulated, w) for w in windows)  # looped, weight-tied
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.norm_f = RMSNorm(d, cfg.norm_gains)  # the final norm, before the head
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)

@@ -996,3 +996,30 @@ def test_huginn_and_loopformer_inits():
     assert abs(lf.core[0].mlp.proj.weight.std().item() - 0.02 / math.sqrt(2 * 8)) < 0.002
     with pytest.raises(ValueError, match="valid: nanochat, huginn, loopformer"):
         LoopGPTConfig(init="xavier")
+
+
+def test_sliding_window_pattern_and_cached_decoding():
+    # FLT's window_pattern, tiled over the core, the last core layer always full; a short
+    # layer's query sees itself and the block_size/4 - 1 keys before it
+    model = randomize_extras(random_model(injection="full_attn", n_core=3, window_pattern="S", block_size=24))
+    assert [b.attn.window for b in model.core] == [6, 6, 0]
+    assert all(b.attn.window == 0 for b in list(model.prelude) + list(model.coda))
+    attn = model.core[0].attn
+    x = torch.randn(2, 20, 32)
+    cos, sin = model.rope_cos[:20], model.rope_sin[:20]
+    full = reference_attention(attn, x, cos, sin)
+    y = attn(x, (cos, sin))
+    torch.testing.assert_close(y[:, :6], full[:, :6], atol=1e-5, rtol=1e-5)  # the window covers the prefix
+    for t in (6, 13, 19):  # later: exactly attention over the last 6 positions
+        ref = reference_attention(attn, x[:, t - 5:t + 1], cos[t - 5:t + 1], sin[t - 5:t + 1])[:, -1]
+        torch.testing.assert_close(y[:, t], ref, atol=1e-5, rtol=1e-5)
+    idx = torch.randint(0, 61, (2, 20))
+    for M in (1, 3):
+        logits, _ = model(idx, loops=M)
+        cache = model.new_cache(M)
+        steps = [model(idx[:, :9], loops=M, cache=cache)[0], model(idx[:, 9:12], loops=M, cache=cache)[0]]
+        steps += [model(idx[:, t:t + 1], loops=M, cache=cache)[0] for t in range(12, 20)]
+        torch.testing.assert_close(torch.cat(steps, 1), logits, atol=2e-5, rtol=2e-5)
+    assert [b.attn.window for b in random_model(n_core=4, window_pattern="SSL").core] == [6, 6, 0, 0]
+    with pytest.raises(ValueError, match="window_pattern"):
+        small_config(window_pattern="SX")
