@@ -38,7 +38,7 @@ BLOCK_NORMS = ("pre", "sandwich")
 MODULATIONS = ("none", "tmlt", "loopformer")
 MLPS = ("relu2", "gelu", "swiglu")
 ROUTINGS = ("none", "mor")
-INITS = ("nanochat", "huginn", "loopformer")
+INITS = ("nanochat", "huginn", "parcae", "loopformer")
 
 
 @dataclass
@@ -345,10 +345,14 @@ class LoopGPT(nn.Module):
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.injection == "concat":  # Huginn's adapter W_a: [h; e] (2d) -> d
             self.adapter = nn.Linear(2 * d, d, bias=False)
-        if cfg.injection == "diag":  # Parcae: per-channel decay A, step size Δ, input matrix B
+        if cfg.injection == "diag":
+            # Parcae: per-channel decay A, step size Δ, input matrix B on the normed input,
+            # and C, which maps the final state back to the stream before the coda
             self.diag_A_log = nn.Parameter(torch.zeros(d))
             self.diag_dt_bias = nn.Parameter(torch.zeros(d))
             self.diag_B = nn.Linear(d, d, bias=False)
+            self.diag_norm = RMSNorm(d, cfg.norm_gains)
+            self.diag_C = nn.Linear(d, d, bias=False)
         if cfg.lora_rank:
             # Relaxed Recursive Transformers: loop t's core block j adds B A x to its q and v,
             # one (A, B) pair per loop and block; B starts at zero, so at init every loop is
@@ -386,7 +390,8 @@ class LoopGPT(nn.Module):
         so every block starts as the identity and looping more cannot blow the stream up.
         init='huginn' (Geiping et al. 2025, after Takase et al.'s small init): every matrix
         N(0, 2/(5d)), output projections divided by sqrt(2 x effective depth), nothing zero,
-        and a random adapter. init='loopformer' (nanoGPT's): N(0, 0.02²), output projections
+        and a random adapter. init='parcae': N(0, 2/(5d)) everywhere (the embedding too),
+        zero output projections. init='loopformer' (nanoGPT's): N(0, 0.02²), output projections
         divided by sqrt(2 x blocks), the adaLN modulation too (its code re-initialises it).
         """
         cfg = self.config
@@ -407,6 +412,8 @@ class LoopGPT(nn.Module):
                 elif cfg.init == "loopformer":
                     n_blocks = cfg.n_prelude + cfg.n_core + cfg.n_coda
                     nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_blocks) if out else 0.02)
+                elif cfg.init == "parcae" and not out:  # Parcae: small init, zero output projections
+                    nn.init.normal_(p, std=small)
                 elif out and not (cfg.modulation != "none" and name.startswith("core")):
                     # zero-init output projections. A modulated block is already the
                     # identity through its zero gates, and zero gates times a zero
@@ -420,7 +427,7 @@ class LoopGPT(nn.Module):
             nn.init.normal_(self.wte.weight, std=cfg.n_embd ** -0.5 if cfg.tie_embeddings else 1.0)
             nn.init.normal_(self.lm_head.weight, std=cfg.n_embd ** -0.5 if cfg.tie_embeddings else 0.001)
         else:
-            std = small if cfg.init == "huginn" else 0.02
+            std = 0.02 if cfg.init == "loopformer" else small
             nn.init.normal_(self.wte.weight, std=std)
             nn.init.normal_(self.lm_head.weight, std=std)
         if cfg.lora_rank:
@@ -439,10 +446,15 @@ class LoopGPT(nn.Module):
             self.adapter.weight.zero_()
             self.adapter.weight[:, :cfg.n_embd].copy_(torch.eye(cfg.n_embd))
         if cfg.injection == "diag":
-            # A_log = 0 and Δ = 0.805 give Ā = exp(-Δ) ≈ 0.447 (Parcae's init); B = I
+            # A_log = 0 and Δ = 0.805 give Ā = exp(-Δ) ≈ 0.447 (Parcae's init); B = I;
+            # C = I, or random N(0, 2/(5d)) as Parcae's code has it
             self.diag_A_log.zero_()
             self.diag_dt_bias.fill_(math.log(math.expm1(-math.log(0.447))))  # softplus⁻¹(0.805)
             self.diag_B.weight.copy_(torch.eye(cfg.n_embd))
+            if cfg.init == "parcae":
+                nn.init.normal_(self.diag_C.weight, std=small)
+            else:
+                self.diag_C.weight.copy_(torch.eye(cfg.n_embd))
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -498,9 +510,10 @@ class LoopGPT(nn.Module):
         elif inj == "diag":
             # Parcae: a stable diagonal linear recurrence around the core,
             # x = Ā ⊙ h_{t-1} + Δ ⊙ (B ē), Δ = softplus(dt_bias), Ā = exp(-Δ ⊙ exp(A_log))
-            # so 0 < Ā < 1 by construction whatever the weights; ē = norm(e)
+            # so 0 < Ā < 1 by construction whatever the weights; ē = norm(e) (with a gain
+            # under norm_gains); the coda reads C h_M (run_coda)
             A_bar, dt = self.parcae_decay()
-            x = A_bar * h + dt * self.diag_B(norm(e))
+            x = A_bar * h + dt * self.diag_B(self.diag_norm(e))
         else:
             # attn_first / full_res / full_attn (FLT paper, Fu et al. 2026): the stream
             # restarts from the input every loop; h_{t-1} enters inside the layers below
@@ -681,6 +694,8 @@ class LoopGPT(nn.Module):
     def run_coda(self, x, rope=None, cache=None, slot=0):
         if rope is None:  # a prefix route in training: positions start at 0
             rope = (self.rope_cos[:x.size(1)], self.rope_sin[:x.size(1)])
+        if self.config.injection == "diag":  # Parcae: C maps the recurrent state back to the stream
+            x = self.diag_C(x)
         for block in self.coda:
             x = block(x, rope, cache, slot)
             slot += 1

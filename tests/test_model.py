@@ -316,6 +316,8 @@ def reference_loop(model, idx, M):
             use_q = inj == "full_attn" or (inj == "attn_first" and j == 0)
             x = ref_block(block, x, cos, sin, xq=h if use_q else None)
         h = norm(x) if cfg.injection in ("attn_first", "full_res", "full_attn") else x
+    if cfg.injection == "diag":  # Parcae's C, from the final state back to the stream
+        x = x @ model.diag_C.weight.T
     return (norm(x) @ model.lm_head.weight.T).float()
 
 
@@ -327,6 +329,7 @@ def randomize_extras(model):
             model.diag_A_log.normal_(std=0.5)
             model.diag_dt_bias.normal_(std=0.5)
             model.diag_B.weight.normal_(std=0.2)
+            model.diag_C.weight.normal_(std=0.2)
     return model
 
 
@@ -380,7 +383,7 @@ def test_injection_parameter_counts():
     for inj in ("add", "attn_first", "full_res", "full_attn"):  # no new parameters
         assert n[inj] == n["none"], inj
     assert n["concat"] == n["none"] + 2 * d * d          # W_a: 2d -> d
-    assert n["diag"] == n["none"] + 2 * d + d * d        # A_log, dt_bias, B
+    assert n["diag"] == n["none"] + 2 * d + 2 * d * d    # A_log, dt_bias, B, C
 
 
 @pytest.mark.parametrize("injection", INJECTIONS)
@@ -389,6 +392,8 @@ def test_every_injection_at_one_loop_is_the_plain_model(injection):
     plain = random_model(injection="none")
     model = randomize_extras(random_model(injection=injection))
     model.load_state_dict(plain.state_dict(), strict=False)  # same blocks, extra params random
+    if injection == "diag":  # except Parcae's C (state -> stream before the coda): at its init, I
+        model.diag_C.weight.data.copy_(torch.eye(32))
     idx = torch.randint(0, 61, (2, 10))
     torch.testing.assert_close(model(idx, loops=1)[0], plain(idx, loops=1)[0])
     if injection != "none":
@@ -424,9 +429,20 @@ def test_parcae_decay_in_unit_interval_and_not_decayed():
     assert (A_bar > 0).all() and (A_bar < 1).all() and (dt > 0).all()
     opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
     no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
-    for p in (model.diag_A_log, model.diag_dt_bias, model.diag_B.weight):
+    for p in (model.diag_A_log, model.diag_dt_bias, model.diag_B.weight, model.diag_C.weight):
         assert id(p) in no_decay
     assert id(model.core[0].attn.q.weight) not in no_decay
+    torch.testing.assert_close(model.diag_C.weight, torch.eye(32))  # C = I: the coda reads the state
+    torch.manual_seed(0)
+    parcae = LoopGPT(LoopGPTConfig(injection="diag", state_init="randn_small", init="parcae", n_embd=64, n_head=2))
+    small = math.sqrt(2 / (5 * 64))
+    for w in (parcae.diag_C.weight, parcae.core[0].attn.q.weight, parcae.wte.weight):
+        assert abs(w.std().item() - small) < 0.1 * small  # Parcae's small init
+    assert parcae.core[0].attn.proj.weight.abs().sum() == 0 and parcae.core[0].mlp.proj.weight.abs().sum() == 0
+    # Parcae's random state: std sqrt(2/(5d)), no sqrt(d) factor (Huginn's has it)
+    assert abs(parcae.state_noise.std().item() - 0.987 * small) < 0.02 * small  # a ±3σ cut: std 0.987 σ
+    huginn = LoopGPT(LoopGPTConfig(injection="diag", state_init="randn", n_embd=64, n_head=2))
+    assert abs(huginn.state_noise.std().item() - 0.987 * small * 8) < 0.02 * small * 8
 
 
 def test_concat_adapter_starts_as_identity_on_the_state():
@@ -994,7 +1010,7 @@ def test_huginn_and_loopformer_inits():
     assert abs(lf.core[0].modulation.weight.std().item() - 0.02) < 0.002  # the official code's N(0, 0.02)
     assert lf.core[0].modulation.bias.abs().sum() == 0
     assert abs(lf.core[0].mlp.proj.weight.std().item() - 0.02 / math.sqrt(2 * 8)) < 0.002
-    with pytest.raises(ValueError, match="valid: nanochat, huginn, loopformer"):
+    with pytest.raises(ValueError, match="valid: nanochat, huginn, parcae, loopformer"):
         LoopGPTConfig(init="xavier")
 
 
