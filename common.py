@@ -5,6 +5,7 @@ What train.py and sample.py share: TrainConfig, nanoGPT-style command-line confi
 """
 
 import difflib
+import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -65,10 +66,15 @@ class TrainConfig:
     grad_accum_steps: int = 1     # global micro-steps per step, split over processes
     # optimizer: adamw, or muon (Muon for the blocks' matrices at muon_lr, AdamW for the rest
     # at learning_rate; muon.py); warmup then cosine (or warmup-stable-decay) to min_lr, the
-    # same shape for both (min_lr / learning_rate is the floor's fraction of each peak)
+    # same shape for every group (min_lr / learning_rate is the floor's fraction of each peak)
     optimizer: str = "adamw"
     muon_lr: float = 0.02
+    muon_momentum_warmup: int = 0  # Muon's momentum 0.85 -> 0.95 over this many steps (FLT: 300); 0 = 0.95
     learning_rate: float = 3e-3
+    # wte and lm_head in AdamW groups of their own (FLT: 0.2 and 0.004 x (d/768)^-0.5);
+    # 0 = learning_rate. Tied embeddings are one matrix, one group: it takes head_lr
+    embedding_lr: float = 0.0
+    head_lr: float = 0.0
     min_lr: float = 3e-4
     max_iters: int = 1000
     lr_decay_iters: int = 0       # 0 = max_iters; set it larger to stop a run early on purpose
@@ -78,11 +84,31 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    adam_eps: float = 1e-8        # AdamW's eps (FLT/nanochat: 1e-10)
     grad_clip: float = 1.0        # 0 = off
     # system
     device: str = ""              # "" = cuda if available, else cpu
     dtype: str = ""               # bfloat16 (autocast) | float32; "" = bfloat16 on CUDA, float32 on CPU
     compile: bool = False
+
+
+def get_lr(it, tc):
+    """The learning rate at step `it` (every group runs at this times its lr_scale): linear
+    warmup over warmup_iters (0 = none), then cosine to min_lr at lr_decay_iters (or
+    max_iters), or with lr_schedule=wsd constant until the last wsd_decay_frac of the steps,
+    then linear to min_lr (FLT/nanochat: no warmup, the last 20% down to 0)."""
+    decay_iters = tc.lr_decay_iters or tc.max_iters
+    if it < tc.warmup_iters:
+        return tc.learning_rate * (it + 1) / tc.warmup_iters
+    if it >= decay_iters:
+        return tc.min_lr
+    if tc.lr_schedule == "cosine":
+        ratio = (it - tc.warmup_iters) / max(1, decay_iters - tc.warmup_iters)
+        return tc.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (tc.learning_rate - tc.min_lr)
+    decay_start = decay_iters - int(tc.wsd_decay_frac * decay_iters)  # wsd: stable, then linear decay
+    if it < decay_start:
+        return tc.learning_rate
+    return tc.learning_rate + (tc.min_lr - tc.learning_rate) * (it - decay_start) / max(1, decay_iters - decay_start)
 
 
 def fail(msg):

@@ -982,39 +982,47 @@ class LoopGPT(nn.Module):
                 f"{self.num_params() / 1e6:.2f}M unique params | effective depth {self.effective_depth()} | "
                 f"{self.flops_per_token() / 1e6:.1f} MFLOPs/token (train, M={cfg.n_loops})")
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, optimizer="adamw", muon_lr=0.02):
+    def configure_optimizer(self, weight_decay, learning_rate, betas, optimizer="adamw", muon_lr=0.02,
+                            embedding_lr=0.0, head_lr=0.0, eps=1e-8):
         """
         AdamW, or optimizer='muon': Muon (muon.py) for the blocks' weight matrices (and
         Huginn's adapter), AdamW for embeddings, head, vectors and small side matrices, as
-        nanochat and FLT train. Every group has lr_scale: its peak lr over learning_rate,
-        so one schedule drives both (Muon's matrices run at muon_lr).
+        nanochat and FLT train. embedding_lr / head_lr > 0 give wte / lm_head AdamW groups of
+        their own at those rates (FLT's recipe); a tied matrix is the head, at head_lr. Every
+        group has lr_scale: its peak lr over learning_rate, so one schedule drives them all.
         """
         # weight decay on matrices (linear layers, embeddings) only, never on vectors;
         # Parcae's recurrence parameters (A_log, dt_bias, B) are not decayed either:
         # decaying B towards 0 would cut the input out of the loop
-        hidden, decay, no_decay = [], [], []
+        hidden, decay, no_decay, embedding, head = [], [], [], [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if optimizer == "muon" and p.dim() == 2 and name.split(".")[0] in ("prelude", "core", "coda", "adapter"):
+            if p is self.lm_head.weight and head_lr:  # checked first: a tied wte is this matrix
+                head.append(p)
+            elif name == "wte.weight" and embedding_lr and p is not self.lm_head.weight:
+                embedding.append(p)
+            elif optimizer == "muon" and p.dim() == 2 and name.split(".")[0] in ("prelude", "core", "coda", "adapter"):
                 hidden.append(p)
             else:
                 (decay if p.dim() >= 2 and not name.startswith("diag_") else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+                  {"params": embedding, "weight_decay": weight_decay, "lr_scale": embedding_lr / learning_rate},
+                  {"params": head, "weight_decay": weight_decay, "lr_scale": head_lr / learning_rate}]
         if optimizer == "muon":
-            from muon import MuonAdamW
             groups.append({"params": hidden, "weight_decay": weight_decay, "use_muon": True,
                            "lr_scale": muon_lr / learning_rate})
-            groups = [dict(g, lr=learning_rate * g["lr_scale"]) for g in groups if g["params"]]
-            return MuonAdamW(groups, betas=betas)
-        groups = [g for g in groups if g["params"]]
+        groups = [dict(g, lr=learning_rate * g["lr_scale"]) for g in groups if g["params"]]
+        if optimizer == "muon":
+            from muon import MuonAdamW
+            return MuonAdamW(groups, betas=betas, eps=eps)
         # the fused kernel (one launch for all tensors) where the parameters are on a GPU,
         # decided from where they are, so it is never asked for where it does not exist. (A
         # CPU has one too, 6x faster than foreach here, but it rounds differently: every
         # CPU result in the README would move in its last digits, so CPUs keep foreach.)
         fused = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
 
 def compile_blocks(model, **kwargs):

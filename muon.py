@@ -35,6 +35,13 @@ def orthogonalize(G, steps=5):
     return (X.T if tall else X).to(G.dtype)
 
 
+def muon_momentum(step, warmup, start=0.85, end=0.95):
+    """Muon's momentum at `step`: linear from `start` to `end` over `warmup` steps, then
+    `end` (FLT's and nanochat's schedule, warmup 300); warmup 0 = `end` throughout."""
+    frac = min(step / warmup, 1.0) if warmup > 0 else 1.0
+    return (1 - frac) * start + frac * end
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """
     One optimizer, two rules. Groups with use_muon=True: SGD momentum (Nesterov), the
@@ -61,6 +68,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 if group["use_muon"]:
                     if not state:
                         state["momentum"] = torch.zeros_like(p)
+                    # buf <- mu buf + g, update from g + mu buf. FLT's (nanochat's) Muon keeps
+                    # an EMA instead: buf <- lerp(buf, g, 1 - mu), update from lerp(g, buf, mu).
+                    # With mu constant, theirs is (1 - mu) times ours at every step, and
+                    # Newton-Schulz first divides by the norm: the same orthogonalised update.
+                    # (While mu warms up the two differ slightly in how past steps are weighted.)
                     buf, mu = state["momentum"], group["momentum"]
                     buf.mul_(mu).add_(p.grad)
                     update = orthogonalize(p.grad.add(buf, alpha=mu), group["ns_steps"])  # Nesterov

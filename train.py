@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (CHECKPOINT_VERSION, TrainConfig, autocast_context, detect_device, fail, gpu_peak_flops,
+from common import (CHECKPOINT_VERSION, TrainConfig, autocast_context, detect_device, fail, get_lr, gpu_peak_flops,
                     load_checkpoint, model_config_defaults, model_from_checkpoint, parse_args, print_table,
                     save_checkpoint, train_config_defaults)
 from loopgpt import LoopGPT, LoopGPTConfig, check_exit, compile_blocks, sample_short_route
+from muon import muon_momentum
 from tokenizer import load_tokenizer, token_byte_lengths
 
 
@@ -41,6 +42,8 @@ args, explicit = parse_args(sys.argv[1:], {**train_defaults, **model_defaults}, 
 tc = TrainConfig(**{k: args[k] for k in train_defaults})
 if not (0 < tc.learning_rate < math.inf and 0 <= tc.min_lr < math.inf):
     fail(f"need a finite learning_rate > 0 and min_lr >= 0, got {tc.learning_rate} and {tc.min_lr}")
+if not (tc.embedding_lr >= 0 and tc.head_lr >= 0 and tc.adam_eps > 0 and tc.muon_momentum_warmup >= 0):
+    fail("need embedding_lr >= 0 and head_lr >= 0 (0 = learning_rate), adam_eps > 0 and muon_momentum_warmup >= 0")
 for key, valid in (("lr_schedule", ("cosine", "wsd")), ("optimizer", ("adamw", "muon")),
                    ("objective", ("final", "shortcut", "prefix")),
                    ("loop_sampling", ("fixed", "uniform", "poisson_lognormal", "per_sequence")),
@@ -189,6 +192,8 @@ else:
     torch.manual_seed(tc.seed)
     model = LoopGPT(model_cfg)
 cfg = model.config
+if cfg.tie_embeddings and tc.embedding_lr:
+    fail("tie_embeddings=True: wte is lm_head, one matrix trained at head_lr; embedding_lr would be ignored")
 if tc.gate_stage and not cfg.exit_gate:
     fail("gate_stage trains Ouro's exit gate: the model needs exit_gate=True")
 model.to(device)
@@ -196,16 +201,20 @@ if tc.gate_stage == 2:  # Ouro's stage 2: the LM is frozen, only the exit gate l
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("exit_gate"))
 optimizer = model.configure_optimizer(tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), tc.optimizer,
-                                      tc.muon_lr)
+                                      tc.muon_lr, tc.embedding_lr, tc.head_lr, tc.adam_eps)
 if tc.resume and not tc.eval_only:  # (an evaluation needs no optimizer state)
     trained_with = ckpt["train_config"].get("optimizer", "adamw")
     if trained_with != tc.optimizer:
         fail(f"{ckpt_path} was trained with optimizer={trained_with}; resume with that (got optimizer={tc.optimizer})")
     if ckpt["train_config"].get("gate_stage") == 2 or tc.gate_stage != 2:
-        scales = [g["lr_scale"] for g in optimizer.param_groups]
+        for key in ("embedding_lr", "head_lr"):  # set or not decides the groups (wte and lm_head have one shape)
+            if bool(ckpt["train_config"].get(key, 0.0)) != bool(getattr(tc, key)):
+                fail(f"{ckpt_path} was trained with {key}={ckpt['train_config'].get(key, 0.0)}, this run has "
+                     f"{key}={getattr(tc, key)}: set or not (0) decides the optimizer's groups; resume as trained")
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
-        for group, scale in zip(optimizer.param_groups, scales):  # this run's learning_rate / muon_lr
-            group["lr_scale"] = scale
+        for group, fresh in zip(optimizer.param_groups, settings):  # the loaded groups bring the checkpoint's
+            group.update(fresh)  # settings: this run's lr_scale (learning_rate, muon_lr, ...), eps, decay win
     elif master:  # e.g. stage 2 starting from a stage-1 checkpoint: other parameters train now
         print("note: gate_stage=2 trains only the exit gate: it gets a fresh optimizer")
 if tc.resume:
@@ -269,21 +278,6 @@ def sample_depth(step, m):
         cap = curriculum if cap is None else min(cap, curriculum)
     M = np.clip(M, tc.loop_min if sampled else 1, cap)
     return torch.as_tensor(M, device=device) if size else int(M)
-
-
-def get_lr(it):
-    decay_iters = tc.lr_decay_iters or tc.max_iters
-    if it < tc.warmup_iters:
-        return tc.learning_rate * (it + 1) / tc.warmup_iters
-    if it >= decay_iters:
-        return tc.min_lr
-    if tc.lr_schedule == "cosine":
-        ratio = (it - tc.warmup_iters) / max(1, decay_iters - tc.warmup_iters)
-        return tc.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (tc.learning_rate - tc.min_lr)
-    decay_start = decay_iters - int(tc.wsd_decay_frac * decay_iters)  # wsd: stable, then linear decay
-    if it < decay_start:
-        return tc.learning_rate
-    return tc.learning_rate + (tc.min_lr - tc.learning_rate) * (it - decay_start) / max(1, decay_iters - decay_start)
 
 
 def val_batches():
@@ -487,9 +481,11 @@ t_start = time.time()
 tok_per_s = None
 while iter_num < tc.max_iters:
     t0 = time.time()
-    lr = get_lr(iter_num)
+    lr = get_lr(iter_num, tc)
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]  # Muon's matrices: muon_lr / learning_rate
+        group["lr"] = lr * group["lr_scale"]  # e.g. Muon's matrices: muon_lr / learning_rate
+        if group.get("use_muon"):
+            group["momentum"] = muon_momentum(iter_num, tc.muon_momentum_warmup)
     loss_sum = torch.zeros((), device=device)
     loops_used = []
     for micro in range(accum_local):
@@ -500,7 +496,9 @@ while iter_num < tc.max_iters:
         depth = sample_depth(iter_num, m)
         route = {"depths": depth} if torch.is_tensor(depth) else {"loops": depth}
         loops_used.append(depth.float().mean().item() if torch.is_tensor(depth) else depth)
-        short = None  # the auxiliary short route: the same on every rank (seeded by the local micro-step)
+        # the auxiliary short route, seeded by the local micro-step: every rank draws the same one
+        # (LoopFormer's code draws one per rank, seed 1337 + rank), so a micro-step's gradient is one route's
+        short = None
         if tc.objective != "final":
             route_rng = np.random.default_rng([tc.seed, 2, iter_num, micro])
             short = (sample_short_route(cfg.n_loops, route_rng) if tc.objective == "shortcut"

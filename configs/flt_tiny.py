@@ -1,5 +1,6 @@
 # CPU twin of flt_small: FLT, the Fully Looped Transformer (every layer's queries from h_{t-1}), FLT paper.
 # A 2-block core looped 12 times (--n_loops=3, 6 ...), d=128, on the built-in corpus: minutes.
+# Training as configs/flt_small.py (the FLT code's recipe), its AdamW lrs at d=128.
 dataset = "pydoc"
 out_dir = "out-flt-tiny"
 n_embd = 128
@@ -15,6 +16,17 @@ grad_accum_steps = 2
 max_iters = 300
 eval_interval = 100
 eval_iters = 10
-warmup_iters = 30
-learning_rate = 3e-3
-min_lr = 3e-4
+optimizer = "muon"
+muon_lr = 0.02
+muon_momentum_warmup = 50   # about flt_small's share of the run (300 of 1878 steps)
+embedding_lr = 0.4899       # 0.2 x (128/768)^-0.5
+head_lr = 0.009798          # 0.004 x (128/768)^-0.5
+learning_rate = 0.009798    # AdamW for anything else (FLT has nothing else); the logged lr
+beta1 = 0.8
+beta2 = 0.95
+adam_eps = 1e-10
+weight_decay = 0.0
+warmup_iters = 0
+lr_schedule = "wsd"
+wsd_decay_frac = 0.2
+min_lr = 0.0

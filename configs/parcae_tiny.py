@@ -1,5 +1,5 @@
 # CPU twin of parcae_small on the built-in corpus: same layout at d=128, minutes.
-# Training settings as configs/flt_tiny.py.
+# Batch and length as configs/flt_tiny.py; its optimizer settings before the FLT recipe (below).
 from configs.flt_tiny import *  # noqa: F401,F403
 
 out_dir = "out-parcae-tiny"
@@ -12,3 +12,14 @@ state_init = "randn"
 block_norm = "pre"
 loop_sampling = "per_sequence"
 bptt_k = 4
+# training as before flt_tiny took the FLT code's recipe (Muon, wsd): AdamW, warmup, cosine
+optimizer = "adamw"
+learning_rate = 3e-3
+min_lr = 3e-4
+warmup_iters = 30
+lr_schedule = "cosine"
+weight_decay = 0.1
+beta1 = 0.9
+adam_eps = 1e-8
+embedding_lr = 0.0
+head_lr = 0.0

@@ -1,5 +1,6 @@
 """Muon (muon.py): the Newton-Schulz orthogonalisation against a direct computation from the
-SVD, one Muon step by hand, and the AdamW half against torch's AdamW."""
+SVD, one Muon step by hand, the AdamW half against torch's AdamW, the momentum warmup and
+FLT's momentum rule, and the optimizer groups of FLT's recipe."""
 
 import os
 import sys
@@ -10,7 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from loopgpt import LoopGPT, LoopGPTConfig  # noqa: E402
-from muon import NS_COEFFS, MuonAdamW, orthogonalize  # noqa: E402
+from muon import NS_COEFFS, MuonAdamW, muon_momentum, orthogonalize  # noqa: E402
 
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
@@ -90,3 +91,65 @@ def test_muon_overfits_a_batch():
         opt.zero_grad(set_to_none=True)
         first = first or loss.item()
     assert first > 3.5 and loss.item() < 0.1, (first, loss.item())
+
+
+def test_muon_momentum_warms_up_linearly():
+    # FLT / nanochat: 0.85 -> 0.95 over the first 300 steps, then 0.95; warmup 0 = 0.95 always
+    for step, mu in ((0, 0.85), (150, 0.90), (300, 0.95), (301, 0.95), (5000, 0.95)):
+        assert muon_momentum(step, 300) == pytest.approx(mu)
+    assert muon_momentum(0, 0) == muon_momentum(10, 0) == 0.95
+
+
+def test_flt_momentum_rule_gives_the_same_update():
+    # FLT's (nanochat's) Muon: buf <- lerp(buf, g, 1 - mu), update from lerp(g, buf, mu). With mu
+    # constant that is (1 - mu) times ours, and Newton-Schulz normalises it away (muon.py)
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(16, 24))
+    opt = MuonAdamW([{"params": [w], "lr": 0.02, "use_muon": True}], momentum=0.9)
+    buf = torch.zeros(16, 24)
+    for _ in range(4):
+        g = torch.randn(16, 24)
+        buf.lerp_(g, 1 - 0.9)
+        expected = w.detach() - 0.02 * orthogonalize(g.lerp(buf, 0.9))
+        w.grad = g.clone()
+        opt.step()
+        torch.testing.assert_close(w.detach(), expected, atol=1e-5, rtol=1e-4)
+
+
+def _lr_of(opt, model, name):
+    p = dict(model.named_parameters())[name]
+    return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+
+
+def test_flt_recipe_groups():
+    # configs/flt_small.py's recipe: wte and lm_head in AdamW groups of their own, every block
+    # matrix in Muon's, each group's lr = learning_rate x lr_scale (one schedule drives them all)
+    cfg = LoopGPTConfig(vocab_size=64, block_size=16, n_embd=32, n_head=2, n_prelude=0, n_coda=0,
+                        injection="full_attn")
+    model = LoopGPT(cfg)
+    opt = model.configure_optimizer(0.0, 0.005657, (0.8, 0.95), "muon", muon_lr=0.02,
+                                    embedding_lr=0.2828, head_lr=0.005657, eps=1e-10)
+    assert _lr_of(opt, model, "wte.weight")["lr"] == pytest.approx(0.2828)
+    assert _lr_of(opt, model, "lm_head.weight")["lr"] == pytest.approx(0.005657)
+    assert len(_lr_of(opt, model, "wte.weight")["params"]) == len(_lr_of(opt, model, "lm_head.weight")["params"]) == 1
+    for name, p in model.named_parameters():
+        if name.startswith("core."):
+            group = _lr_of(opt, model, name)
+            assert group["use_muon"] and group["lr"] == pytest.approx(0.02), name
+    adam = [g for g in opt.param_groups if not g["use_muon"]]
+    assert all(g["eps"] == 1e-10 and g["betas"] == (0.8, 0.95) and g["weight_decay"] == 0.0 for g in adam)
+    assert all(g["lr"] == pytest.approx(0.005657 * g["lr_scale"]) for g in opt.param_groups)
+    # unset (0) embedding_lr / head_lr: the groups as before, at learning_rate, eps 1e-8
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "muon")
+    assert _lr_of(opt, model, "wte.weight") is _lr_of(opt, model, "lm_head.weight")
+    assert _lr_of(opt, model, "wte.weight")["lr"] == 1e-3 and opt.param_groups[0]["eps"] == 1e-8
+    # AdamW alone takes the same groups, and eps
+    opt = model.configure_optimizer(0.1, 1e-3, (0.8, 0.95), "adamw", embedding_lr=0.3, head_lr=0.004, eps=1e-10)
+    assert isinstance(opt, torch.optim.AdamW) and all(g["eps"] == 1e-10 for g in opt.param_groups)
+    assert _lr_of(opt, model, "wte.weight")["lr"] == pytest.approx(0.3)
+    assert _lr_of(opt, model, "lm_head.weight")["lr"] == pytest.approx(0.004)
+    # tied embeddings: one matrix, the head, at head_lr
+    tied = LoopGPT(LoopGPTConfig(**{**cfg.to_dict(), "tie_embeddings": True}))
+    opt = tied.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "muon", embedding_lr=0.3, head_lr=0.004)
+    assert _lr_of(opt, tied, "wte.weight")["lr"] == pytest.approx(0.004)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(tied.parameters()))

@@ -97,6 +97,49 @@ def test_resume_continues_exactly(data_dir, tmp_path, optimizer):
     assert f"trained with optimizer={optimizer}" in p.stderr
 
 
+def test_lr_schedule_without_warmup_wsd_to_zero():
+    # FLT's schedule: no warmup, constant, then the last 20% linearly to 0 (configs/flt_small.py)
+    from common import TrainConfig, get_lr
+    tc = TrainConfig(learning_rate=1.0, min_lr=0.0, warmup_iters=0, lr_schedule="wsd", wsd_decay_frac=0.2,
+                     max_iters=100)
+    for it, lr in ((0, 1.0), (50, 1.0), (79, 1.0), (80, 1.0), (85, 0.75), (90, 0.5), (99, 0.05), (100, 0.0)):
+        assert get_lr(it, tc) == pytest.approx(lr), it
+    # cosine without warmup starts at the peak and ends at min_lr = 0
+    tc = TrainConfig(learning_rate=1.0, min_lr=0.0, warmup_iters=0, max_iters=100)
+    assert get_lr(0, tc) == 1.0 and get_lr(50, tc) == pytest.approx(0.5) and get_lr(100, tc) == 0.0
+
+
+# FLT's recipe (configs/flt_small.py) at test size: Muon at its momentum warmup, wte and lm_head
+# in AdamW groups of their own, eps 1e-10, no warmup, wsd to 0
+FLT_RECIPE = ["--optimizer=muon", "--embedding_lr=0.05", "--head_lr=0.004", "--learning_rate=0.004",
+              "--adam_eps=1e-10", "--beta1=0.8", "--weight_decay=0", "--warmup_iters=0", "--lr_schedule=wsd",
+              "--min_lr=0", "--muon_momentum_warmup=6"]
+
+
+def test_resume_keeps_the_flt_recipes_groups(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", "--eval_interval=4", *SMALL, *FLT_RECIPE, "--wsd_decay_frac=0.5"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run("train.py", f"--out_dir={straight}", "--max_iters=8", *common)
+    run("train.py", f"--out_dir={split}", "--max_iters=4", "--lr_decay_iters=8", *common)
+    run("train.py", f"--out_dir={split}", "--max_iters=8", "--resume=True", *common)
+    a, b = records(straight, "train"), records(split, "train")
+    assert [r["lr"] for r in a] == pytest.approx([0.004] * 5 + [0.003, 0.002, 0.001])  # wsd: the last half to 0
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-6) and ra["lr"] == rb["lr"]
+    ga = torch.load(straight / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    gb = torch.load(split / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    keys = ("lr_scale", "lr", "eps", "betas", "momentum", "weight_decay", "use_muon", "params")
+    assert [{k: g[k] for k in keys} for g in ga] == [{k: g[k] for k in keys} for g in gb]
+    scales = sorted(g["lr_scale"] for g in ga)
+    assert scales == pytest.approx(sorted([1.0, 0.05 / 0.004, 0.02 / 0.004])) and {g["eps"] for g in ga} == {1e-10}
+    assert {g["momentum"] for g in ga if g["use_muon"]} == {0.95}  # step 7 of a 6-step warmup
+    # other groups than the checkpoint's optimizer state has: a clear error, not swapped state
+    p = run("train.py", f"--out_dir={split}", "--max_iters=9", "--resume=True", *common, "--embedding_lr=0", ok=False)
+    assert "embedding_lr=0.05" in p.stderr and "resume as trained" in p.stderr
+    p = run("train.py", f"--out_dir={tmp_path / 'tied'}", "--max_iters=1", *common, "--tie_embeddings=True", ok=False)
+    assert "embedding_lr would be ignored" in p.stderr
+
+
 def test_resume_keeps_the_checkpoints_model_over_a_config_file(data_dir, tmp_path):
     # configs/base_loop.py says injection="none"; the checkpoint was trained with "add": an
     # eval with --config base_loop must run the trained model, and say that it does
