@@ -14,7 +14,8 @@ Read in this order (README.md has the variant table, with the papers):
 - LoopGPTConfig: every model flag.
 - Attention, MLP, Block: the nanochat block: pre-norm, parameter-free RMSNorm, RoPE,
   QK-norm, optional GQA, ReLU² MLP, no biases, zero-initialised output projections;
-  optional sandwich norm, queries from another stream (FLT), LoRA deltas, adaLN gates.
+  optional sandwich norm, norm gains, sliding windows, SwiGLU, queries from another
+  stream (FLT), LoRA deltas, adaLN gates. init_weights: nanochat's or a paper's init.
 - LoopGPT.core_pass: one loop; every `injection` is one branch there, found by
   searching its flag value, e.g. `inj == "full_attn"`.
 - LoopGPT.conditioning: `modulation`, TMLT's loop index or LoopFormer's (t, Δ).
@@ -744,12 +745,9 @@ class LoopGPT(nn.Module):
             if schedule is not None or short is not None or cache is not None:
                 raise ValueError("per-sequence depths go with loops only (no schedule, short route or cache)")
             loops = int(depths.max())
-            c = self.config
-            if c.routing == "mor":
-                raise ValueError("routing='mor' chooses each token's depth itself: no per-sequence depths")
-            if c.modulation != "none" or c.lora_rank or (c.state_init == "prelude" and c.injection != "none"):
-                raise ValueError("per-sequence depths need loops that do not depend on their index: no modulation "
-                                 "or lora_rank, and state_init='randn'/'zero' unless injection='none'")
+            problem = per_sequence_problem(self.config)
+            if problem:
+                raise ValueError(problem)
         per_step = targets is not None and (step_weights is not None or gate_stage)
         if per_step and (short is not None or (step_weights is not None and gate_stage)):
             raise ValueError("use one of: a short route, step_weights, gate_stage")
@@ -976,7 +974,8 @@ class LoopGPT(nn.Module):
         cfg = self.config
         shape = f"{cfg.n_prelude} + {cfg.n_core}⊗{cfg.n_loops} + {cfg.n_coda}"
         flags = [f"injection={cfg.injection}"] + [f"{k}={getattr(cfg, k)}" for k, default in (
-            ("modulation", "none"), ("state_init", "prelude"), ("block_norm", "pre"), ("exit_gate", False),
+            ("modulation", "none"), ("state_init", "prelude"), ("norm_state", False), ("block_norm", "pre"),
+            ("norm_gains", False), ("init", "nanochat"), ("window_pattern", "L"), ("exit_gate", False),
             ("lora_rank", 0), ("routing", "none"), ("bptt_k", 0)) if getattr(cfg, k) != default]
         return (f"LoopGPT {shape} (prelude + core⊗loops + coda), d={cfg.n_embd}, {', '.join(flags)} | "
                 f"{self.num_params() / 1e6:.2f}M unique params | effective depth {self.effective_depth()} | "
@@ -1078,6 +1077,17 @@ def check_exit(exit, cfg):
         raise ValueError("routing='mor' already chooses each token's depth: no exit criterion on top")
     if gate and not cfg.exit_gate:
         raise ValueError("exit=('gate', q) needs a model trained with exit_gate=True")
+
+
+def per_sequence_problem(cfg):
+    """Why per-sequence depths (Parcae) cannot run on this model, or None. A row's loops are
+    not aligned with the batch's, so the loops must not depend on their index."""
+    if cfg.routing == "mor":
+        return "routing='mor' chooses each token's depth itself: no per-sequence depths"
+    if cfg.modulation != "none" or cfg.lora_rank or (cfg.state_init == "prelude" and cfg.injection != "none"):
+        return ("per-sequence depths need loops that do not depend on their index: no modulation or lora_rank, "
+                "and a random or zero state_init unless injection='none'")
+    return None
 
 
 def check_loops(M):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common import (CHECKPOINT_VERSION, TrainConfig, autocast_context, detect_device, fail, get_lr, gpu_peak_flops,
                     load_checkpoint, model_config_defaults, model_from_checkpoint, parse_args, print_table,
                     save_checkpoint, train_config_defaults)
-from loopgpt import LoopGPT, LoopGPTConfig, check_exit, compile_blocks, sample_short_route
+from loopgpt import LoopGPT, LoopGPTConfig, check_exit, compile_blocks, per_sequence_problem, sample_short_route
 from muon import muon_momentum
 from tokenizer import load_tokenizer, token_byte_lengths
 
@@ -194,6 +194,8 @@ else:
 cfg = model.config
 if cfg.tie_embeddings and tc.embedding_lr:
     fail("tie_embeddings=True: wte is lm_head, one matrix trained at head_lr; embedding_lr would be ignored")
+if tc.loop_sampling == "per_sequence" and per_sequence_problem(cfg):
+    fail(f"loop_sampling=per_sequence: {per_sequence_problem(cfg)}")
 if tc.gate_stage and not cfg.exit_gate:
     fail("gate_stage trains Ouro's exit gate: the model needs exit_gate=True")
 model.to(device)

@@ -4,3 +4,4 @@ from configs.flt_small import *  # noqa: F401,F403
 
 injection = "none"
 out_dir = "out-lt-small"
+norm_state = True         # the FLT code: h_t = norm(x_t) between loops; LTi adds the raw embedding

@@ -4,3 +4,4 @@ from configs.flt_base import *  # noqa: F401,F403
 
 injection = "add"
 out_dir = "out-lti-base"
+norm_state = True         # the FLT code: h_t = norm(x_t) between loops; LTi adds the raw embedding

@@ -6,6 +6,7 @@ out_dir = "out-ouro-tiny"
 injection = "none"
 n_loops = 4
 exit_gate = True
+norm_state = True           # Ouro's code norms every loop's output and feeds that to the next loop, gate and head
 gate_stage = 1
 gate_beta = 0.1
 eval_budgets = (1, 2, 3, 4)

@@ -15,8 +15,15 @@ n_core = 2
 n_coda = 2
 n_loops = 8
 injection = "diag"
-state_init = "randn"
+state_init = "randn_small"        # Parcae: trunc-normal std sqrt(2/(5d)), no sqrt(d)
 block_norm = "pre"
 max_iters = 1884
-loop_sampling = "per_sequence"        # Parcae: every row draws its own depth
+loop_sampling = "per_sequence"        # Parcae: every row draws max(1, Poisson(8)) loops
 bptt_k = 4
+# Parcae's model (its code): learnable norm gains, its small init with zero output
+# projections and a random C, tied embeddings, RoPE base 5e4, no soft-cap
+norm_gains = True
+init = "parcae"
+tie_embeddings = True
+rope_base = 50000.0
+softcap = 0.0

@@ -8,7 +8,7 @@ n_core = 2
 n_coda = 2
 n_loops = 8
 injection = "diag"
-state_init = "randn"
+state_init = "randn_small"        # Parcae: trunc-normal std sqrt(2/(5d)), no sqrt(d)
 block_norm = "pre"
 loop_sampling = "per_sequence"
 bptt_k = 4
@@ -23,3 +23,10 @@ beta1 = 0.9
 adam_eps = 1e-8
 embedding_lr = 0.0
 head_lr = 0.0
+# Parcae's model (its code): learnable norm gains, its small init with zero output
+# projections and a random C, tied embeddings, RoPE base 5e4, no soft-cap
+norm_gains = True
+init = "parcae"
+tie_embeddings = True
+rope_base = 50000.0
+softcap = 0.0

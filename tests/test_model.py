@@ -1039,3 +1039,28 @@ def test_sliding_window_pattern_and_cached_decoding():
     assert [b.attn.window for b in random_model(n_core=4, window_pattern="SSL").core] == [6, 6, 0, 0]
     with pytest.raises(ValueError, match="window_pattern"):
         small_config(window_pattern="SX")
+
+
+def test_huginn_latent_exit_at_loop_one_compares_with_h0_and_sandwich_adapter_reads_raw_h0():
+    # Huginn's code: loop 1's relative change is measured against the initial state h_0,
+    # and with sandwich blocks the adapter reads the state raw, h_0 included
+    model = randomize_extras(random_model(injection="concat", state_init="randn", block_norm="sandwich", n_coda=0))
+    idx = torch.randint(0, 61, (1, 9))
+    T = idx.size(1)
+    rope = (model.rope_cos[:T], model.rope_sin[:T])
+    with torch.no_grad():
+        e = model.prelude[0](norm(model.wte(idx)), rope)
+        h0 = model.state_noise[:T].unsqueeze(0)
+        x = model.adapter(torch.cat([h0, e], -1))
+        for block in model.core:
+            x = block(x, rope)
+        torch.testing.assert_close(model.trunk(idx, model.steps(1)), x, atol=1e-5, rtol=1e-5)
+        change_h0 = ((x - h0).norm(dim=-1) / x.norm(dim=-1))[0, -1].item()
+        change_e = ((x - e).norm(dim=-1) / x.norm(dim=-1))[0, -1].item()
+    assert abs(change_h0 - change_e) > 1e-3
+    threshold = (change_h0 + change_e) / 2  # fires at loop 1 only if measured against h_0 and h_0 is closer
+    cache = model.new_cache(4)
+    with torch.no_grad():
+        model(idx[:, :-1], loops=4, cache=cache)
+        _, used = model.decode_with_exit(idx[:, -1:], model.steps(4), cache, ("latent", threshold), 1)
+    assert (used.item() == 1) == (change_h0 < threshold)

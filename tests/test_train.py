@@ -253,10 +253,13 @@ def test_depth_sampling_and_curriculum(data_dir, tmp_path):
     loops = [r["loops"] for r in records(tmp_path / "u", "train")]
     for step, M in enumerate(loops):  # record k is step k+1, which drew its depth at step k
         assert 1 <= M <= min(5, int(1 + 0.5 * step))
+    p = run("train.py", f"--out_dir={tmp_path / 'p'}", "--loop_sampling=per_sequence", *common, ok=False)
+    assert "random or zero state_init" in p.stderr and "Traceback" not in p.stderr  # tiny's add + prelude
     run("train.py", f"--out_dir={tmp_path / 'p'}", "--loop_sampling=per_sequence", "--bptt_k=2",
-        "--checkpoint_loops=True", *common)
+        "--checkpoint_loops=True", "--state_init=randn_small", *common, "--n_loops=8", "--batch_size=32")
     loops = [r["loops"] for r in records(tmp_path / "p", "train")]
     assert len(set(loops)) > 1 and any(not float(M).is_integer() for M in loops)  # per-row depths average
+    assert 7.4 < sum(loops) / len(loops) < 8.6  # Parcae's law max(1, Poisson(8)): mean ~8 (Huginn's +1 law: 9)
     # fixed depth is n_loops: loop_min / loop_max (left over from a sampled config) do not move it
     run("train.py", f"--out_dir={tmp_path / 'f'}", "--loop_min=3", "--loop_max=1", *common)
     assert {r["loops"] for r in records(tmp_path / "f", "train")} == {2}
