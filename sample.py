@@ -38,7 +38,7 @@ defaults = dict(
     dtype="",                # bfloat16 (autocast) | float32; "" = bfloat16 on CUDA, float32 on CPU
     threads=1,               # CPU threads; 0 = torch's default. One decodes fastest here (README)
     use_cache=True,
-    exit="",                 # per-token early exit, kind:threshold: kl:1e-3, latent:0.03 or gate:0.9
+    exit="",                 # per-token early exit, kind:threshold: kl:1e-3, latent:0.03, gate:0.9, gate_all:0.9
     min_loops=1,             # with exit: no token stops before this many loops
 )
 args, _ = parse_args(sys.argv[1:], defaults, allow_config=False)
@@ -85,7 +85,7 @@ if args["exit"]:
         exit = (kind, float(value))
         check_exit(exit, cfg)
     except ValueError as e:
-        fail(f"--exit={args['exit']}: {e}. Examples: kl:1e-3, latent:0.03, gate:0.9")
+        fail(f"--exit={args['exit']}: {e}. Examples: kl:1e-3, latent:0.03, gate:0.9, gate_all:0.9")
 
 # what to compare: budgets M (uniform steps), then schedules
 routes = [(f"M={M}", {"loops": M}, M) for M in budgets]

@@ -1064,3 +1064,49 @@ def test_huginn_latent_exit_at_loop_one_compares_with_h0_and_sandwich_adapter_re
         model(idx[:, :-1], loops=4, cache=cache)
         _, used = model.decode_with_exit(idx[:, -1:], model.steps(4), cache, ("latent", threshold), 1)
     assert (used.item() == 1) == (change_h0 < threshold)
+
+
+PAPER_MODELS = {
+    "huginn": dict(injection="concat", state_init="randn", block_norm="sandwich", norm_gains=True, init="huginn",
+                   mlp="swiglu", qk_norm=False, tie_embeddings=True, rope_base=50000.0, n_prelude=2, n_coda=2),
+    "parcae": dict(injection="diag", state_init="randn_small", norm_gains=True, init="parcae", tie_embeddings=True,
+                   rope_base=50000.0, softcap=0.0),
+    "ouro": dict(injection="none", norm_state=True, exit_gate=True, n_prelude=0, n_coda=0),
+    "lti_flt": dict(injection="add", norm_state=True, n_prelude=0, n_coda=0),
+    "flt_swa": dict(injection="full_attn", window_pattern="SL", n_core=3, n_prelude=0, n_coda=0),
+    "loopformer": dict(modulation="loopformer", init="loopformer", mlp="gelu", mlp_ratio=2.5, qk_norm=False,
+                       softcap=0.0, tie_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER_MODELS))
+def test_paper_models_cached_decoding_equals_full_forward(name):
+    model = randomize_extras(random_model(**PAPER_MODELS[name]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:  # gains away from 1, as after training
+                p.uniform_(0.5, 1.5)
+    idx = torch.randint(0, 61, (2, 20))
+    for M in (1, 3, 5):
+        full, _ = model(idx, loops=M)
+        cache = model.new_cache(M)
+        steps = [model(idx[:, :9], loops=M, cache=cache)[0], model(idx[:, 9:12], loops=M, cache=cache)[0]]
+        steps += [model(idx[:, t:t + 1], loops=M, cache=cache)[0] for t in range(12, 20)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("name", ["huginn", "parcae", "ouro"])
+def test_paper_models_overfit_one_batch(name):
+    torch.manual_seed(0)
+    model = LoopGPT(small_config(**PAPER_MODELS[name])).train()
+    x = torch.randint(0, 61, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    opt = model.configure_optimizer(0.0, 1e-2, (0.9, 0.95))
+    first = None
+    for _ in range(80):
+        _, loss = model(x, y)
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 4.0 and loss.item() < 0.5, (first, loss.item())
