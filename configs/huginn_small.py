@@ -1,5 +1,5 @@
 # Huginn-style recurrent depth (Geiping et al. 2025): prelude 2, core 4, coda 2, the adapter
-# W_a[norm(h); e] (concat) and a random initial state.
+# W_a[h; e] (concat) and a random initial state.
 # d=384 (3 heads of 128), seq 1024, FineWeb-Edu with the GPT-2 tokenizer, 8 loops on average,
 # with depth sampled per step and truncated backprop.
 # Data first: python data/fineweb_edu/prepare.py --num_shards=20
@@ -15,17 +15,24 @@ n_coda = 2
 n_loops = 8
 injection = "concat"
 state_init = "randn"
-# Huginn uses sandwich norm with learnable gains; with our parameter-free norms the sandwich
-# divides the gradient by rms(x + f(x)) at each of the ~70 norms of the unrolled stack and the
-# core stops learning (measured: the gradient shrinks ~100x per loop). Pre-norm blocks, with
-# the adapter reading norm(h), train; --block_norm=sandwich reproduces the problem.
-block_norm = "pre"
+# Huginn's block and init (its code): sandwich norm with learnable gains, its small init
+# (output projections scaled by the depth, a random adapter W_a), SwiGLU 3.39x wide,
+# RoPE base 5e4, no QK-norm, tied embeddings. (Without the gains and the init, the sandwich
+# stalls: README, Known problems.)
+block_norm = "sandwich"
+norm_gains = True
+init = "huginn"
+mlp = "swiglu"
+mlp_ratio = 3.39            # Huginn: 17,920 / 5,280
+rope_base = 50000.0
+qk_norm = False
+tie_embeddings = True
 block_size = 1024
 vocab_size = 50304
-# 53.1M params x 20 tokens = 2025 steps of 524,288 tokens
+# 36.3M params (tied embeddings) x 20 tokens = 1386 steps of 524,288 tokens
 batch_size = 32
 grad_accum_steps = 16
-max_iters = 2025
+max_iters = 1386
 warmup_iters = 100
 learning_rate = 1e-3
 min_lr = 1e-4

@@ -9,7 +9,15 @@ n_coda = 2
 n_loops = 8
 injection = "concat"
 state_init = "randn"
-block_norm = "pre"          # see configs/huginn_small.py
+# Huginn's block and init, as configs/huginn_small.py
+block_norm = "sandwich"
+norm_gains = True
+init = "huginn"
+mlp = "swiglu"
+mlp_ratio = 3.39
+rope_base = 50000.0
+qk_norm = False
+tie_embeddings = True
 loop_sampling = "poisson_lognormal"
 bptt_k = 4
 # training as before flt_tiny took the FLT code's recipe (Muon, wsd): AdamW, warmup, cosine

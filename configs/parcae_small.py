@@ -5,10 +5,10 @@
 # Data first: python data/fineweb_edu/prepare.py --num_shards=18
 #   torchrun --nproc_per_node=8 train.py --config parcae_small
 # CPU twin on the built-in corpus: --config parcae_tiny
-# Training settings as configs/huginn_small.py.
+# Training settings as configs/huginn_small.py; the model is Parcae's (below).
 from configs.huginn_small import *  # noqa: F401,F403
 
-# 49.4M params x 20 tokens = 1884 steps of 524,288 tokens
+# 30.2M params (tied embeddings) x 20 tokens = 1153 steps of 524,288 tokens
 out_dir = "out-parcae-small"
 n_prelude = 2
 n_core = 2
@@ -17,7 +17,10 @@ n_loops = 8
 injection = "diag"
 state_init = "randn_small"        # Parcae: trunc-normal std sqrt(2/(5d)), no sqrt(d)
 block_norm = "pre"
-max_iters = 1884
+mlp = "relu2"               # (not Huginn's SwiGLU and plain QK-norm attention)
+mlp_ratio = 4.0
+qk_norm = True
+max_iters = 1153
 loop_sampling = "per_sequence"        # Parcae: every row draws max(1, Poisson(8)) loops
 bptt_k = 4
 # Parcae's model (its code): learnable norm gains, its small init with zero output
