@@ -185,7 +185,7 @@ def parse_args(argv, defaults, allow_config=True, default_config=None):
             overrides.append((key, val))
     if config_name is not None:
         path = os.path.join(CONFIGS_DIR, f"{config_name}.py")
-        if not os.path.isfile(path):
+        if config_name not in available_configs():  # (files starting with _ are shared parts, not configs)
             fail(f"unknown config '{config_name}'. Available: {', '.join(available_configs())}")
         namespace = {}
         with open(path) as f:

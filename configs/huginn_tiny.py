@@ -20,14 +20,7 @@ qk_norm = False
 tie_embeddings = True
 loop_sampling = "poisson_lognormal"
 bptt_k = 4
-# training as before flt_tiny took the FLT code's recipe (Muon, wsd): AdamW, warmup, cosine
-optimizer = "adamw"
+from configs._adamw import *  # noqa: F401,F403  (AdamW, warmup, cosine, as before the FLT recipe)
 learning_rate = 3e-3
 min_lr = 3e-4
 warmup_iters = 30
-lr_schedule = "cosine"
-weight_decay = 0.1
-beta1 = 0.9
-adam_eps = 1e-8
-embedding_lr = 0.0
-head_lr = 0.0

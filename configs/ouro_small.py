@@ -15,14 +15,7 @@ norm_state = True           # Ouro's code norms every loop's output and feeds th
 gate_stage = 1
 gate_beta = 0.1
 eval_budgets = (1, 2, 3, 4)
-# training as before flt_small took the FLT code's recipe (Muon, wsd): AdamW, warmup, cosine
-optimizer = "adamw"
+from configs._adamw import *  # noqa: F401,F403  (AdamW, warmup, cosine, as before the FLT recipe)
 learning_rate = 0.001
 min_lr = 0.0001
 warmup_iters = 100
-lr_schedule = "cosine"
-weight_decay = 0.1
-beta1 = 0.9
-adam_eps = 1e-8
-embedding_lr = 0.0
-head_lr = 0.0
