@@ -15,7 +15,7 @@ import torch
 from loopgpt import LoopGPT, LoopGPTConfig
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: MoR and Huginn's sandwich adapter follow their authors' code
 
 
 @dataclass
@@ -273,8 +273,13 @@ def load_checkpoint(path):
     needed = ("version", "model", "model_config", "iter_num", "data_meta")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
         fail(f"{path} is not a loopgpt checkpoint (needs keys: {', '.join(needed)})")
-    if ckpt["version"] != CHECKPOINT_VERSION:
-        fail(f"{path} has checkpoint version {ckpt['version']}, this code reads version {CHECKPOINT_VERSION}")
+    if ckpt["version"] not in (1, CHECKPOINT_VERSION):
+        fail(f"{path} has checkpoint version {ckpt['version']}, this code reads versions 1 and {CHECKPOINT_VERSION}")
+    mc = ckpt["model_config"] if isinstance(ckpt["model_config"], dict) else {}
+    if ckpt["version"] == 1 and (mc.get("routing") == "mor" or (mc.get("injection"), mc.get("block_norm")) == (
+            "concat", "sandwich")):  # these models compute differently now: loading them would mislead
+        fail(f"{path} was saved by a loopgpt whose {'MoR routing' if mc.get('routing') == 'mor' else 'sandwich adapter'}"
+             f" did not yet follow its authors' code; it computes differently now: train it again")
     return ckpt
 
 
