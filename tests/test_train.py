@@ -211,7 +211,8 @@ def test_sample_budgets_side_by_side(data_dir, tmp_path):
         assert msg in p.stderr
 
 
-@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py")))
+@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+                                         if f.endswith(".py") and not f.startswith("_")))  # _*: shared parts
 def test_every_config_builds_a_model(name):
     # each configs/NAME.py uses only known keys of the right type and makes a valid model
     from common import model_config_defaults, parse_args, train_config_defaults
