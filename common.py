@@ -278,8 +278,9 @@ def load_checkpoint(path):
     mc = ckpt["model_config"] if isinstance(ckpt["model_config"], dict) else {}
     if ckpt["version"] == 1 and (mc.get("routing") == "mor" or (mc.get("injection"), mc.get("block_norm")) == (
             "concat", "sandwich")):  # these models compute differently now: loading them would mislead
-        fail(f"{path} was saved by a loopgpt whose {'MoR routing' if mc.get('routing') == 'mor' else 'sandwich adapter'}"
-             f" did not yet follow its authors' code; it computes differently now: train it again")
+        what = "MoR routing" if mc.get("routing") == "mor" else "sandwich adapter"
+        fail(f"{path} was saved by a loopgpt whose {what} did not yet follow its authors' code; "
+             f"it computes differently now: train it again")
     return ckpt
 
 

@@ -338,8 +338,8 @@ class LoopGPT(nn.Module):
         modulated = cfg.modulation != "none"
         # FLT's sliding windows: core layer j is short (a quarter of the context) if the
         # pattern, tiled over the core, says S there; the last core layer always sees everything
-        windows = [max(1, cfg.block_size // 4) if cfg.window_pattern[j % len(cfg.window_pattern)] == "S" and j < cfg.n_core - 1
-                   else 0 for j in range(cfg.n_core)]
+        pattern, short = cfg.window_pattern, max(1, cfg.block_size // 4)
+        windows = [short if pattern[j % len(pattern)] == "S" and j < cfg.n_core - 1 else 0 for j in range(cfg.n_core)]
         self.core = nn.ModuleList(Block(cfg, modulated, w) for w in windows)  # looped, weight-tied
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.norm_f = RMSNorm(d, cfg.norm_gains)  # the final norm, before the head
