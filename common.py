@@ -30,6 +30,9 @@ class TrainConfig:
     eval_only: bool = False       # with resume=True: sweep budgets 1..2L (and schedules), then exit
     sweep_max_steps: int = 4      # eval_only, modulation=loopformer: every schedule of <= this many steps
     sweep_exits: str = ""         # eval_only: per-token exits to evaluate, e.g. "kl:1e-3,latent:0.03,gate:0.9"
+    eval_tasks: str = ""          # eval.py's tasks at the eval budgets during training, e.g. "core" (nanochat's CORE)
+    eval_tasks_interval: int = 0  # every this many steps; 0 = at the last step only
+    eval_tasks_max: int = 500     # items per task (nanochat: 500 during training); 0 = all
     log_interval: int = 10
     always_save_checkpoint: bool = True
     resume: bool = False

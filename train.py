@@ -246,6 +246,12 @@ tokens_per_step = tc.batch_size * T * tc.grad_accum_steps
 eval_budgets = tc.eval_budgets or tuple(sorted({1, max(1, cfg.n_loops // 2), cfg.n_loops, 2 * cfg.n_loops}))
 if any(m < 1 for m in eval_budgets):
     fail(f"eval_budgets must all be >= 1, got {eval_budgets}")
+eval_tasks = []
+if tc.eval_tasks:  # checked now, not at the first eval: a missing download fails before training
+    if tc.eval_tasks_interval < 0 or tc.eval_tasks_max < 0:
+        fail("need eval_tasks_interval >= 0 (0 = the last step only) and eval_tasks_max >= 0 (0 = all)")
+    from eval import EVAL_DATA, evaluate_tasks, resolve_tasks
+    eval_tasks = resolve_tasks(tc.eval_tasks, EVAL_DATA)
 peak_flops = gpu_peak_flops(device)[0] if device_type == "cuda" else None
 
 if master:
@@ -345,6 +351,26 @@ def evaluate():
         rms = raw_model.residual_rms(x, cfg.n_loops, routes)
     raw_model.train()
     return results, rms, sum(sel.float().mean().item() for _, _, sel in routes) or None
+
+
+@torch.no_grad()
+def evaluate_on_tasks():
+    """eval.py's tasks at the eval budgets (nanochat runs CORE this way): one line, and log.jsonl."""
+    routes = [(f"M={M}", {"loops": M}) for M in eval_budgets]
+    reduce = (lambda t: (dist.all_reduce(t), t)[1]) if ddp else None
+    res = evaluate_tasks(raw_model, enc, eval_tasks, routes, device, autocast, {**meta, "data_dir": data_dir},
+                         max_per_task=tc.eval_tasks_max, max_text_tokens=tc.eval_iters * tc.batch_size * T, rank=rank,
+                         world=world, reduce=reduce)
+    parts = []
+    for label, r in res.items():
+        if label == "CORE":
+            parts.append("CORE " + "/".join(f"{r[n]:.3f}" for n, _ in routes))
+        elif "bpb" in r[routes[0][0]]:
+            parts.append(f"{label} bpb " + "/".join(f"{r[n]['bpb']:.3f}" for n, _ in routes))
+        else:
+            parts.append(f"{label} " + "/".join(f"{100 * r[n]['acc']:.0f}" for n, _ in routes))
+    log(f"    tasks at M={','.join(map(str, eval_budgets))} (accuracy %): " + " | ".join(parts))
+    write_jsonl({"type": "tasks", "step": iter_num, "max_per_task": tc.eval_tasks_max, "results": res})
 
 
 def compositions(n, k):
@@ -569,6 +595,8 @@ while iter_num < tc.max_iters:
         best_val_loss = min(best_val_loss, val)
         if master and (tc.always_save_checkpoint or improved or iter_num == tc.max_iters):
             checkpoint()
+    if eval_tasks and (iter_num == tc.max_iters or (tc.eval_tasks_interval and iter_num % tc.eval_tasks_interval == 0)):
+        evaluate_on_tasks()
 pbar.close()
 if master:
     print(f"done: {iter_num} steps in {time.time() - t_start:.0f}s; checkpoint {ckpt_path}, log {tc.out_dir}/log.jsonl")

@@ -1,0 +1,1 @@
+"""Evaluation downloads (the DCLM eval bundle, WikiText-2): prepare.py."""

@@ -1,0 +1,618 @@
+"""
+Evaluate a checkpoint the way the papers do, at every loop budget, in one command.
+
+    python eval.py --out_dir=out                                # bits per byte on held-out text, M = 1..2L
+    python eval.py --out_dir=out --tasks=core --budgets=1,3,6,9,12    # CORE (DCLM's 22 tasks), FLT's budgets
+    python eval.py --out_dir=out --tasks=flt                    # FLT's Table 1: CORE's tasks, WikiText-2, bpb
+    python eval.py --out_dir=out --tasks=hellaswag,arc_easy:0,my_task.jsonl --schedule=3,2,2,1 --exit=kl:1e-3
+    python eval.py --runs=out-lt,out-lti,out-flt --plot=budgets.png   # a metric against M for several runs
+    torchrun --nproc_per_node=8 eval.py --out_dir=out --tasks=core    # items split over the processes
+
+Tasks (`--tasks`, comma-separated):
+  bpb          the held-out split (val.bin) of the checkpoint's own dataset: bits per byte
+  wikitext2    WikiText-2 test (the tokenized v1 text the FLT code reads, a document token
+               before each line): token-level perplexity and bits per byte, every token
+               scored once by a sliding window at the model's block size (--stride, default
+               half of it; --stride=BLOCK_SIZE gives the FLT code's non-overlapping windows)
+  core         CORE (Li et al. 2024, DataComp-LM, arXiv 2406.11794, as nanochat computes it):
+               22 tasks of the DCLM eval bundle; each task's accuracy is centered against
+               its random baseline, (acc - r) / (1 - r), and CORE is their mean
+  flt          core + wikitext2 + bpb: the columns of the FLT paper's Table 1
+  loopformer   the zero-shot tasks of the LoopFormer paper that the bundle has
+  NAME[:SHOTS] one task of the bundle, by its CORE label, optionally with another shot count
+  FILE.jsonl   your own task in the bundle's format; its type is read from its fields
+
+Scoring follows the bundle's three task types (as nanochat does): multiple choice (the
+choice with the lowest mean loss over its tokens wins), schema (the context option under
+which the shared continuation has the lowest mean loss wins) and language modelling
+(right when greedy decoding would write the whole continuation). Few-shot examples are
+drawn per item with a generator seeded by the item's index, never the item itself.
+
+Routes (the columns): every budget in --budgets (uniform steps; one pass to the largest
+budget reads the smaller ones off its loop states where that is exact), every LoopFormer
+schedule in --schedule, and every per-token exit in --exit (run at the largest budget,
+teacher-forced one position at a time through the KV cache; the mean loops used are reported).
+
+Output: one table (rows tasks, columns routes), a JSONL record appended to OUT_DIR/eval.jsonl
+and a plot of every metric against the budget (OUT_DIR/eval.png). The downloads (the DCLM
+eval bundle and WikiText-2) are made by `python data/eval/prepare.py` on a machine with a network.
+"""
+
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import autocast_context, detect_device, fail, load_checkpoint, model_from_checkpoint, parse_args, print_table
+from loopgpt import check_exit, check_schedule
+from tokenizer import load_tokenizer, token_byte_lengths
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+EVAL_DATA = os.path.join(ROOT, "data", "eval")  # what data/eval/prepare.py downloads
+PREPARE = "python data/eval/prepare.py"
+
+# FLT's Table 1 = CORE (whose tasks include LAMBADA 0-shot, PIQA / HellaSwag / ARC 10-shot,
+# OpenBookQA 0-shot) + WikiText-2 + bpb. LoopFormer's zero-shot table, where the bundle has
+# the task (RACE, SciQ and SIQA are not in it: pass them as your own .jsonl files)
+PRESETS = {
+    "flt": ["core", "wikitext2", "bpb"],
+    "loopformer": ["copa", "hellaswag_zeroshot", "lambada_openai", "openbook_qa", "piqa:0", "arc_easy:0",
+                   "arc_challenge:0", "winogrande", "bpb"],
+}
+TEXT_TASKS = ("bpb", "wikitext2")
+
+
+# ---- tasks: what to evaluate ------------------------------------------------------------
+
+def core_table(data_dir):
+    """The CORE tasks of the DCLM eval bundle: {label: task}, read from the bundle's own
+    core.yaml (which tasks, their type, shots and delimiter) and eval_meta_data.csv (each
+    task's random-guess accuracy in percent)."""
+    bundle = os.path.join(data_dir, "eval_bundle")
+    config, meta = os.path.join(bundle, "core.yaml"), os.path.join(bundle, "eval_meta_data.csv")
+    if not (os.path.isfile(config) and os.path.isfile(meta)):
+        fail(f"the DCLM eval bundle is not in {bundle}: download it on a machine with a network with: {PREPARE}")
+    import yaml  # only for the bundle's config; see the README's dependency list
+    try:
+        with open(config, encoding="utf-8") as f:
+            tasks = yaml.safe_load(f)["icl_tasks"]
+        with open(meta, encoding="utf-8") as f:
+            baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+        table = {}
+        for t in tasks:
+            table[t["label"]] = dict(
+                label=t["label"], path=os.path.join(bundle, "eval_data", t["dataset_uri"]), kind=t["icl_task_type"],
+                shots=int(t["num_fewshot"][0]), delimiter=t.get("continuation_delimiter", " "),
+                baseline=baselines[t["label"]] / 100, core=True)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        fail(f"the eval bundle in {bundle} is incomplete or corrupt ({type(e).__name__}: {e}); "
+             f"delete it and download it again with: {PREPARE}")
+    return table
+
+
+def task_kind(item):
+    """A task's type from its items' fields (the bundle's three formats)."""
+    if {"query", "choices", "gold"} <= item.keys():
+        return "multiple_choice"
+    if {"context_options", "continuation", "gold"} <= item.keys():
+        return "schema"
+    if {"context", "continuation"} <= item.keys():
+        return "language_modeling"
+    raise ValueError(f"an item with fields {sorted(item)} is none of: multiple choice (query, choices, gold), "
+                     "schema (context_options, continuation, gold), language modelling (context, continuation)")
+
+
+def resolve_tasks(spec, data_dir):
+    """--tasks -> an ordered list of task dicts (text tasks are {"label": "bpb"} etc.)."""
+    names = []
+    for name in (s.strip() for s in spec.split(",")):
+        names.extend(PRESETS.get(name, [name]) if name else [])
+    if not names:
+        fail("--tasks is empty (e.g. --tasks=bpb, --tasks=core, --tasks=hellaswag,arc_easy:10)")
+    table, tasks = None, []
+    for name in names:
+        if name in TEXT_TASKS:
+            tasks.append({"label": name, "kind": "text"})
+            continue
+        base, _, shots = name.rpartition(":") if ":" in name else (name, "", "")
+        if shots and not shots.isdigit():
+            fail(f"--tasks: '{name}': the shot count after ':' must be an integer >= 0")
+        if base.endswith(".jsonl"):
+            if not os.path.isfile(base):
+                fail(f"--tasks: no task file {base}")
+            task = dict(label=os.path.basename(base)[:-6], path=base, kind=None, shots=0, delimiter=" ",
+                        baseline=None, core=False)
+        else:
+            table = table or core_table(data_dir)
+            if base == "core":
+                tasks.extend(table.values())
+                continue
+            if base not in table:
+                fail(f"--tasks: unknown task '{base}' (valid: bpb, wikitext2, core, {', '.join(PRESETS)}, "
+                     f"a .jsonl file, or one of the bundle's: {', '.join(table)})")
+            task = dict(table[base])
+        if shots and int(shots) != task["shots"]:
+            task.update(label=f"{task['label']}:{shots}", shots=int(shots), core=False)
+        tasks.append(task)
+    seen = set()
+    return [t for t in tasks if not (t["label"] in seen or seen.add(t["label"]))]  # first of duplicates
+
+
+def load_items(task):
+    """The task's items (a list of dicts, one JSON object per line); sets task['kind']."""
+    try:
+        with open(task["path"], encoding="utf-8") as f:
+            items = [json.loads(line) for line in f if line.strip()]
+        kinds = {task_kind(item) for item in items}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, AttributeError) as e:
+        fail(f"task {task['label']}: cannot read {task['path']}: {str(e).splitlines()[0]}")
+    if not items or len(kinds) > 1 or (task["kind"] and kinds != {task["kind"]}):
+        fail(f"task {task['label']}: {task['path']} needs items of one type"
+             + (f" ({task['kind']})" if task["kind"] else "") + f", found {sorted(kinds) or 'none'}")
+    task["kind"] = kinds.pop()
+    if task["shots"] >= len(items):
+        fail(f"task {task['label']}: {task['shots']} shots need more than the {len(items)} items it has")
+    return items
+
+
+# ---- prompts: the text of every choice ------------------------------------------------------
+
+def fewshot_examples(items, i, shots):
+    """The few-shot examples for item i: `shots` other items, drawn with a generator
+    seeded by i (the same for every model, budget and run)."""
+    if shots == 0:
+        return []
+    others = [j for j in range(len(items)) if j != i]
+    return [items[j] for j in random.Random(1234 + i).sample(others, shots)]
+
+
+def render(item, kind, examples, delimiter):
+    """The texts to score for one item, as (context, continuation) pairs, one per choice.
+    Few-shot examples come first, each ending in a blank line, written with their right answer."""
+    if kind == "multiple_choice":
+        shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in examples)
+        return [(f"{shots}{item['query']}{delimiter}", choice) for choice in item["choices"]]
+    if kind == "schema":
+        shots = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in examples)
+        return [(f"{shots}{option}{delimiter}", item["continuation"]) for option in item["context_options"]]
+    shots = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in examples)
+    return [(f"{shots}{item['context'].strip()}{delimiter}", item["continuation"])]
+
+
+def common_prefix(seqs):
+    n = min(map(len, seqs))
+    return next((i for i in range(n) if len({s[i] for s in seqs}) > 1), n)
+
+
+def tokenize(enc, pairs, kind, block_size):
+    """[(tokens, start, end)] per choice: the tokens after the document token, and the
+    span [start, end) being scored. A continuation's tokens are where the choices differ:
+    after their common prefix (multiple choice: the choices), before their common suffix
+    (schema: the shared continuation), after the context's tokens (language modelling;
+    the context is tokenized stripped of the delimiter's trailing whitespace, which the BPE
+    merges into the continuation's first token). A row longer than block_size keeps its last tokens."""
+    rows = [[enc.eot_token] + enc.encode_ordinary(c + x) for c, x in pairs]
+    if kind == "multiple_choice":
+        start = common_prefix(rows)
+        spans = [(start, len(r)) for r in rows]
+    elif kind == "schema":
+        end = common_prefix([r[::-1] for r in rows])
+        spans = [(len(r) - end, len(r)) for r in rows]
+    else:
+        context = [enc.eot_token] + enc.encode_ordinary(pairs[0][0].strip())
+        spans = [(min(common_prefix([context, rows[0]]), len(rows[0]) - 1), len(rows[0]))]
+    out = []
+    for r, (start, end) in zip(rows, spans):
+        crop = max(0, len(r) - block_size)
+        start = min(max(1, start - crop), end - crop - 1)  # token 0 has no prediction; never an empty span
+        out.append((r[crop:], start, end - crop))
+    return out
+
+
+# ---- routes: logits at every budget, schedule and exit ----------------------------------------
+
+def route_logits(model, idx, routes):
+    """{route name: (logits (B, T, V), loops used (B, T) or None)} for the routes
+    [(name, {"loops": M} | {"schedule": [...]} | {"exit": (kind, x), "loops": M})]."""
+    out = {}
+    budgets = [r["loops"] for _, r in routes if set(r) == {"loops"}]
+    if budgets:
+        shared = model.logits_at_budgets(idx, budgets)
+        out.update({name: (shared[r["loops"]], None) for name, r in routes if set(r) == {"loops"}})
+    for name, r in routes:
+        if "schedule" in r:
+            out[name] = (model(idx, schedule=r["schedule"])[0], None)
+        elif "exit" in r:  # teacher-forced: every position decodes as generation would
+            steps, cache = model.steps(r["loops"]), model.new_cache(r["loops"])
+            logits, used = zip(*(model.decode_with_exit(idx[:, p:p + 1], steps, cache, r["exit"], min_loops=1)
+                                 for p in range(idx.size(1))))
+            out[name] = (torch.cat(logits, 1), torch.stack(used, 1))
+    return out
+
+
+def batches(rows, batch_tokens):
+    """Rows sorted longest first, packed into batches of at most batch_tokens padded tokens."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    batch = []
+    for i in order:
+        if batch and (len(batch) + 1) * len(rows[batch[0]][0]) > batch_tokens:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def score_rows(model, rows, routes, device, autocast, batch_tokens):
+    """For every row (tokens, start, end) and route: the mean loss over the span, whether
+    greedy decoding gets every span token right, and the loops used there (exits)."""
+    names = [n for n, _ in routes]
+    loss = {n: torch.zeros(len(rows)) for n in names}
+    exact = {n: torch.zeros(len(rows), dtype=torch.bool) for n in names}
+    loops = {n: torch.zeros(len(rows)) for n in names}
+    for batch in batches(rows, batch_tokens):
+        T = len(rows[batch[0]][0])
+        idx = torch.zeros(len(batch), T, dtype=torch.long)
+        y = torch.full((len(batch), T), -1, dtype=torch.long)  # y[b, p]: the token position p predicts
+        for b, i in enumerate(batch):
+            tokens, start, end = rows[i]
+            idx[b, :len(tokens)] = torch.tensor(tokens)
+            y[b, start - 1:end - 1] = idx[b, start:end]
+        idx, y = idx.to(device), y.to(device)
+        with autocast:
+            out = route_logits(model, idx, routes)
+        span = (y >= 0).float()
+        for name, (logits, used) in out.items():
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view_as(span)
+            loss[name][batch] = ((ce * span).sum(1) / span.sum(1)).cpu()
+            exact[name][batch] = ((logits.argmax(-1) == y) | (y < 0)).all(1).cpu()
+            if used is not None:
+                loops[name][batch] = ((used.float() * span).sum(1) / span.sum(1)).cpu()
+    return loss, exact, loops
+
+
+def eval_task(model, enc, task, items, routes, device, autocast, batch_tokens=16384, rank=0, world=1, reduce=None):
+    """Accuracy of every route on a task (this process's share of the items when world > 1,
+    summed over the processes by `reduce`). Returns {route: {"acc", "n", "centered"?, "mean_loops"?}}."""
+    rows, n_rows = [], []  # every choice's row; rows per item
+    mine = range(rank, len(items), world)
+    for i in mine:
+        pairs = render(items[i], task["kind"], fewshot_examples(items, i, task["shots"]), task["delimiter"])
+        rows.extend(tokenize(enc, pairs, task["kind"], model.config.block_size))
+        n_rows.append(len(pairs))
+    loss, exact, loops = score_rows(model, rows, routes, device, autocast, batch_tokens)
+    results = {}
+    for name, _ in routes:
+        sums = torch.zeros(3, dtype=torch.float64)  # right, items, mean loops summed over items
+        r = 0
+        for i, n_choices in zip(mine, n_rows):
+            if task["kind"] == "language_modeling":
+                right = bool(exact[name][r])
+            else:  # the lowest mean loss wins (the first of equals)
+                right = int(loss[name][r:r + n_choices].argmin()) == items[i]["gold"]
+            sums += torch.tensor([float(right), 1.0, float(loops[name][r:r + n_choices].mean())], dtype=torch.float64)
+            r += n_choices
+        if reduce is not None:
+            sums = reduce(sums.to(device)).cpu()
+        acc = (sums[0] / sums[1]).item()
+        results[name] = {"acc": acc, "n": int(sums[1])}
+        if task.get("baseline") is not None:
+            results[name]["centered"] = (acc - task["baseline"]) / (1 - task["baseline"])
+        if dict(routes)[name].get("exit"):
+            results[name]["mean_loops"] = (sums[2] / sums[1]).item()
+    return results
+
+
+def text_windows(n, block_size, stride):
+    """Sliding windows over a text of n tokens: (begin, end, first) triples; window
+    tokens[begin:end] is the input, and its predictions of tokens first..end are scored,
+    so every token after the first is scored once, with at least block_size - stride
+    tokens of context (all it has near the start)."""
+    windows, first = [], 1
+    while first < n:
+        end = min(first - 1 + stride if first > 1 else block_size, n - 1)
+        windows.append((max(0, end - block_size), end, first))
+        first = end + 1
+    return windows
+
+
+def eval_text(model, tokens, token_bytes, routes, device, autocast, stride=0, batch_tokens=16384,
+              rank=0, world=1, reduce=None):
+    """Loss (nats/token) and perplexity over every target, and bits per byte over the
+    targets that carry bytes (the document token has none), for every route."""
+    bs = model.config.block_size
+    windows = text_windows(len(tokens), bs, stride or max(1, bs // 2))[rank::world]
+    tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    sums = {n: torch.zeros(4, dtype=torch.float64, device=device) for n, _ in routes}  # nats, tokens, bits, bytes
+    for at in range(0, len(windows), max(1, batch_tokens // bs)):
+        chunk = windows[at:at + max(1, batch_tokens // bs)]
+        idx = torch.zeros(len(chunk), bs, dtype=torch.long)
+        y = torch.full((len(chunk), bs), -1, dtype=torch.long)
+        for b, (begin, end, first) in enumerate(chunk):
+            idx[b, :end - begin] = tokens[begin:end]
+            y[b, first - 1 - begin:end - begin] = tokens[first:end + 1]
+        idx, y = idx.to(device), y.to(device)
+        nbytes = token_bytes[y.clamp_min(0)] * (y >= 0)
+        with autocast:
+            out = route_logits(model, idx, routes)
+        for name, (logits, _) in out.items():
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view_as(y)
+            sums[name] += torch.stack([ce.sum(), (y >= 0).sum(), (ce * (nbytes > 0)).sum() / math.log(2),
+                                       nbytes.sum()]).double()
+    results = {}
+    for name, s in sums.items():
+        s = reduce(s) if reduce is not None else s
+        loss = (s[0] / s[1]).item()
+        results[name] = {"loss": loss, "ppl": math.exp(loss), "bpb": (s[2] / s[3]).item(), "tokens": int(s[1])}
+    return results
+
+
+def text_tokens(task, enc, meta, data_dir, max_tokens):
+    """The token stream of a text task: the checkpoint's own val split, or WikiText-2's test text."""
+    if task["label"] == "bpb":
+        path = os.path.join(meta.get("data_dir") or os.path.join(ROOT, "data", meta.get("dataset", "")), "val.bin")
+        if not os.path.isfile(path):
+            fail(f"bpb: no {path} (the checkpoint's val split); prepare its dataset first "
+                 f"(python data/<dataset>/prepare.py), or choose other --tasks")
+        tokens = np.fromfile(path, dtype=np.uint16)
+    else:  # as the FLT code reads it: every line of the test file on its own, after a document token
+        path = os.path.join(data_dir, "wikitext-2", "wiki.test.tokens")
+        if not os.path.isfile(path):
+            fail(f"wikitext2: no {path}: download it on a machine with a network with: {PREPARE}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = [line if line.strip() else "" for line in f]
+        except UnicodeDecodeError as e:
+            fail(f"wikitext2: {path} is not UTF-8 text ({e}); delete it and run: {PREPARE}")
+        tokens = np.array([t for ids in enc.encode_ordinary_batch(lines) for t in [enc.eot_token] + ids], dtype=np.int64)
+    return tokens[:max_tokens] if max_tokens else tokens
+
+
+def evaluate_tasks(model, enc, tasks, routes, device, autocast, meta, data_dir=EVAL_DATA, max_per_task=0,
+                   max_text_tokens=0, stride=0, batch_tokens=16384, rank=0, world=1, reduce=None, progress=None):
+    """{task label: {route: metrics}}, plus "CORE" {route: mean centered accuracy} when every
+    CORE task is in `tasks`. max_per_task: N items of a task (0 = all)."""
+    data = []  # every task's data first: a missing or broken file stops us before any compute
+    for task in tasks:
+        if task["kind"] == "text":
+            data.append(text_tokens(task, enc, meta, data_dir, max_text_tokens))
+        else:
+            # nanochat's order: shuffled with seed 1337, then the first max_per_task; few-shot
+            # examples are drawn from what is left
+            items = load_items(task)
+            random.Random(1337).shuffle(items)
+            data.append(items[:max_per_task or None])
+    was_training = model.training
+    model.eval()
+    token_bytes = torch.tensor(token_byte_lengths(enc), dtype=torch.float32, device=device)
+    results = {}
+    for task, task_data in (progress or (lambda x: x))(list(zip(tasks, data))):
+        with torch.no_grad():
+            if task["kind"] == "text":
+                results[task["label"]] = eval_text(model, task_data, token_bytes, routes, device, autocast, stride,
+                                                   batch_tokens, rank, world, reduce)
+            else:
+                results[task["label"]] = eval_task(model, enc, task, task_data, routes, device, autocast, batch_tokens,
+                                                   rank, world, reduce)
+    core = [t["label"] for t in tasks if t.get("core")]
+    if core and data_dir and len(core) == len(core_table(data_dir)):
+        results["CORE"] = {name: float(np.mean([results[t][name]["centered"] for t in core])) for name, _ in routes}
+    model.train(was_training)
+    return results
+
+
+# ---- output: table and plots --------------------------------------------------------------
+
+def result_table(results, routes):
+    """Rows: tasks (accuracy %, CORE centered) and text tasks (bpb; perplexity for WikiText-2)."""
+    names = [n for n, _ in routes]
+    rows = []
+    for label, res in results.items():
+        if label == "CORE":
+            continue
+        if "bpb" in res[names[0]]:
+            rows.append([f"{label} bpb"] + [f"{res[n]['bpb']:.4f}" for n in names])
+            if label == "wikitext2":
+                rows.append([f"{label} ppl"] + [f"{res[n]['ppl']:.2f}" for n in names])
+        else:
+            rows.append([f"{label} acc %"] + [f"{100 * res[n]['acc']:.1f}" for n in names])
+        if any("mean_loops" in res[n] for n in names):
+            rows.append([f"  mean loops"] + [f"{res[n]['mean_loops']:.2f}" if "mean_loops" in res[n] else "" for n in names])
+    if "CORE" in results:
+        rows.append(["CORE (centered)"] + [f"{results['CORE'][n]:.4f}" for n in names])
+    return print_table(rows, ["task"] + names)
+
+
+def headline(res):
+    """The number a plot shows for one task at one route: bpb, CORE, or accuracy."""
+    return res if isinstance(res, float) else res.get("bpb", res.get("acc"))
+
+
+def plot_metrics(record, path):
+    """One panel per task: its metric against the loops run (budgets as a line; schedules
+    and exits as labelled points at the loops they use)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = list(record["results"])
+    cols = min(3, len(labels))
+    rows = math.ceil(len(labels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, label in zip(axes.flat, labels):
+        res = record["results"][label]
+        line = [(r["loops"], headline(res[n])) for n, r in record["routes"] if set(r) == {"loops"}]
+        if line:
+            ax.plot(*zip(*line), "o-", label="budget M")
+        for n, r in record["routes"]:
+            if set(r) != {"loops"}:
+                x = res[n].get("mean_loops", len(r.get("schedule", [])) or r.get("loops")) if isinstance(res[n], dict) else (
+                    len(r.get("schedule", [])) or r.get("loops"))
+                ax.plot([x], [headline(res[n])], "s")
+                ax.annotate(n, (x, headline(res[n])), fontsize=7)
+        metric = "bits per byte" if label in TEXT_TASKS else ("centered accuracy" if label == "CORE" else "accuracy")
+        ax.set(title=label, xlabel="loops", ylabel=metric)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(labels):]:
+        ax.axis("off")
+    fig.suptitle(record.get("title", ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_runs(run_dirs, metric, path):
+    """The lead plot: `metric` (a task label) against the budget M, one line per run, from
+    the latest record of each run's eval.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in run_dirs:
+        log_path = os.path.join(run, "eval.jsonl")
+        try:
+            with open(log_path) as f:
+                record = [json.loads(line) for line in f if line.strip()][-1]
+        except (OSError, IndexError, json.JSONDecodeError) as e:
+            fail(f"--runs: cannot read the last record of {log_path} (run eval.py --out_dir={run} first): {e}")
+        if metric not in record["results"]:
+            fail(f"--runs: {log_path} has no '{metric}' (it has: {', '.join(record['results'])}); choose --metric")
+        res = record["results"][metric]
+        line = [(r["loops"], headline(res[n])) for n, r in record["routes"] if set(r) == {"loops"}]
+        ax.plot(*zip(*line), "o-", label=f"{os.path.basename(os.path.normpath(run))} (L={record['n_loops']})")
+        ax.axvline(record["n_loops"], color=ax.lines[-1].get_color(), alpha=0.15)
+    ax.set(xlabel="loop budget M at inference", ylabel="bits per byte" if metric in TEXT_TASKS else metric,
+           title=f"{metric} against the loop budget (faint lines: the train budget L)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+def parse_routes(model, budgets, schedules, exits):
+    """Routes from --budgets / --schedule / --exit, checked against the model (one-line errors)."""
+    cfg = model.config
+    L = cfg.n_loops
+    budgets = budgets or tuple(range(1, (L if cfg.routing == "mor" else 2 * L) + 1))
+    routes = []
+    for M in budgets:
+        try:
+            model.steps(M)
+        except ValueError as e:
+            fail(f"--budgets={','.join(map(str, budgets))}: {e}")
+        routes.append((f"M={M}", {"loops": M}))
+    for text in filter(None, schedules.split("/")):
+        try:
+            values = [float(v) for v in text.split(",")]
+            if all(v.is_integer() for v in values) and sum(values) == L:  # units of 1/L
+                values = [v / L for v in values]
+            routes.append((f"sched {text}", {"schedule": check_schedule(values, modulation=cfg.modulation)}))
+        except ValueError as e:
+            fail(f"--schedule={text}: {e} (step sizes in units of 1/L summing to L={L}, or fractions summing to 1)")
+    for spec in filter(None, exits.split(",")):
+        kind, _, value = spec.partition(":")
+        try:
+            exit = (kind, float(value))
+            check_exit(exit, cfg)
+        except ValueError as e:
+            fail(f"--exit={spec}: {e}. Examples: kl:1e-3, latent:0.03, gate:0.9, gate_all:0.9")
+        routes.append((f"{spec}@{max(budgets)}", {"exit": exit, "loops": max(budgets)}))
+    return routes
+
+
+def main():
+    defaults = dict(
+        out_dir="out",
+        tasks="bpb",             # see the module docstring
+        budgets=(),              # loop budgets M; () = 1..2L (1..L for MoR)
+        schedule="",             # LoopFormer schedules in units of 1/L (or fractions), several separated by "/"
+        exit="",                 # per-token exits kind:threshold, comma-separated, at the largest budget
+        max_per_task=0,          # items per task, the first N (0 = all)
+        max_text_tokens=0,       # tokens of a text task, the first N (0 = all)
+        stride=0,                # text tasks: sliding-window stride (0 = block_size / 2)
+        batch_tokens=16384,      # padded tokens per forward
+        data_dir="",             # the downloads (default data/eval)
+        device="",
+        dtype="",                # bfloat16 (autocast) | float32; "" = bfloat16 on CUDA, float32 on CPU
+        plot=True,               # OUT_DIR/eval.png
+        runs="",                 # instead of evaluating: plot --metric of these out_dirs' latest eval.jsonl
+        metric="bpb",
+        plot_file="budgets.png",
+    )
+    args, _ = parse_args(sys.argv[1:], defaults, allow_config=False)
+    if args["runs"]:
+        plot_runs(args["runs"].split(","), args["metric"], args["plot_file"])
+        print(f"wrote {args['plot_file']}")
+        return
+    for key in ("max_per_task", "max_text_tokens", "stride"):
+        if args[key] < 0:
+            fail(f"--{key} must be >= 0")
+    if args["batch_tokens"] < 1:
+        fail("--batch_tokens must be >= 1")
+    data_dir = args["data_dir"] or EVAL_DATA
+
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    device = detect_device(args["device"])
+    rank, world, reduce = 0, 1, None
+    if ddp:
+        import torch.distributed as dist
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+
+        def reduce(t):
+            dist.all_reduce(t)
+            return t
+    autocast, dtype = autocast_context(device, args["dtype"])
+
+    ckpt_path = os.path.join(args["out_dir"], "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt).to(device)
+    try:
+        enc = load_tokenizer(ckpt["data_meta"]["tokenizer"])
+    except RuntimeError as e:
+        fail(str(e))
+    meta = dict(ckpt["data_meta"])
+    tc = ckpt.get("train_config", {})
+    meta["data_dir"] = tc.get("data_dir") or os.path.join(ROOT, "data", tc.get("dataset", "pydoc"))
+    routes = parse_routes(model, args["budgets"], args["schedule"], args["exit"])
+    tasks = resolve_tasks(args["tasks"], data_dir)
+    master = rank == 0
+    if master:
+        print(f"{ckpt_path}: {model.summary()}, trained {ckpt['iter_num']} steps | {device}, {dtype} | "
+              f"{len(tasks)} tasks x {len(routes)} routes")
+    t0 = time.time()
+    from tqdm import tqdm
+    results = evaluate_tasks(model, enc, tasks, routes, device, autocast, meta, data_dir, args["max_per_task"],
+                             args["max_text_tokens"], args["stride"], args["batch_tokens"], rank, world, reduce,
+                             progress=lambda ts: tqdm(ts, desc="tasks", disable=not master))
+    seconds = time.time() - t0
+    if master:
+        print(result_table(results, routes))
+        print(f"({seconds:.0f} s)")
+        record = {"type": "eval", "step": ckpt["iter_num"], "n_loops": model.config.n_loops, "tasks": args["tasks"],
+                  "max_per_task": args["max_per_task"], "seconds": seconds, "device": device, "dtype": dtype,
+                  "routes": [[n, {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}] for n, r in routes],
+                  "results": results, "title": f"{ckpt_path} (L={model.config.n_loops}, step {ckpt['iter_num']})"}
+        with open(os.path.join(args["out_dir"], "eval.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if args["plot"]:
+            plot_metrics(record, os.path.join(args["out_dir"], "eval.png"))
+        print(f"appended to {args['out_dir']}/eval.jsonl" + (f"; plot {args['out_dir']}/eval.png" if args["plot"] else ""))
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
