@@ -169,8 +169,10 @@ def fewshot_examples(items, i, shots):
     seeded by i (the same for every model, budget and run)."""
     if shots == 0:
         return []
-    others = [j for j in range(len(items)) if j != i]
-    return [items[j] for j in random.Random(1234 + i).sample(others, shots)]
+    # nanochat samples from the list of the other indices; sampling positions in a range of
+    # the same length picks the same positions, without building that list for every item
+    positions = random.Random(1234 + i).sample(range(len(items) - 1), shots)
+    return [items[j + (j >= i)] for j in positions]
 
 
 def render(item, kind, examples, delimiter):
@@ -219,22 +221,20 @@ def tokenize(enc, pairs, kind, block_size):
 # ---- routes: logits at every budget, schedule and exit ----------------------------------------
 
 def route_logits(model, idx, routes):
-    """{route name: (logits (B, T, V), loops used (B, T) or None)} for the routes
-    [(name, {"loops": M} | {"schedule": [...]} | {"exit": (kind, x), "loops": M})]."""
-    out = {}
-    budgets = [r["loops"] for _, r in routes if set(r) == {"loops"}]
+    """Yields (route name, logits (B, T, V), loops used (B, T) or None), one route at a time,
+    for the routes [(name, {"loops": M} | {"schedule": [...]} | {"exit": (kind, x), "loops": M})]."""
+    budgets = {r["loops"]: name for name, r in routes if set(r) == {"loops"}}
     if budgets:
-        shared = model.logits_at_budgets(idx, budgets)
-        out.update({name: (shared[r["loops"]], None) for name, r in routes if set(r) == {"loops"}})
+        for M, logits in model.logits_at_budgets(idx, list(budgets)):
+            yield budgets[M], logits, None
     for name, r in routes:
         if "schedule" in r:
-            out[name] = (model(idx, schedule=r["schedule"])[0], None)
+            yield name, model(idx, schedule=r["schedule"])[0], None
         elif "exit" in r:  # teacher-forced: every position decodes as generation would
             steps, cache = model.steps(r["loops"]), model.new_cache(r["loops"])
             logits, used = zip(*(model.decode_with_exit(idx[:, p:p + 1], steps, cache, r["exit"], min_loops=1)
                                  for p in range(idx.size(1))))
-            out[name] = (torch.cat(logits, 1), torch.stack(used, 1))
-    return out
+            yield name, torch.cat(logits, 1), torch.stack(used, 1)
 
 
 def batches(rows, batch_tokens):
@@ -266,15 +266,15 @@ def score_rows(model, rows, routes, device, autocast, batch_tokens):
             idx[b, :len(tokens)] = torch.tensor(tokens)
             y[b, start - 1:end - 1] = idx[b, start:end]
         idx, y = idx.to(device), y.to(device)
-        with autocast:
-            out = route_logits(model, idx, routes)
         span = (y >= 0).float()
-        for name, (logits, used) in out.items():
-            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view_as(span)
-            loss[name][batch] = ((ce * span).sum(1) / span.sum(1)).cpu()
-            exact[name][batch] = ((logits.argmax(-1) == y) | (y < 0)).all(1).cpu()
-            if used is not None:
-                loops[name][batch] = ((used.float() * span).sum(1) / span.sum(1)).cpu()
+        with autocast:
+            for name, logits, used in route_logits(model, idx, routes):
+                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
+                                     reduction="none").view_as(span)
+                loss[name][batch] = ((ce * span).sum(1) / span.sum(1)).cpu()
+                exact[name][batch] = ((logits.argmax(-1) == y) | (y < 0)).all(1).cpu()
+                if used is not None:
+                    loops[name][batch] = ((used.float() * span).sum(1) / span.sum(1)).cpu()
     return loss, exact, loops
 
 
@@ -341,11 +341,11 @@ def eval_text(model, tokens, token_bytes, routes, device, autocast, stride=0, ba
         idx, y = idx.to(device), y.to(device)
         nbytes = token_bytes[y.clamp_min(0)] * (y >= 0)
         with autocast:
-            out = route_logits(model, idx, routes)
-        for name, (logits, _) in out.items():
-            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view_as(y)
-            sums[name] += torch.stack([ce.sum(), (y >= 0).sum(), (ce * (nbytes > 0)).sum() / math.log(2),
-                                       nbytes.sum()]).double()
+            for name, logits, _ in route_logits(model, idx, routes):
+                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
+                                     reduction="none").view_as(y)
+                sums[name] += torch.stack([ce.sum(), (y >= 0).sum(), (ce * (nbytes > 0)).sum() / math.log(2),
+                                           nbytes.sum()]).double()
     results = {}
     for name, s in sums.items():
         s = reduce(s) if reduce is not None else s
@@ -418,7 +418,7 @@ def result_table(results, routes):
         if label == "CORE":
             continue
         if "bpb" in res[names[0]]:
-            rows.append([f"{label} bpb"] + [f"{res[n]['bpb']:.4f}" for n in names])
+            rows.append([("held-out" if label == "bpb" else label) + " bpb"] + [f"{res[n]['bpb']:.4f}" for n in names])
             if label == "wikitext2":
                 rows.append([f"{label} ppl"] + [f"{res[n]['ppl']:.2f}" for n in names])
         else:

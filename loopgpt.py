@@ -817,19 +817,22 @@ class LoopGPT(nn.Module):
 
     @torch.no_grad()
     def logits_at_budgets(self, idx, budgets):
-        """{M: logits (B, T, V)} for several uniform budgets, for evaluation. Loop i is the
-        same computation whatever the budget, except under LoopFormer's modulation (its
-        step size is 1/M), so one pass to the largest M reads every smaller budget off its
-        intermediate state through the coda and head: exact, and sum(budgets) / max(budgets)
-        times fewer loops than one forward per budget (tested equal to those forwards)."""
+        """Yields (M, logits (B, T, V)) for several uniform budgets, one at a time (a
+        batch's logits are large), for evaluation. Loop i is the same computation whatever
+        the budget, except under LoopFormer's modulation (its step size is 1/M), so one
+        pass to the largest M reads every smaller budget off its intermediate state
+        through the coda and head: exact, and sum(budgets) / max(budgets) times fewer
+        loops than one forward per budget (tested equal to those forwards)."""
         budgets = sorted(set(budgets))
         if self.config.modulation == "loopformer":
-            return {M: self(idx, loops=M)[0] for M in budgets}
+            for M in budgets:
+                yield M, self(idx, loops=M)[0]
+            return
         states = []
         h_last = self.trunk(idx, self.steps(budgets[-1]), states=states)
-        # MoR stops once no token is left in the loop: later budgets end in the same state
-        return {M: self.logits(self.norm_f(h_last if M == budgets[-1] else self.run_coda(states[min(M, len(states)) - 1])))
-                for M in budgets}
+        for M in budgets:  # (MoR stops once no token is left in the loop: later budgets end in its last state)
+            h = h_last if M == budgets[-1] else self.run_coda(states[min(M, len(states)) - 1])
+            yield M, self.logits(self.norm_f(h))
 
     @torch.no_grad()
     def residual_rms(self, idx, loops=None, routes=None):
