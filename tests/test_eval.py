@@ -276,6 +276,22 @@ def test_cli_schedules_for_loopformer(checkpoint_dir):
     assert not (out / "eval.png").exists()
 
 
+def test_cli_under_torchrun_matches_one_process(checkpoint_dir, tmp_path):
+    """Items and windows split over 2 processes (gloo), summed: the same numbers as one process."""
+    args = [f"--data_dir={checkpoint_dir}", "--tasks=core,bpb", "--budgets=1,2", "--plot=False"]
+    records = []
+    for n, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
+        out.mkdir()
+        (out / "ckpt.pt").write_bytes((checkpoint_dir / "plain" / "ckpt.pt").read_bytes())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "eval.py",
+               f"--out_dir={out}", *args]
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        records.append(json.loads((out / "eval.jsonl").read_text())["results"])
+    assert records[0]["mc"] == records[1]["mc"] and records[0]["CORE"] == pytest.approx(records[1]["CORE"])
+    assert records[0]["bpb"]["M=2"]["bpb"] == pytest.approx(records[1]["bpb"]["M=2"]["bpb"], rel=1e-6)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tasks=nosuchtask"], "unknown task 'nosuchtask'"),
     (["--tasks=mc:x"], "shot count"),
