@@ -7,7 +7,7 @@ verdict against its target.
     python bench.py --quick=True    # under a minute on a 2-core CPU
     python bench.py --profile=True  # torch.profiler tables of a train step and a decode step
     python bench.py --only=generation,relu2   # some sections: mfu, loop, generation, relu2,
-                                              # compile, routes, memory
+                                              # compile, routes, memory, eval
 
 Measured:
 - training throughput and MFU of a d=512 looped model: on CPU against the matmul throughput
@@ -22,6 +22,8 @@ Measured:
   step with compiled blocks against eager: what fusion buys.
 - training-step cost of LoopFormer's shortcut-consistency and of the early-exit baselines'
   prefix route, relative to a plain 3⊗8 Base-Loop step (targets: <= 1.5x and <= 1.05x).
+- evaluation at FLT's budgets 1, 3, 6, 9, 12: one pass to the largest budget that reads the
+  others off its loop states, against one forward per budget (target >= 2x; ideal 31/12).
 - peak training memory at L = 16 vs L = 4: plain backprop grows with L; truncated
   backprop (bptt_k = 4) and per-loop activation checkpointing should not (target <= 1.3x).
   On CPU each setting runs in a fresh process and the peak is the process's high-water
@@ -52,7 +54,7 @@ import torch.nn.functional as F  # noqa: E402
 from common import autocast_context, detect_device, fail, gpu_peak_flops, parse_args, print_table  # noqa: E402
 from loopgpt import LoopGPT, LoopGPTConfig, ReLUSquared, compile_blocks, sample_short_route  # noqa: E402
 
-SECTIONS = ("mfu", "loop", "generation", "relu2", "compile", "routes", "memory")
+SECTIONS = ("mfu", "loop", "generation", "relu2", "compile", "routes", "memory", "eval")
 args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "memory_probe": "", "profile": False,
                                     "only": ""}, allow_config=False)
 only = [s for s in args["only"].split(",") if s] or list(SECTIONS)
@@ -270,6 +272,35 @@ def bench_short_routes():
     print(print_table(rows, ["variant", "ms/step", "vs Base-Loop", "target", "verdict"]))
 
 
+@torch.no_grad()
+def bench_eval_budgets():
+    """eval.py at FLT's budgets 1, 3, 6, 9, 12: one pass to M = 12 that reads every smaller
+    budget off its loop state (logits_at_budgets) against one forward per budget."""
+    d, T, B = (128, 128, 8) if quick else (256, 256, 8)
+    torch.manual_seed(0)
+    cfg = LoopGPTConfig(vocab_size=2048, block_size=T, n_embd=d, n_head=d // 64, n_prelude=0, n_core=2, n_coda=0,
+                        n_loops=12, injection="full_attn")
+    model = LoopGPT(cfg).to(device).eval()
+    idx = torch.randint(0, 2048, (B, T), device=device)
+    budgets = (1, 3, 6, 9, 12)
+
+    def run(shared):
+        def fn():
+            with autocast:
+                if shared:
+                    for _ in model.logits_at_budgets(idx, budgets):
+                        pass
+                else:
+                    for M in budgets:
+                        model(idx, loops=M)
+        return fn
+    secs = time_steps({"shared": run(True), "per budget": run(False)}, rounds=5 if quick else 20)
+    ratio = secs["per budget"] / secs["shared"]
+    print(f"\neval at budgets {','.join(map(str, budgets))}, FLT 2⊗12, d={d}, T={T}, B={B} on {device}: one pass "
+          f"{1000 * secs['shared']:.1f} ms, one forward per budget {1000 * secs['per budget']:.1f} ms: "
+          f"{ratio:.2f}x faster (target >= 2x; loops 31 / 12 = 2.58x) {verdict(ratio >= 2)}")
+
+
 def rss_kb(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
@@ -349,6 +380,6 @@ elif __name__ == "__main__":
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}{' (quick)' if quick else ''}")
     for name, bench in (("mfu", bench_train_mfu), ("loop", bench_loop_vs_deep), ("generation", bench_generation),
                         ("relu2", bench_relu2), ("compile", bench_compile), ("routes", bench_short_routes),
-                        ("memory", bench_loop_memory)):
+                        ("memory", bench_loop_memory), ("eval", bench_eval_budgets)):
         if name in only and not (name == "compile" and quick and not args["only"]):  # compiling takes a CPU minute
             bench()

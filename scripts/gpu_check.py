@@ -21,6 +21,8 @@ with enough of time_limit left is skipped, and a run still going at the deadline
 3. decoding with the trained flt_small in bf16 at B=1 and B=8, with and without the KV cache:
    tokens/s, whether cached and uncached greedy tokens agree, and how far the cache's logits
    are from the full forward's (bf16 and fp32), on the same tokens.
+   Then eval.py's scoring at FLT's budgets 1, 3, 6, 9, 12 in one pass: tokens/s, and what
+   that makes CORE take (an estimate from CORE's size, the bundle is not there offline).
 4. bf16 autocast against fp32: flt_small from the same init on the same batches; every
    step's loss must stay within BF16_TOLERANCE of the fp32 one.
 
@@ -259,6 +261,36 @@ def decode():
     return out
 
 
+# ---- 3b. evaluation speed ---------------------------------------------------------------------
+
+# CORE's 204,534 scored sequences (91,037 items) hold about 125M tokens once its 10-shot
+# prompts are cropped to a 1024-token context: an estimate from the tasks' item sizes, not a count
+CORE_TOKENS_ESTIMATE = 125e6
+
+
+def eval_speed():
+    """eval.py's scoring with the trained flt_small at FLT's budgets 1, 3, 6, 9, 12 (bf16), on
+    sequences of real text: tokens/s, and CORE's time at that rate (an estimate)."""
+    import eval as ev
+    run = next((results[k] for k in ("flt_small compiled", "flt_small eager") if "checkpoint" in results.get(k, {})),
+               None)
+    if run is None:
+        raise RuntimeError("no flt_small run finished: nothing trained to evaluate")
+    model = model_from_checkpoint(load_checkpoint(run["checkpoint"])).to(device).eval()
+    n, T = (512, 512) if gpu else (8, 32)
+    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    rows = [(val[i * T:(i + 1) * T].astype(np.int64).tolist(), T // 2, T) for i in range(n)]  # score the 2nd half
+    routes = [(f"M={M}", {"loops": M}) for M in (1, 3, 6, 9, 12)]
+    bf16, _ = autocast_context(device, "bfloat16")
+    ev.score_rows(model, rows[:8], routes, device, bf16, 16384)  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    ev.score_rows(model, rows, routes, device, bf16, 16384)
+    sync()
+    tok_s = n * T / (time.perf_counter() - t0)
+    return {"sequences": n, "tokens_per_sequence": T, "tok_s": tok_s, "core_estimate_s": CORE_TOKENS_ESTIMATE / tok_s}
+
+
 # ---- 4. bf16 against fp32 -----------------------------------------------------------------------
 
 def bf16_vs_fp32():
@@ -290,6 +322,7 @@ if args["compile"]:
 else:
     step("plain eager", lambda: train("plain eager", "flt_small", "--compile=False", *plain), need_s=40)
 step("decode", decode, need_s=30)
+step("eval speed", eval_speed, need_s=30)
 step("bf16 vs fp32", bf16_vs_fp32, need_s=60)
 if args["compile"]:
     step("huginn_small compiled", lambda: train("huginn_small compiled", "huginn_small", "--compile=True",
@@ -352,7 +385,11 @@ c = results.get("bf16 vs fp32", {})
 if "max_rel_diff" in c:
     check(f"bf16 vs fp32 loss over {len(c['loss_bf16'])} steps, max relative diff", pct(c["max_rel_diff"]),
           f"<= {pct(BF16_TOLERANCE)}", c["ok"])
-for name in ("decode", "bf16 vs fp32"):
+e = results.get("eval speed", {})
+if "tok_s" in e:
+    check("eval.py at budgets 1,3,6,9,12 (one pass), bf16", f"{e['tok_s']:,.0f} tok/s; CORE ~{e['core_estimate_s'] / 60:.0f}"
+          f" min (estimate)")
+for name in ("decode", "eval speed", "bf16 vs fp32"):
     if "error" in results.get(name, {}) or "skipped" in results.get(name, {}):
         check(name, results[name].get("error") or results[name]["skipped"], ok=False)
 save()

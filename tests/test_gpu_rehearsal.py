@@ -175,6 +175,7 @@ def test_gpu_check_rehearsal(tmp_path):
     assert d["loops"] == 12 and d["B1_greedy_equal"] and d["B8_greedy_equal"] and d["cache_dtype_bf16"] == "bfloat16"
     assert d["cache_logits_max_abs_diff_fp32"] < 1e-3
     assert result["bf16 vs fp32"]["ok"]
+    assert result["eval speed"]["tok_s"] > 0 and result["eval speed"]["sequences"] == 8
     assert "decode B=1, M=12, bf16: cache / no cache" in p.stdout and "Traceback" not in p.stderr
     p = run("scripts/gpu_check.py", ok=False)
     assert "--out_dir=DIR" in p.stderr
