@@ -71,15 +71,21 @@ TEXT_TASKS = ("bpb", "wikitext2")
 
 # ---- tasks: what to evaluate ------------------------------------------------------------
 
-def core_table(data_dir):
+def core_table(data_dir, wanted="core"):
     """The CORE tasks of the DCLM eval bundle: {label: task}, read from the bundle's own
     core.yaml (which tasks, their type, shots and delimiter) and eval_meta_data.csv (each
-    task's random-guess accuracy in percent)."""
+    task's random-guess accuracy in percent). `wanted` names the task that needs it."""
     bundle = os.path.join(data_dir, "eval_bundle")
     config, meta = os.path.join(bundle, "core.yaml"), os.path.join(bundle, "eval_meta_data.csv")
     if not (os.path.isfile(config) and os.path.isfile(meta)):
-        fail(f"the DCLM eval bundle is not in {bundle}: download it on a machine with a network with: {PREPARE}")
-    import yaml  # only for the bundle's config; see the README's dependency list
+        unknown = "" if wanted in ("core", *PRESETS) else (
+            f"'{wanted}' is no built-in task (bpb, wikitext2, core, {', '.join(PRESETS)}, FILE.jsonl), so a bundle task; ")
+        fail(f"--tasks: {unknown}the DCLM eval bundle is not in {bundle}: download it on a machine with a network "
+             f"with: {PREPARE}")
+    try:
+        import yaml  # only for the bundle's config; see the README's dependency list
+    except ImportError:
+        fail("reading the DCLM eval bundle's core.yaml needs PyYAML: pip install pyyaml")
     try:
         with open(config, encoding="utf-8") as f:
             tasks = yaml.safe_load(f)["icl_tasks"]
@@ -130,7 +136,7 @@ def resolve_tasks(spec, data_dir):
             task = dict(label=os.path.basename(base)[:-6], path=base, kind=None, shots=0, delimiter=" ",
                         baseline=None, core=False)
         else:
-            table = table or core_table(data_dir)
+            table = table or core_table(data_dir, base)
             if base == "core":
                 tasks.extend(table.values())
                 continue
@@ -435,12 +441,20 @@ def headline(res):
     return res if isinstance(res, float) else res.get("bpb", res.get("acc"))
 
 
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        fail("plots need matplotlib: pip install matplotlib (or --plot=False)")
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def plot_metrics(record, path):
     """One panel per task: its metric against the loops run (budgets as a line; schedules
     and exits as labelled points at the loops they use)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     labels = list(record["results"])
     cols = min(3, len(labels))
     rows = math.ceil(len(labels) / cols)
@@ -470,9 +484,7 @@ def plot_metrics(record, path):
 def plot_runs(run_dirs, metric, path):
     """The lead plot: `metric` (a task label) against the budget M, one line per run, from
     the latest record of each run's eval.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in run_dirs:
         log_path = os.path.join(run, "eval.jsonl")

@@ -303,6 +303,7 @@ def test_cli_under_torchrun_matches_one_process(checkpoint_dir, tmp_path):
     (["--runs=/nonexistent"], "cannot read"),
     (["--tasks=wikitext2", "--data_dir=/nonexistent"], "python data/eval/prepare.py"),
     (["--tasks=core", "--data_dir=/nonexistent"], "python data/eval/prepare.py"),
+    (["--tasks=bpd", "--data_dir=/nonexistent"], "'bpd' is no built-in task"),
 ])
 def test_cli_bad_input_gives_one_line(checkpoint_dir, monkeypatch, args, message):
     """(in-process, for speed: the message a user sees is the SystemExit's)"""
