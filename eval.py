@@ -258,29 +258,33 @@ def batches(rows, batch_tokens):
 
 def score_rows(model, rows, routes, device, autocast, batch_tokens):
     """For every row (tokens, start, end) and route: the mean loss over the span, whether
-    greedy decoding gets every span token right, and the loops used there (exits)."""
+    greedy decoding gets every span token right, and the loops used there (exits). Only the
+    span's positions go through the loss (a 10-shot prompt is mostly context)."""
     names = [n for n, _ in routes]
     loss = {n: torch.zeros(len(rows)) for n in names}
     exact = {n: torch.zeros(len(rows), dtype=torch.bool) for n in names}
     loops = {n: torch.zeros(len(rows)) for n in names}
     for batch in batches(rows, batch_tokens):
-        T = len(rows[batch[0]][0])
-        idx = torch.zeros(len(batch), T, dtype=torch.long)
-        y = torch.full((len(batch), T), -1, dtype=torch.long)  # y[b, p]: the token position p predicts
+        idx = np.zeros((len(batch), len(rows[batch[0]][0])), dtype=np.int64)
+        y = np.full(idx.shape, -1, dtype=np.int64)  # y[b, p]: the token position p predicts
         for b, i in enumerate(batch):
             tokens, start, end = rows[i]
-            idx[b, :len(tokens)] = torch.tensor(tokens)
+            idx[b, :len(tokens)] = tokens
             y[b, start - 1:end - 1] = idx[b, start:end]
-        idx, y = idx.to(device), y.to(device)
-        span = (y >= 0).float()
+        idx, y = torch.from_numpy(idx).to(device), torch.from_numpy(y).to(device)
+        span = y >= 0
+        row = span.nonzero()[:, 0]  # the batch row of each span position
+        n_span = span.sum(1).float()
         with autocast:
             for name, logits, used in route_logits(model, idx, routes):
-                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
-                                     reduction="none").view_as(span)
-                loss[name][batch] = ((ce * span).sum(1) / span.sum(1)).cpu()
-                exact[name][batch] = ((logits.argmax(-1) == y) | (y < 0)).all(1).cpu()
+                logits, target = logits[span].float(), y[span]
+                ce = torch.zeros(len(batch), device=device).index_add_(0, row, F.cross_entropy(logits, target,
+                                                                                               reduction="none"))
+                wrong = torch.zeros(len(batch), device=device).index_add_(0, row, (logits.argmax(-1) != target).float())
+                loss[name][batch] = (ce / n_span).cpu()
+                exact[name][batch] = (wrong == 0).cpu()
                 if used is not None:
-                    loops[name][batch] = ((used.float() * span).sum(1) / span.sum(1)).cpu()
+                    loops[name][batch] = ((used * span).sum(1) / n_span).cpu()
     return loss, exact, loops
 
 
@@ -294,17 +298,21 @@ def eval_task(model, enc, task, items, routes, device, autocast, batch_tokens=16
         rows.extend(tokenize(enc, pairs, task["kind"], model.config.block_size))
         n_rows.append(len(pairs))
     loss, exact, loops = score_rows(model, rows, routes, device, autocast, batch_tokens)
+    # rows -> (item, choice) cells of a table, so every item is decided at once
+    n_rows = torch.tensor(n_rows, dtype=torch.long)
+    item = torch.repeat_interleave(torch.arange(len(n_rows)), n_rows)
+    choice = torch.arange(len(rows)) - torch.repeat_interleave(n_rows.cumsum(0) - n_rows, n_rows)
+    gold = torch.tensor([items[i].get("gold", 0) for i in mine], dtype=torch.long)
     results = {}
     for name, _ in routes:
-        sums = torch.zeros(3, dtype=torch.float64)  # right, items, mean loops summed over items
-        r = 0
-        for i, n_choices in zip(mine, n_rows):
-            if task["kind"] == "language_modeling":
-                right = bool(exact[name][r])
-            else:  # the lowest mean loss wins (the first of equals)
-                right = int(loss[name][r:r + n_choices].argmin()) == items[i]["gold"]
-            sums += torch.tensor([float(right), 1.0, float(loops[name][r:r + n_choices].mean())], dtype=torch.float64)
-            r += n_choices
+        if task["kind"] == "language_modeling":  # one row per item: greedy decoding writes the continuation
+            right = exact[name]
+        else:  # the lowest mean loss wins (argmin takes the first of equals)
+            table = torch.full((len(n_rows), max(n_rows.tolist(), default=1)), math.inf)
+            table[item, choice] = loss[name]
+            right = table.argmin(1) == gold
+        item_loops = torch.zeros(len(n_rows), dtype=torch.float64).index_add_(0, item, loops[name].double()) / n_rows
+        sums = torch.tensor([right.sum().item(), len(n_rows), item_loops.sum().item()], dtype=torch.float64)
         if reduce is not None:
             sums = reduce(sums.to(device)).cpu()
         acc = (sums[0] / sums[1]).item()
@@ -345,12 +353,12 @@ def eval_text(model, tokens, token_bytes, routes, device, autocast, stride=0, ba
             idx[b, :end - begin] = tokens[begin:end]
             y[b, first - 1 - begin:end - begin] = tokens[first:end + 1]
         idx, y = idx.to(device), y.to(device)
-        nbytes = token_bytes[y.clamp_min(0)] * (y >= 0)
+        scored = y >= 0  # (the context a window repeats is not scored again)
+        nbytes = token_bytes[y[scored]]
         with autocast:
             for name, logits, _ in route_logits(model, idx, routes):
-                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
-                                     reduction="none").view_as(y)
-                sums[name] += torch.stack([ce.sum(), (y >= 0).sum(), (ce * (nbytes > 0)).sum() / math.log(2),
+                ce = F.cross_entropy(logits[scored].float(), y[scored], reduction="none")
+                sums[name] += torch.stack([ce.sum(), scored.sum(), (ce * (nbytes > 0)).sum() / math.log(2),
                                            nbytes.sum()]).double()
     results = {}
     for name, s in sums.items():
