@@ -932,11 +932,11 @@ class LoopGPT(nn.Module):
             x_new = self.core_pass(h, e, i, rope, cache, first + i * cfg.n_core, self.conditioning(i, math.fsum(steps[:i]), dt))
             if done.any() and kind != "gate_all":
                 x_new = torch.where(done.view(-1, 1, 1), x, x_new)
-                for b in done.nonzero().flatten().tolist():
-                    src = first + (int(used[b]) - 1) * cfg.n_core
-                    for j in range(cfg.n_core):
-                        cache.k[first + i * cfg.n_core + j, b, :, pos] = cache.k[src + j, b, :, pos]
-                        cache.v[first + i * cfg.n_core + j, b, :, pos] = cache.v[src + j, b, :, pos]
+                rows = done.nonzero().flatten()
+                src = first + (used[rows] - 1) * cfg.n_core  # each stopped row's last computed loop
+                for j in range(cfg.n_core):
+                    cache.k[first + i * cfg.n_core + j, rows, :, pos] = cache.k[src + j, rows, :, pos]
+                    cache.v[first + i * cfg.n_core + j, rows, :, pos] = cache.v[src + j, rows, :, pos]
             x_prev, x = x, x_new
             h = self.next_state(x)
             if i == M - 1:

@@ -865,6 +865,25 @@ def test_exit_that_always_fires_stops_at_min_loops_and_fills_the_cache(exit):
     assert not torch.allclose(cache.k[first + 0 * k, :, :, pos], cache.k[first + 1 * k, :, :, pos])
 
 
+def test_rows_that_stop_at_different_loops_each_fill_the_cache_from_their_own_last_loop():
+    model = random_model(injection="add")
+    prompt = torch.randint(0, 61, (4, 5))
+    for threshold in (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3):  # one where the rows stop at different loops
+        cache = model.new_cache(5)
+        model(prompt, loops=5, cache=cache)
+        _, used = model.decode_with_exit(torch.tensor([[7], [8], [9], [10]]), model.steps(5), cache, ("latent", threshold),
+                                         min_loops=1)
+        if len(set(used.tolist())) > 1:
+            break
+    assert len(set(used.tolist())) > 1, used
+    pos, first, k = 5, 1, 2
+    for b, u in enumerate(used.tolist()):
+        for i in range(u, 5):  # the loops row b skipped hold its loop u's K/V
+            for j in range(k):
+                torch.testing.assert_close(cache.k[first + i * k + j, b, :, pos], cache.k[first + (u - 1) * k + j, b, :, pos])
+                torch.testing.assert_close(cache.v[first + i * k + j, b, :, pos], cache.v[first + (u - 1) * k + j, b, :, pos])
+
+
 def test_gate_exit_and_bad_exits():
     model = random_model(exit_gate=True)
     with torch.no_grad():
