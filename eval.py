@@ -226,21 +226,22 @@ def tokenize(enc, pairs, kind, block_size):
 
 # ---- routes: logits at every budget, schedule and exit ----------------------------------------
 
-def route_logits(model, idx, routes):
-    """Yields (route name, logits (B, T, V), loops used (B, T) or None), one route at a time,
-    for the routes [(name, {"loops": M} | {"schedule": [...]} | {"exit": (kind, x), "loops": M})]."""
+def route_logits(model, idx, routes, where):
+    """Yields (route name, logits (N, V) at the N positions where `where` (B, T) is True,
+    loops used (B, T) or None), one route at a time, for the routes
+    [(name, {"loops": M} | {"schedule": [...]} | {"exit": (kind, x), "loops": M})]."""
     budgets = {r["loops"]: name for name, r in routes if set(r) == {"loops"}}
     if budgets:
-        for M, logits in model.logits_at_budgets(idx, list(budgets)):
+        for M, logits in model.logits_at_budgets(idx, list(budgets), where):
             yield budgets[M], logits, None
     for name, r in routes:
         if "schedule" in r:
-            yield name, model(idx, schedule=r["schedule"])[0], None
+            yield name, model(idx, schedule=r["schedule"])[0][where], None
         elif "exit" in r:  # teacher-forced: every position decodes as generation would
             steps, cache = model.steps(r["loops"]), model.new_cache(r["loops"])
             logits, used = zip(*(model.decode_with_exit(idx[:, p:p + 1], steps, cache, r["exit"], min_loops=1)
                                  for p in range(idx.size(1))))
-            yield name, torch.cat(logits, 1), torch.stack(used, 1)
+            yield name, torch.cat(logits, 1)[where], torch.stack(used, 1)
 
 
 def batches(rows, batch_tokens):
@@ -276,8 +277,8 @@ def score_rows(model, rows, routes, device, autocast, batch_tokens):
         row = span.nonzero()[:, 0]  # the batch row of each span position
         n_span = span.sum(1).float()
         with autocast:
-            for name, logits, used in route_logits(model, idx, routes):
-                logits, target = logits[span].float(), y[span]
+            for name, logits, used in route_logits(model, idx, routes, span):
+                logits, target = logits.float(), y[span]
                 ce = torch.zeros(len(batch), device=device).index_add_(0, row, F.cross_entropy(logits, target,
                                                                                                reduction="none"))
                 wrong = torch.zeros(len(batch), device=device).index_add_(0, row, (logits.argmax(-1) != target).float())
@@ -356,8 +357,8 @@ def eval_text(model, tokens, token_bytes, routes, device, autocast, stride=0, ba
         scored = y >= 0  # (the context a window repeats is not scored again)
         nbytes = token_bytes[y[scored]]
         with autocast:
-            for name, logits, _ in route_logits(model, idx, routes):
-                ce = F.cross_entropy(logits[scored].float(), y[scored], reduction="none")
+            for name, logits, _ in route_logits(model, idx, routes, scored):
+                ce = F.cross_entropy(logits.float(), y[scored], reduction="none")
                 sums[name] += torch.stack([ce.sum(), scored.sum(), (ce * (nbytes > 0)).sum() / math.log(2),
                                            nbytes.sum()]).double()
     results = {}

@@ -816,23 +816,24 @@ class LoopGPT(nn.Module):
         return (bce * valid).sum() / (valid.sum() * M)
 
     @torch.no_grad()
-    def logits_at_budgets(self, idx, budgets):
-        """Yields (M, logits (B, T, V)) for several uniform budgets, one at a time (a
-        batch's logits are large), for evaluation. Loop i is the same computation whatever
-        the budget, except under LoopFormer's modulation (its step size is 1/M), so one
-        pass to the largest M reads every smaller budget off its intermediate state
-        through the coda and head: exact, and sum(budgets) / max(budgets) times fewer
-        loops than one forward per budget (tested equal to those forwards)."""
+    def logits_at_budgets(self, idx, budgets, where=None):
+        """Yields (M, logits) for several uniform budgets, one at a time (a batch's logits
+        are large), for evaluation: logits (B, T, V), or (N, V) at the N positions where
+        `where` (B, T) is True (a scored answer is a small part of a few-shot prompt). Loop
+        i is the same computation whatever the budget, except under LoopFormer's modulation
+        (its step size is 1/M), so one pass to the largest M reads every smaller budget off
+        its intermediate state through the coda and head: exact, and sum(budgets) /
+        max(budgets) times fewer loops than one forward per budget (tested equal to those)."""
         budgets = sorted(set(budgets))
+        head = lambda h: self.logits(self.norm_f(h) if where is None else self.norm_f(h)[where])  # noqa: E731
         if self.config.modulation == "loopformer":
             for M in budgets:
-                yield M, self(idx, loops=M)[0]
+                yield M, head(self.trunk(idx, self.steps(M)))
             return
         states = []
         h_last = self.trunk(idx, self.steps(budgets[-1]), states=states)
         for M in budgets:  # (MoR stops once no token is left in the loop: later budgets end in its last state)
-            h = h_last if M == budgets[-1] else self.run_coda(states[min(M, len(states)) - 1])
-            yield M, self.logits(self.norm_f(h))
+            yield M, head(h_last if M == budgets[-1] else self.run_coda(states[min(M, len(states)) - 1]))
 
     @torch.no_grad()
     def residual_rms(self, idx, loops=None, routes=None):

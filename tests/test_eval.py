@@ -46,8 +46,12 @@ def test_logits_at_budgets_equal_one_forward_per_budget(flags):
     idx = torch.randint(0, 64, (2, 16))
     budgets = [1, 2, 3, 5]
     shared = dict(model.logits_at_budgets(idx, budgets))
+    where = torch.rand(2, 16) < 0.3
+    picked = dict(model.logits_at_budgets(idx, budgets, where))
     for M in budgets:
-        torch.testing.assert_close(shared[M], model(idx, loops=M)[0], rtol=1e-5, atol=1e-5)
+        full = model(idx, loops=M)[0]
+        torch.testing.assert_close(shared[M], full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(picked[M], full[where], rtol=1e-5, atol=1e-5)
 
 
 # ---- a hand-made model whose answers are known ------------------------------------------------
@@ -74,10 +78,10 @@ class HandModel(torch.nn.Module):
     """Logit SHARP on predicted(token), 0 elsewhere: one more loop makes it right."""
     config = SimpleNamespace(block_size=64, n_loops=2, routing="none")
 
-    def logits_at_budgets(self, idx, budgets):
+    def logits_at_budgets(self, idx, budgets, where):
         for M in budgets:
-            target = torch.tensor([predicted(t, M) for t in range(257)])[idx]
-            yield M, torch.zeros(*idx.shape, 257).scatter_(-1, target.unsqueeze(-1), SHARP)
+            target = torch.tensor([predicted(t, M) for t in range(257)])[idx[where]]
+            yield M, torch.zeros(len(target), 257).scatter_(-1, target.unsqueeze(-1), SHARP)
 
 
 def hand_loss(text, span, M):
