@@ -345,7 +345,7 @@ def eval_text(model, tokens, token_bytes, routes, device, autocast, stride=0, ba
     bs = model.config.block_size
     windows = text_windows(len(tokens), bs, stride or max(1, bs // 2))[rank::world]
     tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-    sums = {n: torch.zeros(4, dtype=torch.float64, device=device) for n, _ in routes}  # nats, tokens, bits, bytes
+    sums = {n: torch.zeros(5, dtype=torch.float64, device=device) for n, _ in routes}  # nats, tokens, bits, bytes, loops
     for at in range(0, len(windows), max(1, batch_tokens // bs)):
         chunk = windows[at:at + max(1, batch_tokens // bs)]
         idx = torch.zeros(len(chunk), bs, dtype=torch.long)
@@ -357,15 +357,18 @@ def eval_text(model, tokens, token_bytes, routes, device, autocast, stride=0, ba
         scored = y >= 0  # (the context a window repeats is not scored again)
         nbytes = token_bytes[y[scored]]
         with autocast:
-            for name, logits, _ in route_logits(model, idx, routes, scored):
+            for name, logits, used in route_logits(model, idx, routes, scored):
                 ce = F.cross_entropy(logits.float(), y[scored], reduction="none")
+                loops = used[scored].sum() if used is not None else ce.new_zeros(())
                 sums[name] += torch.stack([ce.sum(), scored.sum(), (ce * (nbytes > 0)).sum() / math.log(2),
-                                           nbytes.sum()]).double()
+                                           nbytes.sum(), loops]).double()
     results = {}
     for name, s in sums.items():
         s = reduce(s) if reduce is not None else s
         loss = (s[0] / s[1]).item()
         results[name] = {"loss": loss, "ppl": math.exp(loss), "bpb": (s[2] / s[3]).item(), "tokens": int(s[1])}
+        if dict(routes)[name].get("exit"):
+            results[name]["mean_loops"] = (s[4] / s[1]).item()
     return results
 
 

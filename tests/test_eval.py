@@ -266,6 +266,7 @@ def test_cli_table_jsonl_and_plot(checkpoint_dir):
     assert record["step"] == 7 and [n for n, _ in record["routes"]] == ["M=1", "M=2", "M=3", "kl:1e-3@3"]
     assert set(record["results"]) == {"mc", "schema", "lm", "wikitext2", "bpb", "CORE"}
     assert 1 <= record["results"]["mc"]["kl:1e-3@3"]["mean_loops"] <= 3
+    assert 1 <= record["results"]["bpb"]["kl:1e-3@3"]["mean_loops"] <= 3
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the lead plot over runs reads the JSONL back
     run_eval(f"--runs={out},{out}", "--metric=wikitext2", f"--plot_file={checkpoint_dir / 'lead.png'}")
