@@ -495,18 +495,21 @@ def plot_metrics(record, path):
 
 def plot_runs(run_dirs, metric, path):
     """The lead plot: `metric` (a task label) against the budget M, one line per run, from
-    the latest record of each run's eval.jsonl."""
+    the latest record of each run's eval.jsonl that has it at two budgets or more."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in run_dirs:
         log_path = os.path.join(run, "eval.jsonl")
         try:
             with open(log_path) as f:
-                record = [json.loads(line) for line in f if line.strip()][-1]
-        except (OSError, IndexError, json.JSONDecodeError) as e:
-            fail(f"--runs: cannot read the last record of {log_path} (run eval.py --out_dir={run} first): {e}")
-        if metric not in record["results"]:
-            fail(f"--runs: {log_path} has no '{metric}' (it has: {', '.join(record['results'])}); choose --metric")
+                records = [json.loads(line) for line in f if line.strip()]
+        except (OSError, json.JSONDecodeError) as e:
+            fail(f"--runs: cannot read {log_path} (run eval.py --out_dir={run} first): {e}")
+        curves = [r for r in records if metric in r["results"] and sum(set(x) == {"loops"} for _, x in r["routes"]) > 1]
+        if not curves:
+            fail(f"--runs: {log_path} has no '{metric}' at two budgets or more: run eval.py --out_dir={run} "
+                 f"--tasks={metric}, or choose another --metric")
+        record = curves[-1]
         res = record["results"][metric]
         line = [(r["loops"], headline(res[n])) for n, r in record["routes"] if set(r) == {"loops"}]
         ax.plot(*zip(*line), "o-", label=f"{os.path.basename(os.path.normpath(run))} (L={record['n_loops']})")

@@ -255,7 +255,7 @@ def checkpoint_dir(tmp_path_factory):
     return root
 
 
-def test_cli_table_jsonl_and_plot(checkpoint_dir):
+def test_cli_table_jsonl_and_plot(checkpoint_dir, monkeypatch):
     out = checkpoint_dir / "plain"
     proc = run_eval(f"--out_dir={out}", f"--data_dir={checkpoint_dir}", "--tasks=core,wikitext2,bpb",
                     "--budgets=1,2,3", "--exit=kl:1e-3")
@@ -268,7 +268,10 @@ def test_cli_table_jsonl_and_plot(checkpoint_dir):
     assert 1 <= record["results"]["mc"]["kl:1e-3@3"]["mean_loops"] <= 3
     assert 1 <= record["results"]["bpb"]["kl:1e-3@3"]["mean_loops"] <= 3
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the lead plot over runs reads the JSONL back
+    # the lead plot over runs reads the JSONL back: the latest curve, not a later one-budget record
+    monkeypatch.setattr(sys, "argv", ["eval.py", f"--out_dir={out}", f"--data_dir={checkpoint_dir}", "--tasks=wikitext2",
+                                      "--budgets=2", "--plot=False"])
+    ev.main()
     run_eval(f"--runs={out},{out}", "--metric=wikitext2", f"--plot_file={checkpoint_dir / 'lead.png'}")
     assert (checkpoint_dir / "lead.png").read_bytes()[:4] == b"\x89PNG"
 
