@@ -218,11 +218,30 @@ def model_config_defaults():
 
 
 def detect_device(requested=""):
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            fail(f"device={requested} but CUDA is not available here; use --device=cpu")
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not requested:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(requested)
+    except RuntimeError:
+        fail(f"device={requested!r} is not a device (use cpu, cuda or cuda:N)")
+    if dev.type not in ("cpu", "cuda"):
+        fail(f"device={requested!r}: loopgpt runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"device={requested} but CUDA is not available here; use --device=cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        fail(f"device={requested} but this machine has {torch.cuda.device_count()} GPU(s)")
+    return requested
+
+
+def make_dir(path, what="out_dir"):
+    """Create a folder for our outputs, or stop with one line (a file in the way, no permission)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        fail(f"{what}={path}: cannot create the folder ({e.strerror or e})")
+    if not os.access(path, os.W_OK):
+        fail(f"{what}={path}: the folder is not writable")
+    return path
 
 
 def autocast_context(device, dtype=""):

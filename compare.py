@@ -25,8 +25,11 @@ for path in paths:
     log_path = os.path.join(path, "log.jsonl")
     if not os.path.isfile(log_path):
         fail(f"no {log_path}: is {path} a train.py out_dir?")
-    with open(log_path) as f:
-        evals = [r for r in map(json.loads, f) if r["type"] == "eval"]
+    try:
+        with open(log_path) as f:
+            evals = [r for r in map(json.loads, f) if r.get("type") == "eval"]
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        fail(f"cannot read {log_path} (not train.py's JSON lines?): {e}")
     if not evals:
         fail(f"{log_path} has no eval yet")
     last = evals[-1]

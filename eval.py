@@ -50,8 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import autocast_context, detect_device, fail, load_checkpoint, model_from_checkpoint, parse_args, print_table
-from loopgpt import check_exit, check_schedule
+from common import (autocast_context, detect_device, fail, load_checkpoint, make_dir, model_from_checkpoint, parse_args,
+                    print_table)
+from loopgpt import check_exit, check_fits, check_schedule
 from tokenizer import load_tokenizer, token_byte_lengths
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -577,6 +578,7 @@ def main():
     )
     args, _ = parse_args(sys.argv[1:], defaults, allow_config=False)
     if args["runs"]:
+        make_dir(os.path.dirname(os.path.abspath(args["plot_file"])), "plot_file's folder")
         plot_runs(args["runs"].split(","), args["metric"], args["plot_file"])
         print(f"wrote {args['plot_file']}")
         return
@@ -614,6 +616,15 @@ def main():
     tc = ckpt.get("train_config", {})
     meta["data_dir"] = tc.get("data_dir") or os.path.join(ROOT, "data", tc.get("dataset", "pydoc"))
     routes = parse_routes(model, args["budgets"], args["schedule"], args["exit"])
+    deepest = max(len(r.get("schedule", ())) or r["loops"] for _, r in routes)
+    try:  # one pass keeps every loop's state of a batch (and an exit route its KV cache)
+        check_fits(deepest * args["batch_tokens"] * model.config.n_embd * 4, f"--budgets up to {deepest} "
+                   f"(every loop's state for --batch_tokens={args['batch_tokens']})", device)
+        if args["exit"]:
+            check_fits(model.kv_cache_bytes(max(1, args["batch_tokens"] // model.config.block_size), deepest),
+                       f"--exit at {deepest} loops (the KV cache of a batch)", device)
+    except ValueError as e:
+        fail(f"{e}; choose smaller budgets or --batch_tokens")
     tasks = resolve_tasks(args["tasks"], data_dir)
     master = rank == 0
     if master:

@@ -98,6 +98,12 @@ class LoopGPTConfig:
                             "modulation='none', exit_gate=False")
         if self.injection == "none" and self.state_init != "prelude":
             problems.append(f"injection='none' with state_init={self.state_init!r} never reads the input")
+        if min(self.vocab_size, self.block_size, self.n_embd, self.n_head, self.n_kv_head) < 1:
+            problems.append("need vocab_size, block_size, n_embd, n_head and n_kv_head >= 1")
+            raise ValueError("invalid LoopGPTConfig: " + "; ".join(problems))
+        if not (self.rope_base > 0 and self.softcap >= 0 and self.router_scale >= 0):
+            problems.append(f"need rope_base > 0, softcap >= 0 (0 = off) and router_scale >= 0, got "
+                            f"{self.rope_base}, {self.softcap}, {self.router_scale}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             problems.append(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size")
         if self.n_head % self.n_kv_head:
@@ -144,6 +150,26 @@ def apply_rotary(x, cos, sin):
     return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
 
+def available_memory(device):
+    """Bytes that can still be allocated on `device` (free GPU memory, or the OS's
+    MemAvailable), or None where that cannot be read."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_fits(nbytes, what, device="cpu"):
+    """Refuse, before allocating, what would not fit in memory: a ValueError with both numbers."""
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        raise ValueError(f"{what} needs {nbytes / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB free on "
+                         f"{torch.device(device).type}")
+
+
 class KVCache:
     """
     Keys and values for generation, one slot per (loop, layer) visit: prelude layers,
@@ -167,6 +193,8 @@ class KVCache:
             device = k.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else k.dtype
             B, H, _, hd = k.shape
+            check_fits(2 * self.n_slots * B * H * self.max_len * hd * dtype.itemsize,
+                       f"the KV cache ({self.n_slots} (loop, layer) slots x {B} rows x {self.max_len} positions)", k.device)
             self.k = k.new_zeros(self.n_slots, B, H, self.max_len, hd, dtype=dtype)
             self.v = torch.zeros_like(self.k)
         end = self.pos + k.size(2)
@@ -374,6 +402,8 @@ class LoopGPT(nn.Module):
             self.time_embed = TimestepEmbedder(d)
             self.step_embed = TimestepEmbedder(d)
         # RoPE tables are recomputed, not saved: they are a function of the config
+        check_fits(3 * 4 * cfg.block_size * (2 * d // cfg.n_head + (d if cfg.state_init.startswith("randn") else 0)),
+                   f"block_size={cfg.block_size} (its position tables, with their temporaries)")
         cos, sin = rotary_table(cfg.block_size, d // cfg.n_head, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -844,6 +874,24 @@ class LoopGPT(nn.Module):
         return [s.float().pow(2).mean(-1).sqrt().mean().item() for s in states]
 
     # ---- generation --------------------------------------------------------------------
+
+    def kv_cache_bytes(self, batch, loops, dtype=torch.float32):
+        """What new_cache(loops) will hold for `batch` rows: K and V at every (loop, layer) slot."""
+        cfg = self.config
+        n_slots = cfg.n_prelude + cfg.n_core * loops + cfg.n_coda
+        return 2 * n_slots * batch * cfg.n_kv_head * cfg.block_size * (cfg.n_embd // cfg.n_head) * dtype.itemsize
+
+    def activation_bytes(self, batch, seq_len, loops, dtype=torch.float32):
+        """A rough estimate of what a training step keeps for backward: per token and block
+        visit ~12 d-wide tensors and 3 of the MLP's width; truncated backprop keeps the last
+        bptt_k loops, activation checkpointing one loop plus every loop's input."""
+        cfg = self.config
+        per_visit = batch * seq_len * (12 * cfg.n_embd + 3 * int(cfg.mlp_ratio * cfg.n_embd)) * dtype.itemsize
+        grad_loops = min(loops, cfg.bptt_k) if cfg.bptt_k else loops
+        if cfg.checkpoint_loops:
+            visits = cfg.n_prelude + cfg.n_core + cfg.n_coda
+            return visits * per_visit + grad_loops * batch * seq_len * cfg.n_embd * dtype.itemsize
+        return (cfg.n_prelude + cfg.n_core * grad_loops + cfg.n_coda) * per_visit
 
     def new_cache(self, loops):
         cfg = self.config

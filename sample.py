@@ -20,7 +20,7 @@ import torch
 
 from common import (autocast_context, detect_device, fail, load_checkpoint, model_from_checkpoint, parse_args,
                     print_table)
-from loopgpt import check_exit, check_schedule
+from loopgpt import check_exit, check_fits, check_schedule
 from tokenizer import load_tokenizer
 
 defaults = dict(
@@ -42,8 +42,10 @@ defaults = dict(
     min_loops=1,             # with exit: no token stops before this many loops
 )
 args, _ = parse_args(sys.argv[1:], defaults, allow_config=False)
-if args["num_samples"] < 1 or args["max_new_tokens"] < 1 or args["temperature"] < 0 or args["threads"] < 0:
-    fail("need num_samples >= 1, max_new_tokens >= 1, temperature >= 0 and threads >= 0")
+if (args["num_samples"] < 1 or args["max_new_tokens"] < 1 or not 0 <= args["temperature"] < float("inf")
+        or args["threads"] < 0 or args["top_k"] < 0 or args["seed"] < 0 or args["min_loops"] < 1):
+    fail("need num_samples >= 1, max_new_tokens >= 1, a finite temperature >= 0, threads >= 0, top_k >= 0 (0 = off), "
+         "seed >= 0 and min_loops >= 1")
 if args["threads"]:
     # a decoding step at B=1 is ~2,000 small ops; on a CPU each parallel op pays a thread
     # hand-off that outweighs its work, and a busy neighbour core stalls it far more
@@ -101,13 +103,21 @@ if start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:
             start = f.read()
-    except OSError as e:
-        fail(f"cannot read prompt file: {e}")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read prompt file {start[5:]} as UTF-8 text: {e}")
 start_ids = enc.encode(start, allowed_special="all") if start else [enc.eot_token]
 if len(start_ids) > cfg.block_size:
     print(f"note: the prompt has {len(start_ids)} tokens; keeping the last block_size={cfg.block_size}")
     start_ids = start_ids[-cfg.block_size:]
 x = torch.tensor([start_ids], dtype=torch.long, device=device)
+if args["use_cache"]:  # refuse a budget whose KV cache cannot fit before allocating it
+    for name, route, M in routes:
+        try:
+            check_fits(model.kv_cache_bytes(1, M, torch.bfloat16 if dtype == "bfloat16" else torch.float32),
+                       f"{name}: the KV cache ({model.effective_depth(M)} (loop, layer) slots x {cfg.block_size} positions)",
+                       device)
+        except ValueError as e:
+            fail(f"{e}; choose a smaller budget")
 
 print(f"{args['out_dir']}/ckpt.pt: {model.summary()}, trained {ckpt['iter_num']} steps | {device}, {dtype}, "
       f"{torch.get_num_threads()} threads")

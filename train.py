@@ -27,9 +27,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (CHECKPOINT_VERSION, TrainConfig, autocast_context, detect_device, fail, get_lr, gpu_peak_flops,
-                    load_checkpoint, model_config_defaults, model_from_checkpoint, parse_args, print_table,
+                    load_checkpoint, make_dir, model_config_defaults, model_from_checkpoint, parse_args, print_table,
                     save_checkpoint, train_config_defaults)
-from loopgpt import LoopGPT, LoopGPTConfig, check_exit, compile_blocks, per_sequence_problem, sample_short_route
+from loopgpt import (LoopGPT, LoopGPTConfig, check_exit, check_fits, compile_blocks, per_sequence_problem,
+                     sample_short_route)
 from muon import muon_momentum
 from tokenizer import load_tokenizer, token_byte_lengths
 
@@ -56,6 +57,14 @@ if (tc.step_loss != "final" or tc.gate_stage) and (tc.objective != "final" or tc
     fail("step_loss / gate_stage go with objective=final and a depth shared by the batch")
 if tc.loop_min < 1 or tc.loop_max < 0 or tc.curriculum_start < 0 or tc.curriculum_rate < 0:
     fail("need loop_min >= 1, loop_max >= 0, curriculum_start >= 0 and curriculum_rate >= 0")
+if tc.loop_max and tc.loop_min > tc.loop_max:
+    fail(f"loop_min={tc.loop_min} > loop_max={tc.loop_max}")
+if not (tc.weight_decay >= 0 and tc.grad_clip >= 0 and tc.warmup_iters >= 0 and tc.lr_decay_iters >= 0
+        and tc.muon_lr > 0 and tc.seed >= 0 and 0 <= tc.wsd_decay_frac <= 1):
+    fail("need weight_decay >= 0, grad_clip >= 0 (0 = off), warmup_iters >= 0, lr_decay_iters >= 0, muon_lr > 0, "
+         "seed >= 0 and 0 <= wsd_decay_frac <= 1")
+if not (0 <= tc.beta1 < 1 and 0 <= tc.beta2 < 1):
+    fail(f"need 0 <= beta1, beta2 < 1, got {tc.beta1}, {tc.beta2}")
 if tc.eval_only and not tc.resume:
     fail("eval_only evaluates a checkpoint: add --resume=True")
 for key in ("max_iters", "eval_interval", "eval_iters", "batch_size", "grad_accum_steps", "log_interval"):
@@ -118,12 +127,20 @@ if stale or not os.path.exists(meta_path):
              f"python data/{tc.dataset}/prepare.py")
 if ddp:
     dist.barrier()  # the other ranks wait for rank 0 to prepare the data
-with open(meta_path) as f:
-    meta = json.load(f)
+remake = f"delete {data_dir} and prepare it again" + ("" if tc.dataset in ("pydoc",) or tc.dataset.startswith("tasks/")
+                                                     else f": python data/{tc.dataset}/prepare.py")
 try:
+    with open(meta_path) as f:
+        meta = json.load(f)
     enc = load_tokenizer(meta["tokenizer"])
 except RuntimeError as e:  # GPT-2's BPE files need a network the first time
     fail(str(e))
+except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, not a tokenizer, ...
+    fail(f"{meta_path} is not a dataset description this code reads ({type(e).__name__}: {e}); {remake}")
+for split in ("train", "val"):
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.isfile(path) or os.path.getsize(path) % 2:
+        fail(f"{path} is missing or truncated (not whole uint16 tokens); {remake}")
 token_bytes = torch.tensor(token_byte_lengths(enc), dtype=torch.float32, device=device)
 is_task = meta.get("format") == "task"  # rows of prompt + answer, loss on the answer only
 
@@ -185,12 +202,11 @@ if tc.resume:
     model = model_from_checkpoint(ckpt, changed)
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
 else:
-    try:
-        model_cfg = LoopGPTConfig(**model_keys)
+    torch.manual_seed(tc.seed)
+    try:  # a bad or impossible model (e.g. position tables larger than memory) stops here
+        model = LoopGPT(LoopGPTConfig(**model_keys))
     except ValueError as e:
         fail(str(e))
-    torch.manual_seed(tc.seed)
-    model = LoopGPT(model_cfg)
 cfg = model.config
 if cfg.tie_embeddings and tc.embedding_lr:
     fail("tie_embeddings=True: wte is lm_head, one matrix trained at head_lr; embedding_lr would be ignored")
@@ -246,6 +262,12 @@ tokens_per_step = tc.batch_size * T * tc.grad_accum_steps
 eval_budgets = tc.eval_budgets or tuple(sorted({1, max(1, cfg.n_loops // 2), cfg.n_loops, 2 * cfg.n_loops}))
 if any(m < 1 for m in eval_budgets):
     fail(f"eval_budgets must all be >= 1, got {eval_budgets}")
+deepest = max(tc.loop_max or cfg.n_loops, cfg.n_loops, *eval_budgets)
+try:  # what a training step keeps for backward at the deepest budget, and one eval's cache-free forward
+    check_fits(raw_model.activation_bytes(tc.batch_size, T, deepest), f"a training step at {deepest} loops, "
+               f"batch_size={tc.batch_size}, {T} tokens (activations, roughly)", device)
+except ValueError as e:
+    fail(f"{e}; lower batch_size, block_size or the loops, or set bptt_k / checkpoint_loops=True")
 eval_tasks = []
 if tc.eval_tasks:  # checked now, not at the first eval: a missing download fails before training
     if tc.eval_tasks_interval < 0 or tc.eval_tasks_max < 0:
@@ -255,7 +277,7 @@ if tc.eval_tasks:  # checked now, not at the first eval: a missing download fail
 peak_flops = gpu_peak_flops(device)[0] if device_type == "cuda" else None
 
 if master:
-    os.makedirs(tc.out_dir, exist_ok=True)
+    make_dir(tc.out_dir)
     print(raw_model.summary())
     what = (f"{meta['task']} task, {meta['train_rows']:,} train / {meta['val_rows']:,} val examples" if is_task else
             f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {enc.n_vocab}")
@@ -507,96 +529,108 @@ if tc.eval_only:
 pbar = tqdm(total=tc.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc="train")
 t_start = time.time()
 tok_per_s = None
-while iter_num < tc.max_iters:
-    t0 = time.time()
-    lr = get_lr(iter_num, tc)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]  # e.g. Muon's matrices: muon_lr / learning_rate
-        if group.get("use_muon"):
-            group["momentum"] = muon_momentum(iter_num, tc.muon_momentum_warmup)
-    loss_sum = torch.zeros((), device=device)
-    loops_used = []
-    for micro in range(accum_local):
-        m = rank * accum_local + micro  # this process's share of the global micro-steps
-        x, y = get_batch("train", np.random.default_rng([tc.seed, 0, iter_num, m]), tc.batch_size, T)
-        if ddp:  # all-reduce gradients only on the last micro-step
-            model.require_backward_grad_sync = micro == accum_local - 1
-        depth = sample_depth(iter_num, m)
-        route = {"depths": depth} if torch.is_tensor(depth) else {"loops": depth}
-        loops_used.append(depth.float().mean().item() if torch.is_tensor(depth) else depth)
-        # the auxiliary short route, seeded by the local micro-step: every rank draws the same one
-        # (LoopFormer's code draws one per rank, seed 1337 + rank), so a micro-step's gradient is one route's
-        short = None
-        if tc.objective != "final":
-            route_rng = np.random.default_rng([tc.seed, 2, iter_num, micro])
-            short = (sample_short_route(cfg.n_loops, route_rng) if tc.objective == "shortcut"
-                     else int(route_rng.integers(1, cfg.n_loops)))
-        extra = {}
-        if tc.step_loss != "final":  # per-step supervision: all loops, or the last third (FLT's FEW)
-            M = route["loops"]
-            extra["step_weights"] = [1.0 if tc.step_loss == "all" or t >= 2 * M // 3 else 0.0 for t in range(M)]
-        if tc.gate_stage:
-            extra.update(gate_stage=tc.gate_stage, gate_beta=tc.gate_beta, gate_k=tc.gate_k, gate_gamma=tc.gate_gamma)
-        with autocast:
-            _, loss = model(x, targets=y, short=short, lambda_short=tc.lambda_short, lambda_cons=tc.lambda_cons,
-                            **route, **extra)
-        (loss / accum_local).backward()
-        loss_sum += loss.detach()
-    if ddp:
-        dist.all_reduce(loss_sum)
-        if tc.loop_sampling != "per_sequence":  # by construction every rank ran the same depth: check it
-            depths = torch.tensor([loops_used[0], -loops_used[0]], device=device)
-            dist.all_reduce(depths, op=dist.ReduceOp.MAX)
-            if depths[0] != -depths[1]:
-                fail(f"ranks disagree on the loop count at step {iter_num}: {depths.tolist()}")
-    train_loss = loss_sum.item() / tc.grad_accum_steps
-    mean_loops = sum(loops_used) / len(loops_used)
-    if not math.isfinite(train_loss):
-        pbar.close()
-        fail(f"loss is {train_loss} at step {iter_num + 1}: training stopped, nothing saved; "
-             f"the last good checkpoint (if any) is still {ckpt_path}. Try a lower learning_rate.")
-    # FLT's stability diagnostic: gradient L2 norm of the first core block's MLP, before clipping
-    mlp_grads = [p.grad.norm() for p in raw_model.core[0].mlp.parameters() if p.grad is not None]
-    mlp_grad_norm = torch.linalg.vector_norm(torch.stack(mlp_grads)).item() if mlp_grads else 0.0
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    iter_num += 1
+last_saved = iter_num if tc.resume else None  # the step of the checkpoint on disk
+try:
+    while iter_num < tc.max_iters:
+        t0 = time.time()
+        lr = get_lr(iter_num, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]  # e.g. Muon's matrices: muon_lr / learning_rate
+            if group.get("use_muon"):
+                group["momentum"] = muon_momentum(iter_num, tc.muon_momentum_warmup)
+        loss_sum = torch.zeros((), device=device)
+        loops_used = []
+        for micro in range(accum_local):
+            m = rank * accum_local + micro  # this process's share of the global micro-steps
+            x, y = get_batch("train", np.random.default_rng([tc.seed, 0, iter_num, m]), tc.batch_size, T)
+            if ddp:  # all-reduce gradients only on the last micro-step
+                model.require_backward_grad_sync = micro == accum_local - 1
+            depth = sample_depth(iter_num, m)
+            route = {"depths": depth} if torch.is_tensor(depth) else {"loops": depth}
+            loops_used.append(depth.float().mean().item() if torch.is_tensor(depth) else depth)
+            # the auxiliary short route, seeded by the local micro-step: every rank draws the same one
+            # (LoopFormer's code draws one per rank, seed 1337 + rank), so a micro-step's gradient is one route's
+            short = None
+            if tc.objective != "final":
+                route_rng = np.random.default_rng([tc.seed, 2, iter_num, micro])
+                short = (sample_short_route(cfg.n_loops, route_rng) if tc.objective == "shortcut"
+                         else int(route_rng.integers(1, cfg.n_loops)))
+            extra = {}
+            if tc.step_loss != "final":  # per-step supervision: all loops, or the last third (FLT's FEW)
+                M = route["loops"]
+                extra["step_weights"] = [1.0 if tc.step_loss == "all" or t >= 2 * M // 3 else 0.0 for t in range(M)]
+            if tc.gate_stage:
+                extra.update(gate_stage=tc.gate_stage, gate_beta=tc.gate_beta, gate_k=tc.gate_k, gate_gamma=tc.gate_gamma)
+            with autocast:
+                _, loss = model(x, targets=y, short=short, lambda_short=tc.lambda_short, lambda_cons=tc.lambda_cons,
+                                **route, **extra)
+            (loss / accum_local).backward()
+            loss_sum += loss.detach()
+        if ddp:
+            dist.all_reduce(loss_sum)
+            if tc.loop_sampling != "per_sequence":  # by construction every rank ran the same depth: check it
+                depths = torch.tensor([loops_used[0], -loops_used[0]], device=device)
+                dist.all_reduce(depths, op=dist.ReduceOp.MAX)
+                if depths[0] != -depths[1]:
+                    fail(f"ranks disagree on the loop count at step {iter_num}: {depths.tolist()}")
+        train_loss = loss_sum.item() / tc.grad_accum_steps
+        mean_loops = sum(loops_used) / len(loops_used)
+        if not math.isfinite(train_loss):
+            pbar.close()
+            fail(f"loss is {train_loss} at step {iter_num + 1}: training stopped, nothing saved; "
+                 f"the last good checkpoint (if any) is still {ckpt_path}. Try a lower learning_rate.")
+        # FLT's stability diagnostic: gradient L2 norm of the first core block's MLP, before clipping
+        mlp_grads = [p.grad.norm() for p in raw_model.core[0].mlp.parameters() if p.grad is not None]
+        mlp_grad_norm = torch.linalg.vector_norm(torch.stack(mlp_grads)).item() if mlp_grads else 0.0
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
 
-    dt = time.time() - t0
-    if iter_num > 1 or tc.resume:  # the first step pays for warm-up; keep it out of the average
-        tok_per_s = tokens_per_step / dt if tok_per_s is None else 0.9 * tok_per_s + 0.1 * tokens_per_step / dt
-    mfu = (raw_model.flops_per_token(max(1, round(mean_loops))) * tok_per_s / (peak_flops * world)
-           if (peak_flops and tok_per_s) else None)
-    pbar.update(1)
-    pbar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_per_s or 0:,.0f}",
-                     mfu=f"{100 * mfu:.1f}%" if mfu else "n/a")
-    if iter_num % tc.log_interval == 0:
-        write_jsonl({"type": "train", "step": iter_num, "loss": train_loss, "lr": lr, "loops": mean_loops,
-                     "grad_norm": grad_norm.item(), "core0_mlp_grad_norm": mlp_grad_norm, "tok_per_s": tok_per_s, "mfu": mfu,
-                     "step_ms": 1000 * dt, "elapsed_s": time.time() - t_start,
-                     "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device_type == "cuda" else None})
+        dt = time.time() - t0
+        if iter_num > 1 or tc.resume:  # the first step pays for warm-up; keep it out of the average
+            tok_per_s = tokens_per_step / dt if tok_per_s is None else 0.9 * tok_per_s + 0.1 * tokens_per_step / dt
+        mfu = (raw_model.flops_per_token(max(1, round(mean_loops))) * tok_per_s / (peak_flops * world)
+               if (peak_flops and tok_per_s) else None)
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_per_s or 0:,.0f}",
+                         mfu=f"{100 * mfu:.1f}%" if mfu else "n/a")
+        if iter_num % tc.log_interval == 0:
+            write_jsonl({"type": "train", "step": iter_num, "loss": train_loss, "lr": lr, "loops": mean_loops,
+                         "grad_norm": grad_norm.item(), "core0_mlp_grad_norm": mlp_grad_norm, "tok_per_s": tok_per_s, "mfu": mfu,
+                         "step_ms": 1000 * dt, "elapsed_s": time.time() - t_start,
+                         "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device_type == "cuda" else None})
 
-    if iter_num % tc.eval_interval == 0 or iter_num == tc.max_iters:
-        res, rms, recursions = evaluate()
-        val = res[cfg.n_loops]["loss"] if cfg.n_loops in res else min(r["loss"] for r in res.values())
-        per_budget = "  ".join(f"M={M} {r['loss']:.3f} ({r['bpb']:.3f})" for M, r in res.items())
-        log(f"step {iter_num}/{tc.max_iters} | train {train_loss:.3f} | val loss (bpb): {per_budget} | "
-            f"lr {lr:.2e} | {time.time() - t_start:.0f}s")
-        log(f"    residual rms per loop: {' '.join(f'{r:.2f}' for r in rms)} | "
-            f"core[0] mlp grad norm {mlp_grad_norm:.3f}"
-            + (f" | MoR recursions/token {recursions:.2f} of {cfg.n_loops}" if recursions else ""))
-        if is_task:
-            log("\n".join(accuracy_lines({M: r["accuracy"] for M, r in res.items()})))
-        write_jsonl({"type": "eval", "step": iter_num, "train_loss": train_loss,
-                     "val": {str(M): r for M, r in res.items()}, "residual_rms": rms, "mor_recursions": recursions,
-                     "core0_mlp_grad_norm": mlp_grad_norm, "elapsed_s": time.time() - t_start})
-        improved = val < best_val_loss
-        best_val_loss = min(best_val_loss, val)
-        if master and (tc.always_save_checkpoint or improved or iter_num == tc.max_iters):
-            checkpoint()
-    if eval_tasks and (iter_num == tc.max_iters or (tc.eval_tasks_interval and iter_num % tc.eval_tasks_interval == 0)):
-        evaluate_on_tasks()
+        if iter_num % tc.eval_interval == 0 or iter_num == tc.max_iters:
+            res, rms, recursions = evaluate()
+            val = res[cfg.n_loops]["loss"] if cfg.n_loops in res else min(r["loss"] for r in res.values())
+            per_budget = "  ".join(f"M={M} {r['loss']:.3f} ({r['bpb']:.3f})" for M, r in res.items())
+            log(f"step {iter_num}/{tc.max_iters} | train {train_loss:.3f} | val loss (bpb): {per_budget} | "
+                f"lr {lr:.2e} | {time.time() - t_start:.0f}s")
+            log(f"    residual rms per loop: {' '.join(f'{r:.2f}' for r in rms)} | "
+                f"core[0] mlp grad norm {mlp_grad_norm:.3f}"
+                + (f" | MoR recursions/token {recursions:.2f} of {cfg.n_loops}" if recursions else ""))
+            if is_task:
+                log("\n".join(accuracy_lines({M: r["accuracy"] for M, r in res.items()})))
+            write_jsonl({"type": "eval", "step": iter_num, "train_loss": train_loss,
+                         "val": {str(M): r for M, r in res.items()}, "residual_rms": rms, "mor_recursions": recursions,
+                         "core0_mlp_grad_norm": mlp_grad_norm, "elapsed_s": time.time() - t_start})
+            improved = val < best_val_loss
+            best_val_loss = min(best_val_loss, val)
+            if master and (tc.always_save_checkpoint or improved or iter_num == tc.max_iters):
+                checkpoint()
+                last_saved = iter_num
+        if eval_tasks and (iter_num == tc.max_iters or (tc.eval_tasks_interval and iter_num % tc.eval_tasks_interval == 0)):
+            evaluate_on_tasks()
+except KeyboardInterrupt:  # Ctrl-C: no traceback; the checkpoint on disk is whole (written by rename)
+    pbar.close()
+    if os.path.exists(ckpt_path + ".tmp"):
+        os.remove(ckpt_path + ".tmp")
+    again = " ".join(["python train.py", *sys.argv[1:]] + ([] if tc.resume else ["--resume=True"]))
+    saved = (f"the last checkpoint, step {last_saved}, is {ckpt_path}; continue with: {again}" if last_saved is not None
+             else "no checkpoint was written yet")
+    log(f"interrupted at step {iter_num}/{tc.max_iters}: {saved}")
+    sys.exit(130)
 pbar.close()
 if master:
     print(f"done: {iter_num} steps in {time.time() - t_start:.0f}s; checkpoint {ckpt_path}, log {tc.out_dir}/log.jsonl")

@@ -61,7 +61,7 @@ def write_dataset(out_dir, train_docs, val_docs, tok, source_meta):
     """
     enc = load_tokenizer(tok)
     assert enc.n_vocab <= 65536, f"vocab of {enc.n_vocab} does not fit in uint16"
-    os.makedirs(out_dir, exist_ok=True)
+    out_folder(out_dir)
     # drop a stale meta.json first: otherwise, between the os.replace calls
     # below, new bins next to the old meta would look like a prepared dataset
     meta_path = os.path.join(out_dir, "meta.json")
@@ -90,6 +90,34 @@ def write_dataset(out_dir, train_docs, val_docs, tok, source_meta):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def out_folder(path):
+    """Create the dataset's folder, or stop with one line (a file in the way, no permission)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: {path}: cannot create the folder ({e.strerror or e})") from None
+    return path
+
+
+def check_vocab_size(n):
+    """A byte-level BPE has the 256 bytes and the document token; tokens are stored as uint16."""
+    if not 257 <= n <= 65535:
+        raise SystemExit(f"error: --vocab_size={n}: a byte-level BPE needs 257 to 65535 tokens (256 bytes, the "
+                         "document token, and merges; the token files are uint16)")
+
+
+def read_text(path):
+    """A local text file (UTF-8), or stop with one line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: cannot read {path} as UTF-8 text: {e}") from None
+    if not text.strip():
+        raise SystemExit(f"error: {path} holds no text")
+    return text
 
 
 def is_prepared(out_dir):

@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import (autocast_context, detect_device, fail, gpu_peak_flops, load_checkpoint,  # noqa: E402
-                    model_config_defaults, model_from_checkpoint, parse_args, print_table, train_config_defaults)
+                    make_dir, model_config_defaults, model_from_checkpoint, parse_args, print_table, train_config_defaults)
 from loopgpt import LoopGPT, LoopGPTConfig  # noqa: E402
 
 BF16_TOLERANCE = 0.01  # |loss_bf16 - loss_fp32| <= 1% of loss_fp32 at every step
@@ -64,13 +64,15 @@ args, _ = parse_args(sys.argv[1:], {
 }, allow_config=False)
 if not args["out_dir"]:
     fail("say where the results go: --out_dir=DIR")
+if args["steps"] < 0 or args["time_limit"] <= 0:
+    fail("need steps >= 0 (0 = 50 on a GPU, 3 on a CPU) and time_limit > 0 seconds")
 device = detect_device(args["device"])
 gpu = device.startswith("cuda")
 deadline = time.time() + args["time_limit"]
 steps = args["steps"] or (50 if gpu else 3)
 # on a CPU everything is shortened: the same code paths on a small context and batch
 shrink = ([] if gpu else ["--block_size=64", "--batch_size=1"]) + args["shrink"].split()
-os.makedirs(args["out_dir"], exist_ok=True)
+make_dir(args["out_dir"])
 work = tempfile.mkdtemp(prefix="loopgpt-gpu-check-")  # checkpoints stay out of out_dir
 data_dir = os.path.join(work, "pydoc")
 log_path = os.path.join(args["out_dir"], "gpu_check.log")

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from data.common import download  # noqa: E402
+from data.common import download, out_folder  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -55,7 +55,7 @@ def unpack(zip_path, folder, out_dir):
 
 
 def prepare(what=("core", "wikitext2"), out_dir=HERE, bundle_url=BUNDLE_URL, wikitext_url=WIKITEXT_URL):
-    os.makedirs(out_dir, exist_ok=True)
+    out_folder(out_dir)
     for name in what:
         folder, needed = EXPECTED[name]
         if all(os.path.exists(os.path.join(out_dir, folder, n)) for n in needed):

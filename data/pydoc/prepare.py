@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from data.common import write_dataset  # noqa: E402
+from data.common import check_vocab_size, write_dataset  # noqa: E402
 from tokenizer import tokenizer_to_dict, train_bpe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,6 +99,7 @@ def main(argv=None):
     parser.add_argument("--vocab_size", type=int, default=2048)
     parser.add_argument("--out_dir", default=None, help="default: data/pydoc/")
     args = parser.parse_args(argv)
+    check_vocab_size(args.vocab_size)
     prepare(out_dir=args.out_dir, vocab_size=args.vocab_size)
 
 

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from data.common import download, write_dataset  # noqa: E402
+from data.common import check_vocab_size, download, read_text, write_dataset  # noqa: E402
 from tokenizer import load_tokenizer, tokenizer_to_dict, train_bpe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,8 +60,9 @@ def prepare(input_path=None, out_dir=None, tokenizer="gpt2", vocab_size=2048):
         input_path = os.path.join(HERE, "input.txt")
         if not os.path.exists(input_path):
             download(URL, input_path)
-    with open(input_path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(input_path)
+    if len(text) < 100:
+        raise SystemExit(f"error: {input_path} has {len(text)} characters: too little text to split into train and val")
     train, val = split_text(text)
     print(f"{input_path}: {len(text):,} chars; train {len(train):,}, val {len(val):,}")
     tok = make_tokenizer(tokenizer, train, vocab_size)
@@ -81,6 +82,8 @@ def main(argv=None):
     parser.add_argument("--input", default=None, help="local text file instead of the download")
     parser.add_argument("--out_dir", default=None, help="default: data/shakespeare/")
     args = parser.parse_args(argv)
+    if args.tokenizer == "bpe":
+        check_vocab_size(args.vocab_size)
     return prepare(args.input, args.out_dir, args.tokenizer, args.vocab_size)
 
 

@@ -51,6 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from data.common import out_folder  # noqa: E402
 from tokenizer import load_tokenizer, tokenizer_to_dict  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -174,6 +175,8 @@ def prepare(task, out_dir=None, train_rows=20000, val_rows=1000, seed=0, **overr
     """Generate `task` into out_dir (default data/tasks/<task>); returns out_dir."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (valid: {', '.join(TASKS)})")
+    if train_rows < 1 or val_rows < 1:
+        raise SystemExit(f"error: need train_rows >= 1 and val_rows >= 1, got {train_rows} and {val_rows}")
     kw = {**DEFAULTS[task], **overrides}
     out_dir = out_dir or os.path.join(HERE, task)
     rng, seen = random.Random(f"{task}-{seed}"), set()
@@ -187,7 +190,7 @@ def prepare(task, out_dir=None, train_rows=20000, val_rows=1000, seed=0, **overr
     splits = {name: to_rows(exs, enc) for name, exs in (("train", train), ("val", val))}
     row_len = max(len(p) + len(a) for enc_rows, _ in splits.values() for p, a in enc_rows)
 
-    os.makedirs(out_dir, exist_ok=True)
+    out_folder(out_dir)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):  # a half-written dataset must not look prepared
         os.remove(meta_path)

@@ -1,0 +1,119 @@
+"""Every script's bad inputs end in one line on stderr, a non-zero exit status and no traceback.
+Each script's cases run in one subprocess (runpy, as `python SCRIPT ARGS` runs it), so the
+sweep costs one interpreter start per script rather than one per case."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from common import CHECKPOINT_VERSION, save_checkpoint  # noqa: E402
+from loopgpt import LoopGPT, LoopGPTConfig  # noqa: E402
+
+RUNNER = r"""
+import contextlib, io, json, runpy, sys, traceback
+results = []
+for script, args in json.loads(sys.argv[1]):
+    err, code, tb = io.StringIO(), 0, False
+    sys.argv = [script, *args]
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:  # what the interpreter would print and return
+            code = e.code if isinstance(e.code, int) else 1
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=err)
+        except BaseException:
+            code, tb = 1, True
+            traceback.print_exc(file=err)
+    results.append({"code": code, "traceback": tb or "Traceback" in err.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    """Files a user might point a script at: a prepared dataset, a checkpoint, and broken ones."""
+    root = tmp_path_factory.mktemp("bad")
+    from data.pydoc.prepare import prepare
+    prepare(out_dir=str(root / "data"))
+    (root / "afile").write_text("x")
+    (root / "nonutf8.txt").write_bytes(b"\xff\xfe bad")
+    for name, meta in (("badjson", "{bad json"), ("badtok", '{"tokenizer": {"kind": "zzz"}}')):
+        (root / name).mkdir()
+        (root / name / "meta.json").write_text(meta)
+    (root / "oddbin").mkdir()
+    (root / "oddbin" / "meta.json").write_bytes((root / "data" / "meta.json").read_bytes())
+    (root / "oddbin" / "train.bin").write_bytes((root / "data" / "train.bin").read_bytes()[:1001])
+    (root / "oddbin" / "val.bin").write_bytes((root / "data" / "val.bin").read_bytes())
+    (root / "trunc").mkdir()
+    (root / "badlog").mkdir()
+    (root / "badlog" / "log.jsonl").write_text("{nope\n")
+    cfg = LoopGPTConfig(n_prelude=1, n_core=1, n_coda=1, n_loops=2, n_embd=32, n_head=2, vocab_size=2112, block_size=32)
+    meta = json.loads((root / "data" / "meta.json").read_text())
+    (root / "ckpt").mkdir()
+    save_checkpoint({"version": CHECKPOINT_VERSION, "model": LoopGPT(cfg).state_dict(), "model_config": cfg.to_dict(),
+                     "train_config": {"data_dir": str(root / "data")}, "iter_num": 1, "best_val_loss": 9.0,
+                     "data_meta": meta}, str(root / "ckpt" / "ckpt.pt"))
+    (root / "trunc" / "ckpt.pt").write_bytes((root / "ckpt" / "ckpt.pt").read_bytes()[:1000])
+    return root
+
+
+def cases(fx):
+    """(script, args, what stderr must say) for every script."""
+    data, ck = f"--data_dir={fx / 'data'}", f"--out_dir={fx / 'ckpt'}"
+    small = [data, "--max_iters=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=2",
+             f"--out_dir={fx / 'out'}"]
+    return {
+        "train.py": [
+            (["--device=foo"], "is not a device"), ([data, "--block_size=100000000"], "GiB, more than"),
+            (["--block_size=-5"], "block_size"), (["--n_head=0"], "n_head"),
+            ([*small, "--n_loops=100000"], "a training step at"), ([*small, f"--out_dir={fx / 'afile'}"], "cannot create"),
+            ([f"--data_dir={fx / 'afile'}"], "cannot create"), ([f"--data_dir={fx / 'badjson'}"], "not a dataset description"),
+            ([f"--data_dir={fx / 'badtok'}"], "unknown tokenizer kind"), ([f"--data_dir={fx / 'oddbin'}"], "truncated"),
+            (["--grad_clip=-1"], "grad_clip >= 0"), (["--weight_decay=-1"], "weight_decay >= 0"),
+            (["--warmup_iters=-5"], "warmup_iters"), (["--seed=-1"], "seed >= 0"), (["--beta1=2"], "beta1"),
+            (["--loop_min=3", "--loop_max=2"], "loop_min=3 > loop_max=2"), ([*small, "--softcap=-1"], "softcap"),
+            ([f"--out_dir={fx / 'trunc'}", "--resume=True", data], "cannot read checkpoint"),
+        ],
+        "sample.py": [
+            ([ck, "--top_k=-5"], "top_k >= 0"), ([ck, "--budgets=10000000"], "the KV cache"),
+            ([ck, f"--start=FILE:{fx / 'nonutf8.txt'}"], "as UTF-8 text"), ([ck, "--device=foo"], "is not a device"),
+            ([ck, "--seed=-1"], "seed >= 0"), ([ck, "--temperature=inf"], "finite temperature"),
+            ([ck, "--min_loops=0"], "min_loops >= 1"), ([f"--out_dir={fx / 'trunc'}"], "cannot read checkpoint"),
+        ],
+        "eval.py": [
+            ([ck, "--budgets=10000000"], "GiB, more than"), ([ck, "--device=foo"], "is not a device"),
+            ([f"--runs={fx / 'badlog'}"], "cannot read"),
+        ],
+        "compare.py": [([str(fx / "badlog")], "cannot read")],
+        "bench.py": [(["--device=foo"], "is not a device")],
+        "scripts/gpu_check.py": [([f"--out_dir={fx / 'afile'}"], "cannot create"),
+                                 ([f"--out_dir={fx / 'gc'}", "--steps=-1"], "steps >= 0")],
+        "data/pydoc/prepare.py": [(["--vocab_size=10"], "257 to 65535"), ([f"--out_dir={fx / 'afile'}"], "cannot create")],
+        "data/shakespeare/prepare.py": [([f"--input={fx / 'nonutf8.txt'}", "--tokenizer=bpe", f"--out_dir={fx / 's'}"],
+                                         "as UTF-8 text")],
+        "data/tasks/prepare.py": [(["--task=addition", "--train_rows=-1", f"--out_dir={fx / 't'}"], "train_rows >= 1")],
+        "data/eval/prepare.py": [([f"--out_dir={fx / 'afile'}"], "cannot create")],
+    }
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "eval.py", "compare.py", "bench.py", "scripts/gpu_check.py",
+                                    "data/pydoc/prepare.py", "data/shakespeare/prepare.py", "data/tasks/prepare.py",
+                                    "data/eval/prepare.py"])
+def test_bad_inputs_end_in_one_line(fx, script):
+    todo = cases(fx)[script]
+    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps([(script, args) for args, _ in todo])], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for (args, message), r in zip(todo, json.loads(proc.stdout.splitlines()[-1])):
+        lines = [line for line in r["stderr"].splitlines() if line.strip()]
+        assert r["code"] != 0 and not r["traceback"], (script, args, r["stderr"])
+        assert lines and lines[-1].startswith("error") and message in lines[-1], (script, args, r["stderr"])
