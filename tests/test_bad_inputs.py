@@ -117,3 +117,24 @@ def test_bad_inputs_end_in_one_line(fx, script):
         lines = [line for line in r["stderr"].splitlines() if line.strip()]
         assert r["code"] != 0 and not r["traceback"], (script, args, r["stderr"])
         assert lines and lines[-1].startswith("error") and message in lines[-1], (script, args, r["stderr"])
+
+
+def test_ctrl_c_stops_training_cleanly(fx, tmp_path):
+    """SIGINT mid-run: exit 130, no traceback, one line with the step and the resume command, the checkpoint whole."""
+    import signal
+    import time
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train.py", f"--data_dir={fx / 'data'}", f"--out_dir={out}", "--max_iters=100000",
+           "--eval_interval=2", "--eval_iters=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert "interrupted at step" in stdout and "--resume=True" in stdout, stdout[-2000:]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] >= 2 and not (out / "ckpt.pt.tmp").exists()
