@@ -60,6 +60,8 @@ args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "me
 only = [s for s in args["only"].split(",") if s] or list(SECTIONS)
 if set(only) - set(SECTIONS):
     fail(f"--only={args['only']}: valid sections are {', '.join(SECTIONS)}")
+if args["seed"] < 0:
+    fail(f"--seed={args['seed']}: need seed >= 0")
 device = detect_device(args["device"])
 quick = args["quick"]
 autocast, _ = autocast_context(device)  # bf16 on CUDA, fp32 on a CPU, as train.py runs

@@ -94,7 +94,7 @@ def cases(fx):
             ([f"--runs={fx / 'badlog'}"], "cannot read"),
         ],
         "compare.py": [([str(fx / "badlog")], "cannot read")],
-        "bench.py": [(["--device=foo"], "is not a device")],
+        "bench.py": [(["--device=foo"], "is not a device"), (["--seed=-1"], "seed >= 0")],
         "scripts/gpu_check.py": [([f"--out_dir={fx / 'afile'}"], "cannot create"),
                                  ([f"--out_dir={fx / 'gc'}", "--steps=-1"], "steps >= 0")],
         "data/pydoc/prepare.py": [(["--vocab_size=10"], "257 to 65535"), ([f"--out_dir={fx / 'afile'}"], "cannot create")],
