@@ -7,6 +7,7 @@ What train.py and sample.py share: TrainConfig, nanoGPT-style command-line confi
 import difflib
 import math
 import os
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -112,6 +113,18 @@ def get_lr(it, tc):
     if it < decay_start:
         return tc.learning_rate
     return tc.learning_rate + (tc.min_lr - tc.learning_rate) * (it - decay_start) / max(1, decay_iters - decay_start)
+
+
+def _interrupted(kind, value, tb):
+    """Ctrl-C anywhere in a script that imports this: one line, not a traceback (Python still
+    exits with the status of SIGINT, 130 in a shell). train.py says more: where to resume."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("\ninterrupted", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, tb)
+
+
+sys.excepthook = _interrupted
 
 
 def fail(msg):

@@ -653,8 +653,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C: nothing half-written (the JSONL record and the plot come last)
-        print("\ninterrupted: nothing was written", file=sys.stderr)
-        sys.exit(130)
+    main()

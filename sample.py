@@ -122,33 +122,29 @@ if args["use_cache"]:  # refuse a budget whose KV cache cannot fit before alloca
 print(f"{args['out_dir']}/ckpt.pt: {model.summary()}, trained {ckpt['iter_num']} steps | {device}, {dtype}, "
       f"{torch.get_num_threads()} threads")
 rows = []
-try:
-    for name, route, M in routes:
-        torch.manual_seed(args["seed"])
-        t0 = time.time()
-        texts, used = [], []
-        for _ in range(args["num_samples"]):
-            with autocast:
-                y = model.generate(x, args["max_new_tokens"], temperature=args["temperature"],
-                                   top_k=args["top_k"] or None, use_cache=args["use_cache"], exit=exit,
-                                   min_loops=args["min_loops"], loops_used=used, **route)
-            new = [t for t in y[0, len(start_ids):].tolist() if t < enc.n_vocab]  # drop padded-vocab ids
-            texts.append(enc.decode(new))
-        dt = time.time() - t0
-        tok_s = args["num_samples"] * args["max_new_tokens"] / dt
-        rows.append((name, model.effective_depth(M), f"{tok_s:.1f}"))
-        print(f"\n━━━ {name} | effective depth {model.effective_depth(M)} | {tok_s:.1f} tokens/s ━━━")
-        for i, text in enumerate(texts):
-            if i:
-                print("  ---")
-            print(start + text)
-        if used:  # loops per decoded token (an exit, or MoR's routing): mean and a histogram line
-            flat = [u for step in used for u in step]
-            hist = "  ".join(f"{n}:{flat.count(n)}" for n in range(1, M + 1) if flat.count(n))
-            what = "exit " + args["exit"] if exit else "MoR routing"
-            print(f"  [{what}] loops per token: mean {sum(flat) / len(flat):.2f} of {M} | histogram (loops:tokens) {hist}")
-except KeyboardInterrupt:  # Ctrl-C: stop where we are, no traceback
-    print("\ninterrupted", file=sys.stderr)
-    sys.exit(130)
+for name, route, M in routes:
+    torch.manual_seed(args["seed"])
+    t0 = time.time()
+    texts, used = [], []
+    for _ in range(args["num_samples"]):
+        with autocast:
+            y = model.generate(x, args["max_new_tokens"], temperature=args["temperature"],
+                               top_k=args["top_k"] or None, use_cache=args["use_cache"], exit=exit,
+                               min_loops=args["min_loops"], loops_used=used, **route)
+        new = [t for t in y[0, len(start_ids):].tolist() if t < enc.n_vocab]  # drop padded-vocab ids
+        texts.append(enc.decode(new))
+    dt = time.time() - t0
+    tok_s = args["num_samples"] * args["max_new_tokens"] / dt
+    rows.append((name, model.effective_depth(M), f"{tok_s:.1f}"))
+    print(f"\n━━━ {name} | effective depth {model.effective_depth(M)} | {tok_s:.1f} tokens/s ━━━")
+    for i, text in enumerate(texts):
+        if i:
+            print("  ---")
+        print(start + text)
+    if used:  # loops per decoded token (an exit, or MoR's routing): mean and a histogram line
+        flat = [u for step in used for u in step]
+        hist = "  ".join(f"{n}:{flat.count(n)}" for n in range(1, M + 1) if flat.count(n))
+        what = "exit " + args["exit"] if exit else "MoR routing"
+        print(f"  [{what}] loops per token: mean {sum(flat) / len(flat):.2f} of {M} | histogram (loops:tokens) {hist}")
 print()
 print(print_table(rows, ["route", "depth", "tokens/s"]))

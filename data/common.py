@@ -139,8 +139,9 @@ def download(url, path, timeout=30):
                     bar.update(len(chunk))
         os.replace(tmp, path)
     except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors
-        if os.path.exists(tmp):
-            os.remove(tmp)
         reason = (str(getattr(e, "reason", None) or e).splitlines() or ["?"])[0]
         raise SystemExit(f"error: could not download {url} (no network?): {reason}") from None
+    finally:  # an error or Ctrl-C leaves no partial file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
