@@ -57,12 +57,16 @@ if (tc.step_loss != "final" or tc.gate_stage) and (tc.objective != "final" or tc
     fail("step_loss / gate_stage go with objective=final and a depth shared by the batch")
 if tc.loop_min < 1 or tc.loop_max < 0 or tc.curriculum_start < 0 or tc.curriculum_rate < 0:
     fail("need loop_min >= 1, loop_max >= 0, curriculum_start >= 0 and curriculum_rate >= 0")
-if tc.loop_max and tc.loop_min > tc.loop_max:
+if tc.loop_sampling != "fixed" and tc.loop_max and tc.loop_min > tc.loop_max:  # (fixed depth ignores them)
     fail(f"loop_min={tc.loop_min} > loop_max={tc.loop_max}")
 if not (tc.weight_decay >= 0 and tc.grad_clip >= 0 and tc.warmup_iters >= 0 and tc.lr_decay_iters >= 0
         and tc.muon_lr > 0 and tc.seed >= 0 and 0 <= tc.wsd_decay_frac <= 1):
     fail("need weight_decay >= 0, grad_clip >= 0 (0 = off), warmup_iters >= 0, lr_decay_iters >= 0, muon_lr > 0, "
          "seed >= 0 and 0 <= wsd_decay_frac <= 1")
+if not (tc.lambda_short >= 0 and tc.lambda_cons >= 0 and tc.loop_sigma >= 0 and tc.gate_beta >= 0 and tc.gate_k > 0
+        and tc.sweep_max_steps >= 1 and tc.eval_tasks_interval >= 0 and tc.eval_tasks_max >= 0):
+    fail("need lambda_short, lambda_cons, loop_sigma, gate_beta >= 0, gate_k > 0, sweep_max_steps >= 1, "
+         "eval_tasks_interval >= 0 (0 = the last step only) and eval_tasks_max >= 0 (0 = all)")
 if not (0 <= tc.beta1 < 1 and 0 <= tc.beta2 < 1):
     fail(f"need 0 <= beta1, beta2 < 1, got {tc.beta1}, {tc.beta2}")
 if tc.eval_only and not tc.resume:
@@ -212,6 +216,14 @@ if cfg.tie_embeddings and tc.embedding_lr:
     fail("tie_embeddings=True: wte is lm_head, one matrix trained at head_lr; embedding_lr would be ignored")
 if tc.loop_sampling == "per_sequence" and per_sequence_problem(cfg):
     fail(f"loop_sampling=per_sequence: {per_sequence_problem(cfg)}")
+sweep_exits = []  # (spec, (kind, threshold)), checked now rather than after the budget sweep
+for spec in filter(None, tc.sweep_exits.split(",")):
+    kind, _, value = spec.partition(":")
+    try:
+        sweep_exits.append((spec, (kind, float(value))))
+        check_exit(sweep_exits[-1][1], cfg)
+    except ValueError as e:
+        fail(f"sweep_exits: '{spec}': {e}")
 if tc.gate_stage and not cfg.exit_gate:
     fail("gate_stage trains Ouro's exit gate: the model needs exit_gate=True")
 model.to(device)
@@ -270,8 +282,6 @@ except ValueError as e:
     fail(f"{e}; lower batch_size, block_size or the loops, or set bptt_k / checkpoint_loops=True")
 eval_tasks = []
 if tc.eval_tasks:  # checked now, not at the first eval: a missing download fails before training
-    if tc.eval_tasks_interval < 0 or tc.eval_tasks_max < 0:
-        fail("need eval_tasks_interval >= 0 (0 = the last step only) and eval_tasks_max >= 0 (0 = all)")
     from eval import EVAL_DATA, evaluate_tasks, resolve_tasks
     eval_tasks = resolve_tasks(tc.eval_tasks, EVAL_DATA)
 peak_flops = gpu_peak_flops(device)[0] if device_type == "cuda" else None
@@ -462,15 +472,9 @@ def budget_sweep():
     record["fit"] = fit
     log(f"\nfit of val loss over M = 1..{L} (Parcae): ε(M) ≈ {fit['eps_inf']:.4f} + {fit['A']:.4f} e^(-{fit['k']:.3f} M)"
         f"  (largest residual {fit['max_residual']:.4f})")
-    if tc.sweep_exits:
+    if sweep_exits:
         rows = [("none (all loops)", f"{L:.2f}", f"{record['budgets'][str(L)]['loss']:.4f}")]
-        for spec in tc.sweep_exits.split(","):
-            kind, _, value = spec.partition(":")
-            try:
-                exit = (kind, float(value))
-                check_exit(exit, cfg)
-            except ValueError as e:
-                fail(f"sweep_exits: '{spec}': {e}")
+        for spec, exit in sweep_exits:
             r = eval_with_exit(exit, L)
             record.setdefault("exits", {})[spec] = r
             rows.append((spec, f"{r['mean_loops']:.2f}", f"{r['loss']:.4f}"))

@@ -80,7 +80,8 @@ def cases(fx):
             ([f"--data_dir={fx / 'badtok'}"], "unknown tokenizer kind"), ([f"--data_dir={fx / 'oddbin'}"], "truncated"),
             (["--grad_clip=-1"], "grad_clip >= 0"), (["--weight_decay=-1"], "weight_decay >= 0"),
             (["--warmup_iters=-5"], "warmup_iters"), (["--seed=-1"], "seed >= 0"), (["--beta1=2"], "beta1"),
-            (["--loop_min=3", "--loop_max=2"], "loop_min=3 > loop_max=2"), ([*small, "--softcap=-1"], "softcap"),
+            (["--loop_sampling=uniform", "--loop_min=3", "--loop_max=2"], "loop_min=3 > loop_max=2"), ([*small, "--softcap=-1"], "softcap"),
+            (["--lambda_short=-1"], "lambda_short"), ([*small, "--sweep_exits=zzz"], "sweep_exits: 'zzz'"),
             ([f"--out_dir={fx / 'trunc'}", "--resume=True", data], "cannot read checkpoint"),
         ],
         "sample.py": [
