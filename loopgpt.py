@@ -877,9 +877,9 @@ class LoopGPT(nn.Module):
 
     def kv_cache_bytes(self, batch, loops, dtype=torch.float32):
         """What new_cache(loops) will hold for `batch` rows: K and V at every (loop, layer) slot."""
-        cfg = self.config
-        n_slots = cfg.n_prelude + cfg.n_core * loops + cfg.n_coda
-        return 2 * n_slots * batch * cfg.n_kv_head * cfg.block_size * (cfg.n_embd // cfg.n_head) * dtype.itemsize
+        cfg = self.config  # (one slot per layer visit: the effective depth)
+        return (2 * self.effective_depth(loops) * batch * cfg.n_kv_head * cfg.block_size * (cfg.n_embd // cfg.n_head)
+                * dtype.itemsize)
 
     def activation_bytes(self, batch, seq_len, loops, dtype=torch.float32):
         """A rough estimate of what a training step keeps for backward: per token and block
