@@ -127,14 +127,19 @@ def test_ctrl_c_stops_training_cleanly(fx, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "train.py", f"--data_dir={fx / 'data'}", f"--out_dir={out}", "--max_iters=100000",
            "--eval_interval=2", "--eval_iters=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=2"]
+    # (a shell that started us in the background ignores SIGINT, and children inherit that: undo it)
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert "interrupted at step" in stdout and "--resume=True" in stdout, stdout[-2000:]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
