@@ -7,6 +7,7 @@ A prepared dataset is a folder with (nanoGPT format):
 meta.json is written last, so its presence (with both bins) means "prepared".
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -90,6 +91,13 @@ def write_dataset(out_dir, train_docs, val_docs, tok, source_meta):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (argparse prints its usage first)."""
+
+    def error(self, message):
+        raise SystemExit(f"error: {message} (see --help)")
 
 
 def out_folder(path):

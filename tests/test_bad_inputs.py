@@ -98,10 +98,12 @@ def cases(fx):
         "bench.py": [(["--device=foo"], "is not a device"), (["--seed=-1"], "seed >= 0")],
         "scripts/gpu_check.py": [([f"--out_dir={fx / 'afile'}"], "cannot create"),
                                  ([f"--out_dir={fx / 'gc'}", "--steps=-1"], "steps >= 0")],
-        "data/pydoc/prepare.py": [(["--vocab_size=10"], "257 to 65535"), ([f"--out_dir={fx / 'afile'}"], "cannot create")],
+        "data/pydoc/prepare.py": [(["--vocab_size=10"], "257 to 65535"), ([f"--out_dir={fx / 'afile'}"], "cannot create"),
+                                  (["--vocab_size=abc"], "invalid int value")],
         "data/shakespeare/prepare.py": [([f"--input={fx / 'nonutf8.txt'}", "--tokenizer=bpe", f"--out_dir={fx / 's'}"],
                                          "as UTF-8 text")],
-        "data/tasks/prepare.py": [(["--task=addition", "--train_rows=-1", f"--out_dir={fx / 't'}"], "train_rows >= 1")],
+        "data/tasks/prepare.py": [(["--task=addition", "--train_rows=-1", f"--out_dir={fx / 't'}"], "train_rows >= 1"),
+                                  (["--task=bogus"], "invalid choice: 'bogus'")],
         "data/eval/prepare.py": [([f"--out_dir={fx / 'afile'}"], "cannot create")],
     }
 

@@ -13,7 +13,6 @@ Each archive is downloaded to a temporary file, unpacked into a temporary folder
 into place, so an interrupted download never leaves a half folder behind.
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -24,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from data.common import download, out_folder  # noqa: E402
+from data.common import ArgumentParser, download, out_folder  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -72,7 +71,7 @@ def prepare(what=("core", "wikitext2"), out_dir=HERE, bundle_url=BUNDLE_URL, wik
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--what", default="core,wikitext2", help="comma-separated: core, wikitext2")
     parser.add_argument("--out_dir", default=HERE)
     parser.add_argument("--bundle_url", default=BUNDLE_URL)

@@ -9,7 +9,6 @@ their `text` column, tokenizes with GPT-2's BPE and writes the bins.
     python data/fineweb_edu/prepare.py [--num_shards=1] [--out_dir=DIR]
 """
 
-import argparse
 import os
 import sys
 
@@ -18,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from data.common import download, write_dataset  # noqa: E402
+from data.common import ArgumentParser, download, write_dataset  # noqa: E402
 from tokenizer import load_tokenizer, tokenizer_to_dict  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -83,7 +82,7 @@ def prepare(num_shards=1, out_dir=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="prepare FineWeb-Edu shards")
+    parser = ArgumentParser(description="prepare FineWeb-Edu shards")
     parser.add_argument("--num_shards", type=int, default=1, help="train shards (+1 val shard)")
     parser.add_argument("--out_dir", default=None, help="default: data/fineweb_edu/")
     args = parser.parse_args(argv)

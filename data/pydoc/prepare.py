@@ -11,7 +11,6 @@ or
     from data.pydoc.prepare import prepare; prepare()
 """
 
-import argparse
 import hashlib
 import os
 import random
@@ -23,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from data.common import check_vocab_size, write_dataset  # noqa: E402
+from data.common import ArgumentParser, check_vocab_size, write_dataset  # noqa: E402
 from tokenizer import tokenizer_to_dict, train_bpe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -95,7 +94,7 @@ def prepare(out_dir=None, vocab_size=2048):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--vocab_size", type=int, default=2048)
     parser.add_argument("--out_dir", default=None, help="default: data/pydoc/")
     args = parser.parse_args(argv)

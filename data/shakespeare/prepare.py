@@ -10,7 +10,6 @@ train split (--tokenizer=bpe --vocab_size=N).
                                        [--input=FILE] [--out_dir=DIR]
 """
 
-import argparse
 import hashlib
 import os
 import sys
@@ -20,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from data.common import check_vocab_size, download, read_text, write_dataset  # noqa: E402
+from data.common import ArgumentParser, check_vocab_size, download, read_text, write_dataset  # noqa: E402
 from tokenizer import load_tokenizer, tokenizer_to_dict, train_bpe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,7 +75,7 @@ def prepare(input_path=None, out_dir=None, tokenizer="gpt2", vocab_size=2048):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="prepare tiny Shakespeare")
+    parser = ArgumentParser(description="prepare tiny Shakespeare")
     parser.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bpe"])
     parser.add_argument("--vocab_size", type=int, default=2048, help="for --tokenizer=bpe")
     parser.add_argument("--input", default=None, help="local text file instead of the download")

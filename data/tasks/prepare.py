@@ -37,7 +37,6 @@ Examples are deterministic given (task, seed, sizes); val holds no prompt that t
 train.py prepares a task on first use (configs set dataset = "tasks/<task>").
 """
 
-import argparse
 import json
 import os
 import random
@@ -51,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from data.common import out_folder  # noqa: E402
+from data.common import ArgumentParser, out_folder  # noqa: E402
 from tokenizer import load_tokenizer, tokenizer_to_dict  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -223,7 +222,7 @@ def prepare(task, out_dir=None, train_rows=20000, val_rows=1000, seed=0, **overr
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--out_dir", default=None, help="default: data/tasks/<task>/")
     parser.add_argument("--train_rows", type=int, default=20000)
