@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from common import (autocast_context, detect_device, fail, load_checkpoint, make_dir, model_from_checkpoint, parse_args,
                     print_table)
-from loopgpt import check_exit, check_fits, check_schedule
+from loopgpt import check_fits, parse_exit, parse_schedule
 from tokenizer import load_tokenizer, token_byte_lengths
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -443,7 +443,7 @@ def result_table(results, routes):
         else:
             rows.append([f"{label} acc %"] + [f"{100 * res[n]['acc']:.1f}" for n in names])
         if any("mean_loops" in res[n] for n in names):
-            rows.append([f"  mean loops"] + [f"{res[n]['mean_loops']:.2f}" if "mean_loops" in res[n] else "" for n in names])
+            rows.append(["  mean loops"] + [f"{res[n]['mean_loops']:.2f}" if "mean_loops" in res[n] else "" for n in names])
     if "CORE" in results:
         rows.append(["CORE (centered)"] + [f"{results['CORE'][n]:.4f}" for n in names])
     return print_table(rows, ["task"] + names)
@@ -540,19 +540,14 @@ def parse_routes(model, budgets, schedules, exits):
         routes.append((f"M={M}", {"loops": M}))
     for text in filter(None, schedules.split("/")):
         try:
-            values = [float(v) for v in text.split(",")]
-            if all(v.is_integer() for v in values) and sum(values) == L:  # units of 1/L
-                values = [v / L for v in values]
-            routes.append((f"sched {text}", {"schedule": check_schedule(values, modulation=cfg.modulation)}))
+            routes.append((f"sched {text}", {"schedule": parse_schedule(text, cfg)}))
         except ValueError as e:
-            fail(f"--schedule={text}: {e} (step sizes in units of 1/L summing to L={L}, or fractions summing to 1)")
+            fail(f"--schedule={text}: {e}")
     for spec in filter(None, exits.split(",")):
-        kind, _, value = spec.partition(":")
         try:
-            exit = (kind, float(value))
-            check_exit(exit, cfg)
+            exit = parse_exit(spec, cfg)
         except ValueError as e:
-            fail(f"--exit={spec}: {e}. Examples: kl:1e-3, latent:0.03, gate:0.9, gate_all:0.9")
+            fail(f"--exit={spec}: {e}")
         routes.append((f"{spec}@{max(budgets)}", {"exit": exit, "loops": max(budgets)}))
     return routes
 
@@ -598,7 +593,9 @@ def main():
         if device.startswith("cuda"):
             device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        # device_id binds NCCL to this rank's GPU (without it, barrier() guesses and warns)
+        cuda = device.startswith("cuda")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
 
         def reduce(t):
             dist.all_reduce(t)

@@ -1147,6 +1147,33 @@ def check_exit(exit, cfg):
         raise ValueError("exit=('gate', q) needs a model trained with exit_gate=True")
 
 
+def parse_schedule(text, cfg):
+    """A schedule typed as text: '3,2,2,1' in units of 1/L (integers summing to L = n_loops)
+    or '0.5,0.25,0.25' as fractions summing to 1. Returns the checked step sizes."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"'{text}' is not a comma-separated list of numbers") from None
+    L = cfg.n_loops
+    if all(v.is_integer() for v in values) and sum(values) == L:
+        values = [v / L for v in values]
+    try:
+        return check_schedule(values, modulation=cfg.modulation)
+    except ValueError as e:
+        raise ValueError(f"{e} (step sizes in units of 1/L summing to L={L}, or fractions summing to 1)") from None
+
+
+def parse_exit(text, cfg):
+    """An exit typed as text, 'kind:threshold' (e.g. 'kl:1e-3'), checked against the model."""
+    kind, _, value = text.partition(":")
+    try:
+        exit = (kind, float(value))
+        check_exit(exit, cfg)
+    except ValueError as e:
+        raise ValueError(f"{e}. Examples: kl:1e-3, latent:0.03, gate:0.9, gate_all:0.9") from None
+    return exit
+
+
 def per_sequence_problem(cfg):
     """Why per-sequence depths (Parcae) cannot run on this model, or None. A row's loops are
     not aligned with the batch's, so the loops must not depend on their index."""

@@ -20,7 +20,7 @@ import torch
 
 from common import (autocast_context, detect_device, fail, load_checkpoint, model_from_checkpoint, parse_args,
                     print_table)
-from loopgpt import check_exit, check_fits, check_schedule
+from loopgpt import check_fits, parse_exit, parse_schedule
 from tokenizer import load_tokenizer
 
 defaults = dict(
@@ -65,34 +65,20 @@ for M in budgets:  # the model's own check: M >= 1, and M <= n_loops for MoR
     except ValueError as e:
         fail(f"--budgets={','.join(map(str, budgets))}: {e}")
 
-
-def parse_schedule(text):
-    """'3,2,2,1' in units of 1/L (integers summing to L), or fractions summing to 1."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        fail(f"--schedule: '{text}' is not a comma-separated list of numbers")
-    if all(v.is_integer() for v in values) and sum(values) == cfg.n_loops:
-        values = [v / cfg.n_loops for v in values]
-    try:
-        return check_schedule(values, modulation=cfg.modulation)
-    except ValueError as e:
-        fail(f"--schedule={text}: {e} (integers must sum to L={cfg.n_loops})")
-
-
 exit = None
 if args["exit"]:
-    kind, _, value = args["exit"].partition(":")
     try:
-        exit = (kind, float(value))
-        check_exit(exit, cfg)
+        exit = parse_exit(args["exit"], cfg)
     except ValueError as e:
-        fail(f"--exit={args['exit']}: {e}. Examples: kl:1e-3, latent:0.03, gate:0.9, gate_all:0.9")
+        fail(f"--exit={args['exit']}: {e}")
 
 # what to compare: budgets M (uniform steps), then schedules
 routes = [(f"M={M}", {"loops": M}, M) for M in budgets]
 for text in filter(None, args["schedule"].split("/")):
-    steps = parse_schedule(text)
+    try:
+        steps = parse_schedule(text, cfg)
+    except ValueError as e:
+        fail(f"--schedule={text}: {e}")
     routes.append((f"schedule {text}", {"schedule": steps}, len(steps)))
 device = detect_device(args["device"])
 autocast, dtype = autocast_context(device, args["dtype"])

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common import (CHECKPOINT_VERSION, TrainConfig, autocast_context, detect_device, fail, get_lr, gpu_peak_flops,
                     load_checkpoint, make_dir, model_config_defaults, model_from_checkpoint, parse_args, print_table,
                     save_checkpoint, train_config_defaults)
-from loopgpt import (LoopGPT, LoopGPTConfig, check_exit, check_fits, compile_blocks, per_sequence_problem,
+from loopgpt import (LoopGPT, LoopGPTConfig, check_fits, compile_blocks, parse_exit, per_sequence_problem,
                      sample_short_route)
 from muon import muon_momentum
 from tokenizer import load_tokenizer, token_byte_lengths
@@ -84,7 +84,9 @@ if ddp:
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    # device_id binds NCCL to this rank's GPU (without it, barrier() guesses and warns)
+    cuda = device.startswith("cuda")
+    dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
 else:
     rank, local_rank, world = 0, 0, 1
 master = rank == 0
@@ -218,10 +220,8 @@ if tc.loop_sampling == "per_sequence" and per_sequence_problem(cfg):
     fail(f"loop_sampling=per_sequence: {per_sequence_problem(cfg)}")
 sweep_exits = []  # (spec, (kind, threshold)), checked now rather than after the budget sweep
 for spec in filter(None, tc.sweep_exits.split(",")):
-    kind, _, value = spec.partition(":")
     try:
-        sweep_exits.append((spec, (kind, float(value))))
-        check_exit(sweep_exits[-1][1], cfg)
+        sweep_exits.append((spec, parse_exit(spec, cfg)))
     except ValueError as e:
         fail(f"sweep_exits: '{spec}': {e}")
 if tc.gate_stage and not cfg.exit_gate:
