@@ -60,8 +60,8 @@ args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "me
 only = [s for s in args["only"].split(",") if s] or list(SECTIONS)
 if set(only) - set(SECTIONS):
     fail(f"--only={args['only']}: valid sections are {', '.join(SECTIONS)}")
-if args["seed"] < 0:
-    fail(f"--seed={args['seed']}: need seed >= 0")
+if not 0 <= args["seed"] < 2**63:
+    fail(f"--seed={args['seed']}: need 0 <= seed < 2^63")
 device = detect_device(args["device"])
 quick = args["quick"]
 autocast, _ = autocast_context(device)  # bf16 on CUDA, fp32 on a CPU, as train.py runs
@@ -310,7 +310,12 @@ def rss_kb(field):
 
 def memory_probe(spec):
     """One training step of the model `spec` = 'L,bptt_k,checkpoint'; prints its peak memory in MB."""
-    L, k, ckpt = (int(v) for v in spec.split(","))
+    try:  # an internal key: bench.py's memory section runs itself with it, one process per model
+        L, k, ckpt = (int(v) for v in spec.split(","))
+    except ValueError:
+        fail(f"--memory_probe={spec}: an internal key, 'n_loops,bptt_k,checkpoint' (three integers)")
+    if L < 1 or k < 0:
+        fail(f"--memory_probe={spec}: need n_loops >= 1 and bptt_k >= 0")
     d, T, B = (128, 256, 8) if quick else (256, 512, 8)
     torch.manual_seed(0)
     cfg = LoopGPTConfig(vocab_size=2048, block_size=T, n_embd=d, n_head=d // 64, n_prelude=1, n_core=2, n_coda=1,

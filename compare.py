@@ -36,8 +36,11 @@ for path in paths:
     # the config is in the checkpoint, but the log is enough: the train budget is the
     # number of residual-RMS entries, one per loop
     L = len(last.get("residual_rms", [])) or None
-    budgets = ", ".join(f"M={M}: {r['loss']:.3f}" for M, r in last["val"].items())
-    at_L = last["val"].get(str(L), {}).get("loss")
+    try:
+        budgets = ", ".join(f"M={M}: {r['loss']:.3f}" for M, r in last["val"].items())
+        at_L = last["val"].get(str(L), {}).get("loss")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        fail(f"{log_path}: its last eval has no val loss per budget (written by another version?): {e!r}")
     row = [os.path.basename(os.path.normpath(path)), last["step"], L, f"{at_L:.3f}" if at_L else "-", budgets]
     if args["rms"]:
         row.append(" ".join(f"{r:.2f}" for r in last.get("residual_rms", [])))

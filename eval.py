@@ -494,6 +494,17 @@ def plot_metrics(record, path):
     plt.close(fig)
 
 
+def budget_curve(record, metric):
+    """([(M, value), ...], L) of `metric` at the plain budgets of one eval.jsonl record, or None
+    where it has fewer than two (another task, or a record another version of eval.py wrote)."""
+    try:
+        res = record["results"][metric]
+        line = [(r["loops"], float(headline(res[n]))) for n, r in record["routes"] if set(r) == {"loops"}]
+        return (line, int(record["n_loops"])) if len(line) > 1 else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def plot_runs(run_dirs, metric, path):
     """The lead plot: `metric` (a task label) against the budget M, one line per run, from
     the latest record of each run's eval.jsonl that has it at two budgets or more."""
@@ -506,15 +517,13 @@ def plot_runs(run_dirs, metric, path):
                 records = [json.loads(line) for line in f if line.strip()]
         except (OSError, json.JSONDecodeError) as e:
             fail(f"--runs: cannot read {log_path} (run eval.py --out_dir={run} first): {e}")
-        curves = [r for r in records if metric in r["results"] and sum(set(x) == {"loops"} for _, x in r["routes"]) > 1]
+        curves = [c for c in map(lambda r: budget_curve(r, metric), records) if c]
         if not curves:
             fail(f"--runs: {log_path} has no '{metric}' at two budgets or more: run eval.py --out_dir={run} "
                  f"--tasks={metric}, or choose another --metric")
-        record = curves[-1]
-        res = record["results"][metric]
-        line = [(r["loops"], headline(res[n])) for n, r in record["routes"] if set(r) == {"loops"}]
-        ax.plot(*zip(*line), "o-", label=f"{os.path.basename(os.path.normpath(run))} (L={record['n_loops']})")
-        ax.axvline(record["n_loops"], color=ax.lines[-1].get_color(), alpha=0.15)
+        line, L = curves[-1]
+        ax.plot(*zip(*line), "o-", label=f"{os.path.basename(os.path.normpath(run))} (L={L})")
+        ax.axvline(L, color=ax.lines[-1].get_color(), alpha=0.15)
     ax.set(xlabel="loop budget M at inference", ylabel="bits per byte" if metric in TEXT_TASKS else metric,
            title=f"{metric} against the loop budget (faint lines: the train budget L)")
     ax.grid(alpha=0.3)
@@ -612,6 +621,8 @@ def main():
     meta = dict(ckpt["data_meta"])
     tc = ckpt.get("train_config", {})
     meta["data_dir"] = tc.get("data_dir") or os.path.join(ROOT, "data", tc.get("dataset", "pydoc"))
+    if args["stride"] > model.config.block_size:
+        fail(f"--stride={args['stride']}: a window moves by at most its length, block_size={model.config.block_size}")
     routes = parse_routes(model, args["budgets"], args["schedule"], args["exit"])
     deepest = max(len(r.get("schedule", ())) or r["loops"] for _, r in routes)
     try:  # one pass keeps every loop's state of a batch (and an exit route its KV cache)

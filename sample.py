@@ -13,6 +13,7 @@ Every budget restarts the random generator from the same seed, so the difference
 between budgets come from the loops alone.
 """
 
+import os
 import sys
 import time
 
@@ -43,9 +44,12 @@ defaults = dict(
 )
 args, _ = parse_args(sys.argv[1:], defaults, allow_config=False)
 if (args["num_samples"] < 1 or args["max_new_tokens"] < 1 or not 0 <= args["temperature"] < float("inf")
-        or args["threads"] < 0 or args["top_k"] < 0 or args["seed"] < 0 or args["min_loops"] < 1):
-    fail("need num_samples >= 1, max_new_tokens >= 1, a finite temperature >= 0, threads >= 0, top_k >= 0 (0 = off), "
-         "seed >= 0 and min_loops >= 1")
+        or not 0 <= args["threads"] <= os.cpu_count() or args["top_k"] < 0 or not 0 <= args["seed"] < 2**63
+        or args["min_loops"] < 1):
+    fail(f"need num_samples >= 1, max_new_tokens >= 1, a finite temperature >= 0, 0 <= threads <= {os.cpu_count()} "
+         "(this machine's cores), top_k >= 0 (0 = off), 0 <= seed < 2^63 and min_loops >= 1")
+if args["min_loops"] > 1 and not args["exit"]:
+    fail("--min_loops holds back an early exit: it needs --exit (e.g. --exit=kl:1e-3)")
 if args["threads"]:
     # a decoding step at B=1 is ~2,000 small ops; on a CPU each parallel op pays a thread
     # hand-off that outweighs its work, and a busy neighbour core stalls it far more

@@ -60,9 +60,9 @@ if tc.loop_min < 1 or tc.loop_max < 0 or tc.curriculum_start < 0 or tc.curriculu
 if tc.loop_sampling != "fixed" and tc.loop_max and tc.loop_min > tc.loop_max:  # (fixed depth ignores them)
     fail(f"loop_min={tc.loop_min} > loop_max={tc.loop_max}")
 if not (tc.weight_decay >= 0 and tc.grad_clip >= 0 and tc.warmup_iters >= 0 and tc.lr_decay_iters >= 0
-        and tc.muon_lr > 0 and tc.seed >= 0 and 0 <= tc.wsd_decay_frac <= 1):
+        and tc.muon_lr > 0 and 0 <= tc.seed < 2**63 and 0 <= tc.wsd_decay_frac <= 1):
     fail("need weight_decay >= 0, grad_clip >= 0 (0 = off), warmup_iters >= 0, lr_decay_iters >= 0, muon_lr > 0, "
-         "seed >= 0 and 0 <= wsd_decay_frac <= 1")
+         "0 <= seed < 2^63 and 0 <= wsd_decay_frac <= 1")
 if not (tc.lambda_short >= 0 and tc.lambda_cons >= 0 and tc.loop_sigma >= 0 and tc.gate_beta >= 0 and tc.gate_k > 0
         and tc.sweep_max_steps >= 1 and tc.eval_tasks_interval >= 0 and tc.eval_tasks_max >= 0):
     fail("need lambda_short, lambda_cons, loop_sigma, gate_beta >= 0, gate_k > 0, sweep_max_steps >= 1, "

@@ -44,19 +44,7 @@ def records(out_dir, kind):
         return [r for r in map(json.loads, f) if r["type"] == kind]
 
 
-def test_config_errors(data_dir, tmp_path):
-    p = run("train.py", "--config", "no_such_config", ok=False)
-    assert "unknown config 'no_such_config'" in p.stderr and "tiny" in p.stderr
-    p = run("train.py", "--n_lops=3", ok=False)
-    assert "unknown key 'n_lops'" in p.stderr and "n_loops" in p.stderr and "max_iters" in p.stderr
-    p = run("train.py", "--max_iters=ten", ok=False)
-    assert "--max_iters=ten" in p.stderr and "int" in p.stderr
-    p = run("train.py", "--injection=bogus", f"--data_dir={data_dir}", ok=False)
-    assert "valid: none, add" in p.stderr
-    p = run("train.py", "--learning_rate=nan", ok=False)
-    assert "finite learning_rate" in p.stderr
-    p = run("train.py", "--dataset=nowhere", ok=False)
-    assert "python data/nowhere/prepare.py" in p.stderr
+def test_config_forms(data_dir, tmp_path):
     # `--config NAME` and `--config=NAME` both work
     for form in (["--config", "base_loop"], ["--config=base_loop"]):
         run("train.py", *form, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=1", *SMALL)
@@ -151,27 +139,13 @@ def test_resume_keeps_the_checkpoints_model_over_a_config_file(data_dir, tmp_pat
     assert "injection=none" in p.stdout and "win over" not in p.stdout
 
 
-def test_bad_checkpoints_give_clear_errors(data_dir, tmp_path):
-    p = run("train.py", f"--out_dir={tmp_path}", "--resume=True", f"--data_dir={data_dir}", ok=False)
-    assert "no checkpoint" in p.stderr
-    (tmp_path / "ckpt.pt").write_bytes(b"this is not a checkpoint")
-    p = run("train.py", f"--out_dir={tmp_path}", "--resume=True", f"--data_dir={data_dir}", ok=False)
-    assert "cannot read checkpoint" in p.stderr
-    p = run("sample.py", f"--out_dir={tmp_path}", ok=False)
-    assert "cannot read checkpoint" in p.stderr
-    p = run("sample.py", f"--out_dir={tmp_path / 'missing'}", ok=False)
-    assert "no checkpoint" in p.stderr and "python train.py" in p.stderr
-    # version 1 (before MoR and the sandwich adapter followed their authors' code) still loads,
-    # except for those models, which compute differently now
-    run("train.py", f"--out_dir={tmp_path / 'v1'}", f"--data_dir={data_dir}", "--max_iters=1", *SMALL)
-    ckpt = torch.load(tmp_path / "v1" / "ckpt.pt", weights_only=True)
-    for version, config, error in ((1, {}, None), (1, {"routing": "mor"}, "MoR routing did not yet follow"),
-                                   (1, {"injection": "concat", "block_norm": "sandwich"}, "sandwich adapter"),
-                                   (7, {}, "checkpoint version 7")):
-        torch.save(dict(ckpt, version=version, model_config={**ckpt["model_config"], **config}),
-                   tmp_path / "v1" / "ckpt.pt")
-        p = run("sample.py", f"--out_dir={tmp_path / 'v1'}", "--max_new_tokens=2", ok=error is None)
-        assert error is None or (error in p.stderr and "Traceback" not in p.stderr)
+def test_version_1_checkpoints_still_load(data_dir, tmp_path):
+    # version 1 (before MoR and the sandwich adapter followed their authors' code) still loads;
+    # those two models and other versions are refused (tests/test_bad_inputs.py)
+    run("train.py", f"--out_dir={tmp_path}", f"--data_dir={data_dir}", "--max_iters=1", *SMALL)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    torch.save(dict(ckpt, version=1), tmp_path / "ckpt.pt")
+    run("sample.py", f"--out_dir={tmp_path}", "--max_new_tokens=2")
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -241,9 +215,8 @@ def test_loopformer_trains_sweeps_budgets_and_samples_schedules(data_dir, tmp_pa
     assert losses == sorted(losses)
     p = run("sample.py", f"--out_dir={tmp_path}", "--budgets=2", "--schedule=2,1,1/0.5,0.5", "--max_new_tokens=5")
     assert "schedule 2,1,1" in p.stdout and "schedule 0.5,0.5" in p.stdout and "M=2 |" in p.stdout
-    for bad in ("--schedule=3,3", "--schedule=a,b", "--schedule=0.5,0.6"):
-        p = run("sample.py", f"--out_dir={tmp_path}", bad, ok=False)
-        assert "--schedule" in p.stderr
+    p = run("sample.py", f"--out_dir={tmp_path}", "--schedule=0.5,0.6", ok=False)
+    assert "sum to 1" in p.stderr
 
 
 def test_prefix_objective_and_objective_errors(data_dir, tmp_path):
