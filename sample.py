@@ -43,11 +43,15 @@ defaults = dict(
     min_loops=1,             # with exit: no token stops before this many loops
 )
 args, _ = parse_args(sys.argv[1:], defaults, allow_config=False)
-if (args["num_samples"] < 1 or args["max_new_tokens"] < 1 or not 0 <= args["temperature"] < float("inf")
-        or not 0 <= args["threads"] <= os.cpu_count() or args["top_k"] < 0 or not 0 <= args["seed"] < 2**63
-        or args["min_loops"] < 1):
-    fail(f"need num_samples >= 1, max_new_tokens >= 1, a finite temperature >= 0, 0 <= threads <= {os.cpu_count()} "
-         "(this machine's cores), top_k >= 0 (0 = off), 0 <= seed < 2^63 and min_loops >= 1")
+for key, ok, need in (("num_samples", args["num_samples"] >= 1, ">= 1"),
+                      ("max_new_tokens", args["max_new_tokens"] >= 1, ">= 1"),
+                      ("temperature", 0 <= args["temperature"] < float("inf"), "finite and >= 0 (0 = greedy)"),
+                      ("threads", 0 <= args["threads"] <= os.cpu_count(),
+                       f"between 0 (torch's default) and this machine's {os.cpu_count()} cores"),
+                      ("top_k", args["top_k"] >= 0, ">= 0 (0 = off)"), ("seed", 0 <= args["seed"] < 2**63, "in [0, 2^63)"),
+                      ("min_loops", args["min_loops"] >= 1, ">= 1")):
+    if not ok:
+        fail(f"--{key}={args[key]}: need {key} {need}")
 if args["min_loops"] > 1 and not args["exit"]:
     fail("--min_loops holds back an early exit: it needs --exit (e.g. --exit=kl:1e-3)")
 if args["threads"]:

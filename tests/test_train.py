@@ -180,9 +180,6 @@ def test_sample_budgets_side_by_side(data_dir, tmp_path):
     prompt.write_text("the quick brown fox " * 50)
     p = run("sample.py", f"--out_dir={tmp_path}", f"--start=FILE:{prompt}", "--max_new_tokens=5")
     assert "keeping the last block_size=32" in p.stdout
-    for bad, msg in (("--budgets=0,2", "loop budget must be an integer >= 1"), ("--budgets=x", "comma-separated integers")):
-        p = run("sample.py", f"--out_dir={tmp_path}", bad, ok=False)
-        assert msg in p.stderr
 
 
 @pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
