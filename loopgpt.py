@@ -184,6 +184,27 @@ class KVCache:
         self.k = self.v = None
         self.pos = 0  # tokens already in the cache
         self.route_score = self.route_sel = None  # MoR: router scores and selections per recursion
+        # static decoding (a CUDA graph replays one token's step): the position lives in a
+        # device tensor, each token is written at it and attends to the whole buffer, masked
+        self.pos_t = None
+        self.masks = {}  # static decoding: this step's key mask per attention window
+
+    def rows(self, table, T):
+        """The rows of a per-position table (RoPE, a fixed state noise) for the next T tokens."""
+        if self.pos_t is not None:
+            return table.index_select(0, self.pos_t)
+        return table[self.pos:self.pos + T]
+
+    def static_mask(self, window):
+        """Static decoding: which of the max_len keys the token at pos_t sees (itself, the
+        tokens before it, within the window if any), shaped (1, 1, 1, max_len)."""
+        if window not in self.masks:
+            k_pos = torch.arange(self.max_len, device=self.pos_t.device)
+            mask = k_pos <= self.pos_t
+            if window:
+                mask = mask & (self.pos_t - k_pos < window)
+            self.masks[window] = mask.view(1, 1, 1, -1)
+        return self.masks[window]
 
     def update(self, slot, k, v):
         if self.k is None:  # allocate on first use
@@ -197,6 +218,10 @@ class KVCache:
                        f"the KV cache ({self.n_slots} (loop, layer) slots x {B} rows x {self.max_len} positions)", k.device)
             self.k = k.new_zeros(self.n_slots, B, H, self.max_len, hd, dtype=dtype)
             self.v = torch.zeros_like(self.k)
+        if self.pos_t is not None:  # static decoding: fixed shapes, whatever the position
+            self.k[slot].index_copy_(2, self.pos_t, k.to(self.k.dtype))
+            self.v[slot].index_copy_(2, self.pos_t, v.to(self.v.dtype))
+            return self.k[slot], self.v[slot]
         end = self.pos + k.size(2)
         self.k[slot, :, :, self.pos:end] = k
         self.v[slot, :, :, self.pos:end] = v
@@ -251,10 +276,13 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(slot, k, v)
+        gqa = self.n_head != self.n_kv_head
+        if cache is not None and cache.pos_t is not None:  # static decoding: the whole buffer, masked
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.static_mask(self.window), enable_gqa=gqa)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
         if self.window and q.size(2) == 1 and key_mask is None:  # decoding: the window is the last keys
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
         Tq, Tk = q.size(2), k.size(2)
-        gqa = self.n_head != self.n_kv_head
         if key_mask is not None or (self.window and Tq > 1):
             # causal; within the window; over MoR's selected keys (a query always sees itself)
             q_pos = torch.arange(Tk - Tq, Tk, device=q.device).view(-1, 1)
@@ -489,7 +517,7 @@ class LoopGPT(nn.Module):
 
     # ---- the loop --------------------------------------------------------------------
 
-    def initial_state(self, e, pos):
+    def initial_state(self, e, cache=None):
         """h_0, chosen by `state_init`."""
         init = self.config.state_init
         if init == "prelude":
@@ -502,7 +530,8 @@ class LoopGPT(nn.Module):
         # gives the same text, and the KV cache stays exact.
         if self.training:
             return self.random_state(e.size(0) * e.size(1), device=e.device).view_as(e).to(e.dtype)
-        return self.state_noise[pos:pos + e.size(1)].to(e.dtype).expand_as(e)
+        noise = self.state_noise[:e.size(1)] if cache is None else cache.rows(self.state_noise, e.size(1))
+        return noise.to(e.dtype).expand_as(e)
 
     def random_state(self, n, generator=None, device=None):
         """n random states: truncated normal, std sqrt(2/(5d)) cut at ±3 std (both papers'
@@ -647,9 +676,13 @@ class LoopGPT(nn.Module):
         pos = cache.pos if cache is not None else 0
         if pos + T > cfg.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds block_size={cfg.block_size}")
-        rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
+        if cache is None:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        else:
+            rope = (cache.rows(self.rope_cos, T), cache.rows(self.rope_sin, T))
+            cache.masks = {}  # static decoding: one mask per window for this step, shared by the layers
 
-        e, h = self.loop_input(idx, rope, cache, pos)
+        e, h = self.loop_input(idx, rope, cache)
         x = h  # the last loop's output; h_0 before the first
         slot = cfg.n_prelude  # KV-cache slot of the next (loop, layer) visit
         M = len(steps)
@@ -700,19 +733,19 @@ class LoopGPT(nn.Module):
             cache.pos += T
         return x
 
-    def loop_input(self, idx, rope, cache, pos):
+    def loop_input(self, idx, rope, cache):
         """Embedding and prelude: returns the loop input e and the initial state h_0."""
         emb = self.wte(idx)
         x = norm(emb)
         for slot, block in enumerate(self.prelude):
             x = block(x, rope, cache, slot)
         if not self.config.norm_state:
-            return x, self.initial_state(x, pos)
+            return x, self.initial_state(x, cache)
         # the FLT code's convention: every state that enters a loop is normed, h_0 included,
         # and the input is the raw embedding (with no prelude), so LTi's
         # x = norm(e + h_{t-1}) adds a learned-scale embedding to a unit-RMS state
         e = emb if not self.prelude else x
-        return e, norm(self.initial_state(e, pos))
+        return e, norm(self.initial_state(e, cache))
 
     def next_state(self, x):
         """h_t, what loop t+1 reads of loop t's output x_t: the raw stream (Saunshi et al.,
@@ -899,7 +932,8 @@ class LoopGPT(nn.Module):
 
     @torch.inference_mode()  # no autograd bookkeeping at all: measurably faster than no_grad
     def generate(self, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None,
-                 use_cache=True, generator=None, schedule=None, exit=None, min_loops=1, loops_used=None):
+                 use_cache=True, generator=None, schedule=None, exit=None, min_loops=1, loops_used=None,
+                 cuda_graph=True):
         """
         Sample max_new_tokens tokens after idx (B, T) at loop budget `loops` (or with
         the loop schedule `schedule`).
@@ -923,20 +957,30 @@ class LoopGPT(nn.Module):
         against the earlier tokens exactly as in the full forward, attends only to the
         tokens kept at each recursion, and leaves the loop (skipping the compute) once
         it is dropped; loops_used then receives the recursions each token got.
+
+        cuda_graph: on a GPU, each cached step after the prompt is captured once as a CUDA
+        graph and replayed (see graph_decode_step): the same arithmetic without launching
+        ~2,000 small kernels from Python per token. Not for early exits, MoR or modulation.
         """
         steps = self.steps(loops, schedule)
         if exit is not None:
             check_exit(exit, self.config)
             if not use_cache:
                 raise ValueError("early exit decodes with the KV cache: use_cache=True")
-        bs = self.config.block_size
-        cache = None
+        bs, cfg = self.config.block_size, self.config
+        graphed = (cuda_graph and use_cache and exit is None and idx.is_cuda and cfg.routing != "mor"
+                   and cfg.modulation == "none")
+        cache = replay = None
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits, _ = self(idx[:, -bs:], schedule=steps)
             elif cache is None or idx.size(1) > bs:
                 cache = self.new_cache(len(steps))
                 logits, _ = self(idx[:, -bs:], schedule=steps, cache=cache)
+                replay = None  # a graph holds its cache's buffers: past block_size each step fills a new cache
+            elif graphed:
+                replay = replay or self.graph_decode_step(steps, cache, idx[:, -1:])
+                logits = replay(idx[:, -1:])
             elif exit is None:
                 logits, _ = self(idx[:, -1:], schedule=steps, cache=cache)
                 if loops_used is not None and cache.route_sel is not None:  # MoR: recursions this token got
@@ -958,6 +1002,45 @@ class LoopGPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
+    def graph_decode_step(self, steps, cache, idx):
+        """
+        One decoding step (B, 1 tokens through every (loop, layer) of the schedule into the
+        cache) captured as a CUDA graph; returns replay(idx) -> logits (B, 1, V). A looped
+        model's step is the same few kernels over and over (72 block visits at M = 12 on 6
+        layers), each too small to keep a GPU busy: launched one by one from Python, the
+        launches are the time. Capture needs shapes that do not change, so the cache
+        switches to static decoding: the position is a device tensor, each token is written
+        at it and attends to the whole preallocated buffer under a mask. The same arithmetic
+        as the eager step (tested on the CPU, where the static cache runs without a graph).
+        """
+        device, pos = idx.device, cache.pos
+        static_idx = idx.clone()
+        cache.pos_t = torch.tensor([pos], device=device)
+        # autocast's weight-cast cache must stay off while capturing: a cast cached before
+        # the capture would be freed after it while the graph still reads it
+        dtype, enabled = torch.get_autocast_dtype("cuda"), torch.is_autocast_enabled("cuda")
+        def autocast():
+            return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), autocast():  # warm-up off the graph (library handles, workspaces)
+            for _ in range(2):
+                self(static_idx, schedule=steps, cache=cache)  # writes this token's K/V at pos: harmless
+                cache.pos = pos
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), autocast():
+            static_logits, _ = self(static_idx, schedule=steps, cache=cache)
+        cache.pos = pos
+
+        def replay(idx):
+            static_idx.copy_(idx)
+            cache.pos_t.fill_(cache.pos)
+            graph.replay()
+            cache.pos += 1
+            return static_logits.clone()
+        return replay
+
     def decode_with_exit(self, idx, steps, cache, exit, min_loops):
         """
         One new token (B, 1) through the model, each row stopping after the first loop
@@ -970,7 +1053,7 @@ class LoopGPT(nn.Module):
         cfg, kind, threshold = self.config, exit[0], exit[1]
         B, pos, M = idx.size(0), cache.pos, len(steps)
         rope = (self.rope_cos[pos:pos + 1], self.rope_sin[pos:pos + 1])
-        e, h = self.loop_input(idx, rope, cache, pos)
+        e, h = self.loop_input(idx, rope, cache)
         x = h  # the latent exit compares loop 1 with h_0 (Huginn code)
         first, coda_slot = cfg.n_prelude, cfg.n_prelude + cfg.n_core * M
         used = torch.full((B,), M, device=idx.device)

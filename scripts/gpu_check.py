@@ -18,15 +18,17 @@ with enough of time_limit left is skipped, and a run still going at the deadline
    time ratio; huginn_small compiled (sampled depth, truncated backprop, the adapter, a random
    initial state). Tokens/s, MFU against the bf16 peak, peak memory, first and last loss. A
    run that runs out of memory is retried at half the batch.
-3. decoding with the trained flt_small in bf16 at B=1 and B=8, with and without the KV cache:
-   tokens/s, whether cached and uncached greedy tokens agree, and how far the cache's logits
-   are from the full forward's (bf16 and fp32), on the same tokens.
+3. decoding with the trained flt_small in bf16 at B=1 and B=8: the KV cache replayed as a
+   CUDA graph, the same cache launched eagerly, no cache: tokens/s; whether cached and
+   uncached greedy tokens agree (in fp32), and how far the cache's logits are from the full
+   forward's (bf16 and fp32), on the same tokens.
    Then eval.py's scoring at FLT's budgets 1, 3, 6, 9, 12 in one pass: tokens/s, and what
    that makes CORE take (an estimate from CORE's size, the bundle is not there offline).
 4. bf16 autocast against fp32: flt_small from the same init on the same batches; every
    step's loss must stay within BF16_TOLERANCE of the fp32 one.
 
-Prints a table last; DIR/gpu_check.log keeps every run's output.
+Prints a table last; DIR/gpu_check.log keeps every run's output. --only=decode,... runs
+only the named steps of STEPS (decode and eval speed bring the flt_small run they need).
 """
 
 import json
@@ -53,6 +55,7 @@ from loopgpt import LoopGPT, LoopGPTConfig  # noqa: E402
 
 BF16_TOLERANCE = 0.01  # |loss_bf16 - loss_fp32| <= 1% of loss_fp32 at every step
 RUNS = ("flt_small compiled", "flt_small eager", "plain compiled", "plain eager", "huginn_small compiled")
+STEPS = ("flt_small compiled", "flt_small eager", "plain", "decode", "eval speed", "bf16 vs fp32", "huginn_small compiled")
 
 args, _ = parse_args(sys.argv[1:], {
     "out_dir": "",        # where gpu_check.json and gpu_check.log go
@@ -61,11 +64,17 @@ args, _ = parse_args(sys.argv[1:], {
     "time_limit": 450,    # seconds for the whole check: a step that would not fit is skipped
     "shrink": "",         # --key=value settings added to every run (a CPU rehearsal's smaller model)
     "compile": True,      # False: skip the compiled runs (a quick CPU rehearsal)
+    "only": "",           # run only these steps (comma-separated names from STEPS); "" = all
 }, allow_config=False)
 if not args["out_dir"]:
     fail("say where the results go: --out_dir=DIR")
 if args["steps"] < 0 or args["time_limit"] <= 0:
     fail("need steps >= 0 (0 = 50 on a GPU, 3 on a CPU) and time_limit > 0 seconds")
+only = {s for s in args["only"].split(",") if s}
+if only - set(STEPS):
+    fail(f"--only={args['only']}: the steps are {', '.join(STEPS)}")
+if only & {"decode", "eval speed"} and not only & {"flt_small compiled", "flt_small eager"}:
+    only.add("flt_small eager")  # they decode and score with the flt_small that run trains
 device = detect_device(args["device"])
 gpu = device.startswith("cuda")
 deadline = time.time() + args["time_limit"]
@@ -92,6 +101,9 @@ def log(text):
 
 def step(name, fn, need_s=20):
     """Run one step of the check; its result or its error goes into results[name]."""
+    if only and name not in only | {"environment", "data", "plain compiled", "plain eager"} or (
+            name.startswith("plain") and only and "plain" not in only):
+        return
     left = deadline - time.time()
     if left < need_s:
         results[name] = {"skipped": f"time limit ({left:.0f} s left, needs ~{need_s} s)"}
@@ -225,7 +237,10 @@ def train(name, config, *extra, cap_s=240):
 # ---- 3. decoding ---------------------------------------------------------------------------
 
 def decode():
-    """Greedy decoding at the train budget, B=1 and B=8, with and without the KV cache (bf16)."""
+    """Greedy decoding at the train budget, B=1 and B=8 (bf16): the KV cache with its CUDA
+    graph, the same cache launched eagerly, and no cache. Whether cached and uncached greedy
+    tokens agree is asked in fp32, where the two differ only by rounding (in bf16 a near-tie
+    can flip)."""
     run = next((results[k] for k in ("flt_small compiled", "flt_small eager") if "checkpoint" in results.get(k, {})),
                None)
     if run is None:
@@ -234,24 +249,36 @@ def decode():
     M, n_new, P = model.config.n_loops, (128 if gpu else 4), 16
     val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
     bf16, _ = autocast_context(device, "bfloat16")
+    fp32, _ = autocast_context(device, "float32")
     out = {"loops": M, "new_tokens": n_new, "prompt_tokens": P}
+    modes = {"graph": dict(cuda_graph=True), "cache": dict(cuda_graph=False), "no_cache": dict(use_cache=False)}
+    if not gpu:
+        del modes["graph"]
     for B in (1, 8):
         prompt = torch.from_numpy(val[:B * P].astype(np.int64)).view(B, P).to(device)
         tokens = {}
-        for use_cache in (True, False):
+        for mode, kw in modes.items():
             with bf16:
-                model.generate(prompt, 2, loops=M, temperature=0, use_cache=use_cache)  # warm-up
+                model.generate(prompt, 2, loops=M, temperature=0, **kw)  # warm-up
                 sync()
                 t0 = time.perf_counter()
-                tokens[use_cache] = model.generate(prompt, n_new, loops=M, temperature=0, use_cache=use_cache)
+                tokens[mode] = model.generate(prompt, n_new, loops=M, temperature=0, **kw)
                 sync()
-            out[f"B{B}_{'cache' if use_cache else 'no_cache'}_tok_s"] = B * n_new / (time.perf_counter() - t0)
-        out[f"B{B}_cache_speedup"] = out[f"B{B}_cache_tok_s"] / out[f"B{B}_no_cache_tok_s"]
-        differ = (tokens[True] != tokens[False]).any(0).nonzero()
-        out[f"B{B}_greedy_equal"] = not len(differ)
-        out[f"B{B}_first_difference"] = int(differ[0]) - P if len(differ) else None
+            out[f"B{B}_{mode}_tok_s"] = B * n_new / (time.perf_counter() - t0)
+        fast = "graph" if gpu else "cache"
+        out[f"B{B}_cache_speedup"] = out[f"B{B}_{fast}_tok_s"] / out[f"B{B}_no_cache_tok_s"]
+        differ = (tokens[fast] != tokens["no_cache"]).any(0).nonzero()
+        out[f"B{B}_bf16_first_difference"] = int(differ[0]) - P if len(differ) else None
+    # fp32: cached (the graph on a GPU) against uncached greedy tokens, B=8
+    n_check = 32 if gpu else 4
+    with fp32:
+        a = model.generate(prompt, n_check, loops=M, temperature=0)
+        b = model.generate(prompt, n_check, loops=M, temperature=0, use_cache=False)
+    differ = (a != b).any(0).nonzero()
+    out["fp32_greedy_tokens"] = n_check
+    out["fp32_first_difference"] = int(differ[0]) - P if len(differ) else None
     # the cache's logits against the full forward's, token by token on the same sequence
-    seq = tokens[True][:1]
+    seq = a[:1]  # the fp32 cached tokens
     for name, ctx in (("bf16", bf16), ("fp32", autocast_context(device, "float32")[0])):
         with torch.inference_mode(), ctx:
             full = model(seq[:, :-1], loops=M)[0][:, P - 1:]
@@ -376,9 +403,13 @@ for B in (1, 8):
         speedup = d[f"B{B}_cache_speedup"]
         check(f"decode B={B}, M={d['loops']}, bf16: cache / no cache", f"{speedup:.1f}x ({d[f'B{B}_cache_tok_s']:,.0f}"
               f" / {d[f'B{B}_no_cache_tok_s']:,.0f} tok/s)", *((">= 5x", speedup >= 5) if B == 1 else ()))
-        first = d[f"B{B}_first_difference"]
-        check(f"decode B={B}: cached greedy tokens = uncached", "yes" if first is None else f"no, from token {first}",
-              "yes", first is None)
+        if f"B{B}_graph_tok_s" in d:
+            check(f"decode B={B}: CUDA graph / eager cache", f"{d[f'B{B}_graph_tok_s'] / d[f'B{B}_cache_tok_s']:.1f}x "
+                  f"({d[f'B{B}_cache_tok_s']:,.0f} tok/s eager)")
+if "fp32_first_difference" in d:
+    first = d["fp32_first_difference"]
+    check(f"decode B=8, fp32: cached greedy tokens = uncached ({d['fp32_greedy_tokens']})",
+          "yes" if first is None else f"no, from token {first}", "yes", first is None)
 if "cache_logits_max_abs_diff_fp32" in d:
     fp32 = d["cache_logits_max_abs_diff_fp32"]
     check("cached vs full-forward logits, max |diff|", f"bf16 {d['cache_logits_max_abs_diff_bf16']:.2g}, "

@@ -172,10 +172,17 @@ def test_gpu_check_rehearsal(tmp_path):
     assert plain["args"][-6:-1] == ["--n_core=72", "--n_prelude=0", "--n_coda=0", "--n_loops=1", "--injection=none"]
     assert plain["params_m"] > looped["params_m"]  # the same FLOPs as 6 x 12, unshared
     d = result["decode"]
-    assert d["loops"] == 12 and d["B1_greedy_equal"] and d["B8_greedy_equal"] and d["cache_dtype_bf16"] == "bfloat16"
+    assert d["loops"] == 12 and d["fp32_first_difference"] is None and d["cache_dtype_bf16"] == "bfloat16"
+    assert d["B1_cache_tok_s"] > 0 and d["B8_no_cache_tok_s"] > 0 and "B1_graph_tok_s" not in d  # no graphs on a CPU
     assert d["cache_logits_max_abs_diff_fp32"] < 1e-3
     assert result["bf16 vs fp32"]["ok"]
     assert result["eval speed"]["tok_s"] > 0 and result["eval speed"]["sequences"] == 8
     assert "decode B=1, M=12, bf16: cache / no cache" in p.stdout and "Traceback" not in p.stderr
     p = run("scripts/gpu_check.py", ok=False)
     assert "--out_dir=DIR" in p.stderr
+    # --only: the named steps, and the flt_small run that decoding needs
+    p = run("scripts/gpu_check.py", f"--out_dir={out}", "--device=cpu", "--compile=False", "--only=decode",
+            "--shrink=--n_embd=64 --n_head=1 --block_size=32")
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert {"flt_small eager", "decode"} <= set(result) and "plain eager" not in result and "bf16 vs fp32" not in result
+    assert result["decode"]["fp32_first_difference"] is None

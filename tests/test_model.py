@@ -191,6 +191,29 @@ def test_cached_generation_equals_uncached(injection, M):
         assert torch.equal(out[0], out[1])
 
 
+@pytest.mark.parametrize("kw", [dict(injection="add"), dict(injection="full_attn", window_pattern="SL", n_core=3),
+                                dict(injection="concat", state_init="randn", block_norm="sandwich", norm_gains=True),
+                                dict(injection="add", norm_state=True, lora_rank=4), dict(injection="diag")],
+                         ids=["add", "flt_windows", "huginn", "lti_lora", "parcae"])
+def test_static_decoding_equals_the_dynamic_cache(kw):
+    # static decoding (what generate's CUDA graph replays): the position as a tensor, each
+    # token written at it and attending to the whole buffer under a mask; the same logits
+    # as the growing cache, token by token, and as the full forward
+    model = random_model(**kw)
+    idx = torch.randint(0, 61, (2, 24))
+    M = 4
+    full, _ = model(idx, loops=M)
+    cache = model.new_cache(M)
+    model(idx[:, :6], loops=M, cache=cache)
+    cache.pos_t = torch.tensor([cache.pos])
+    steps = []
+    for t in range(6, 24):  # the window pattern "SL" slides its S layers (window 24 // 4 = 6)
+        cache.pos_t.fill_(cache.pos)
+        steps.append(model(idx[:, t:t + 1], loops=M, cache=cache)[0])
+    assert cache.pos == 24 and cache.k.shape[3] == 24  # written in place, never grown
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 6:], atol=2e-5, rtol=2e-5)
+
+
 def test_cache_has_one_slot_per_loop_and_layer():
     model = random_model()
     cache = model.new_cache(5)
