@@ -51,7 +51,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import autocast_context, detect_device, fail, gpu_peak_flops, parse_args, print_table  # noqa: E402
+from configs import autocast_context, detect_device, fail, gpu_peak_flops, parse_args, print_table  # noqa: E402
 from loopgpt import LoopGPT, LoopGPTConfig, ReLUSquared, compile_blocks, sample_short_route  # noqa: E402
 
 SECTIONS = ("mfu", "loop", "generation", "relu2", "compile", "routes", "memory", "eval")

@@ -5,7 +5,8 @@ Evaluate a checkpoint the way the papers do, at every loop budget, in one comman
     python eval.py --out_dir=out --tasks=core --budgets=1,3,6,9,12    # CORE (DCLM's 22 tasks), FLT's budgets
     python eval.py --out_dir=out --tasks=flt                    # FLT's Table 1: CORE's tasks, WikiText-2, bpb
     python eval.py --out_dir=out --tasks=hellaswag,arc_easy:0,my_task.jsonl --schedule=3,2,2,1 --exit=kl:1e-3
-    python eval.py --runs=out-lt,out-lti,out-flt --plot=budgets.png   # a metric against M for several runs
+    python eval.py --runs=out-lt,out-lti,out-flt --plot_file=budgets.png  # compare runs: a table and a plot
+    python eval.py --runs='out-exp/*'                           # (a quoted pattern: every run under out-exp)
     torchrun --nproc_per_node=8 eval.py --out_dir=out --tasks=core    # items split over the processes
 
 Tasks (`--tasks`, comma-separated):
@@ -34,11 +35,17 @@ schedule in --schedule, and every per-token exit in --exit (run at the largest b
 teacher-forced one position at a time through the KV cache; the mean loops used are reported).
 
 Output: one table (rows tasks, columns routes), a JSONL record appended to OUT_DIR/eval.jsonl
-and a plot of every metric against the budget (OUT_DIR/eval.png). The downloads (the DCLM
+and a plot of every metric against the budget (OUT_DIR/eval.png).
+
+Comparing runs (--runs=A,B,...): a table of each run's last training eval from its
+log.jsonl (val loss at the train budget and at every budget it evaluated, and the residual
+state's RMS per loop, the FLT paper's stability diagnostic), then --metric against M from
+each run's latest eval.jsonl as one plot (--plot_file) when every run has one. The downloads (the DCLM
 eval bundle and WikiText-2) are made by `python data/eval/prepare.py` on a machine with a network.
 """
 
 import csv
+import glob
 import json
 import math
 import os
@@ -50,10 +57,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (autocast_context, detect_device, fail, load_checkpoint, make_dir, model_from_checkpoint, parse_args,
-                    print_table)
-from loopgpt import check_fits, parse_exit, parse_schedule
-from tokenizer import load_tokenizer, token_byte_lengths
+from configs import autocast_context, detect_device, fail, make_dir, parse_args, print_table
+from loopgpt import check_fits, load_checkpoint, model_from_checkpoint, parse_exit, parse_schedule
+from data.tokenizer import load_tokenizer, token_byte_lengths
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_DATA = os.path.join(ROOT, "data", "eval")  # what data/eval/prepare.py downloads
@@ -494,6 +500,36 @@ def plot_metrics(record, path):
     plt.close(fig)
 
 
+def compare_runs(run_dirs):
+    """The table of --runs: each run's last training eval, read from its log.jsonl."""
+    rows = []
+    for run in run_dirs:
+        log_path = os.path.join(run, "log.jsonl")
+        if not os.path.exists(log_path) and not os.path.exists(os.path.join(run, "eval.jsonl")):
+            fail(f"--runs: {run} has no log.jsonl or eval.jsonl: is it a train.py out_dir?")
+        if not os.path.exists(log_path):  # evaluated, but trained elsewhere
+            rows.append([os.path.basename(os.path.normpath(run)), "-", "-", "-", "(no log.jsonl)", ""])
+            continue
+        try:
+            with open(log_path) as f:
+                evals = [r for r in map(json.loads, f) if r.get("type") == "eval"]
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+            fail(f"--runs: cannot read {log_path} (is {run} a train.py out_dir?): {e}")
+        if not evals:
+            fail(f"--runs: {log_path} has no eval yet")
+        last = evals[-1]
+        rms = last.get("residual_rms", [])
+        L = len(rms) or None  # the train budget: one residual-RMS entry per loop
+        try:
+            budgets = ", ".join(f"M={M}: {r['loss']:.3f}" for M, r in last["val"].items())
+            at_L = last["val"].get(str(L), {}).get("loss")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            fail(f"--runs: {log_path}: its last eval has no val loss per budget (written by another version?): {e!r}")
+        rows.append([os.path.basename(os.path.normpath(run)), last["step"], L, f"{at_L:.3f}" if at_L else "-",
+                     budgets, " ".join(f"{r:.2f}" for r in rms)])
+    return print_table(rows, ["run", "step", "L", "val@L", "val loss per budget M", "residual rms h_1..h_L"])
+
+
 def budget_curve(record, metric):
     """([(M, value), ...], L) of `metric` at the plain budgets of one eval.jsonl record, or None
     where it has fewer than two (another task, or a record another version of eval.py wrote)."""
@@ -576,14 +612,23 @@ def main():
         device="",
         dtype="",                # bfloat16 (autocast) | float32; "" = bfloat16 on CUDA, float32 on CPU
         plot=True,               # OUT_DIR/eval.png
-        runs="",                 # instead of evaluating: plot --metric of these out_dirs' latest eval.jsonl
+        runs="",                 # instead of evaluating: compare these out_dirs (a table, and a plot of --metric)
         metric="bpb",
         plot_file="budgets.png",
     )
     args, _ = parse_args(sys.argv[1:], defaults, allow_config=False)
-    if args["runs"]:
+    if args["runs"]:  # comma-separated, each a folder or a quoted pattern: --runs='out-exp/*'
+        runs = [r for item in args["runs"].split(",") if item
+                for r in (sorted(glob.glob(item)) if glob.has_magic(item) else [item])]
+        if not runs:
+            fail(f"--runs={args['runs']}: no folder matches")
+        print(compare_runs(runs))
+        missing = [r for r in runs if not os.path.exists(os.path.join(r, "eval.jsonl"))]
+        if missing:
+            print(f"no plot: {missing[0]} has no eval.jsonl yet (python eval.py --out_dir={missing[0]})")
+            return
         make_dir(os.path.dirname(os.path.abspath(args["plot_file"])), "plot_file's folder")
-        plot_runs(args["runs"].split(","), args["metric"], args["plot_file"])
+        plot_runs(runs, args["metric"], args["plot_file"])
         print(f"wrote {args['plot_file']}")
         return
     for key in ("max_per_task", "max_text_tokens", "stride"):
@@ -612,8 +657,11 @@ def main():
     autocast, dtype = autocast_context(device, args["dtype"])
 
     ckpt_path = os.path.join(args["out_dir"], "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt).to(device)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+        model = model_from_checkpoint(ckpt).to(device)
+    except ValueError as e:
+        fail(str(e))
     try:
         enc = load_tokenizer(ckpt["data_meta"]["tokenizer"])
     except RuntimeError as e:

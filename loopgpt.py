@@ -10,7 +10,8 @@ n_prelude + k*M + n_coda at loop budget M, and the parameter count never depends
 (per-loop LoRA is the one deliberate exception). A model trained at L = n_loops may be run
 at any budget M >= 1, including M > L, or with a LoopFormer schedule of step sizes.
 
-Read in this order (README.md has the variant table, with the papers):
+Read in this order (README.md has the variant table with the papers, docs/model.md the
+equations):
 - LoopGPTConfig: every model flag.
 - Attention, MLP, Block: the nanochat block: pre-norm, parameter-free RMSNorm, RoPE,
   QK-norm, optional GQA, ReLU² MLP, no biases, zero-initialised output projections;
@@ -20,11 +21,15 @@ Read in this order (README.md has the variant table, with the papers):
   searching its flag value, e.g. `inj == "full_attn"`.
 - LoopGPT.conditioning: `modulation`, TMLT's loop index or LoopFormer's (t, Δ).
 - LoopGPT.trunk / forward: the loop over a schedule, truncated backprop, checkpointing,
-  per-sequence depth, and the training objectives that read it.
+  per-sequence depth, and the training objectives that read it. Every paper's loss lives
+  here (forward's docstring, per_step_loss), not in train.py: each reads loop states that
+  only the trunk has, and one place keeps each equation beside its citation.
 - generate / decode_with_exit: KV-cached generation and per-token early exit.
+- configure_optimizers and, at the end, Muon; the checkpoint format (save / load).
 """
 
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -575,7 +580,7 @@ class LoopGPT(nn.Module):
             A_bar, dt = self.parcae_decay()
             x = A_bar * h + dt * self.diag_B(self.diag_norm(e))
         else:
-            # attn_first / full_res / full_attn (FLT paper, Fu et al. 2026): the stream
+            # attn_first / full_res / full_attn (FLT paper, arXiv 2605.18797): the stream
             # restarts from the input every loop; h_{t-1} enters inside the layers below
             x = norm(e)
         # 2) the core's layers
@@ -1135,7 +1140,7 @@ class LoopGPT(nn.Module):
     def configure_optimizer(self, weight_decay, learning_rate, betas, optimizer="adamw", muon_lr=0.02,
                             embedding_lr=0.0, head_lr=0.0, eps=1e-8):
         """
-        AdamW, or optimizer='muon': Muon (muon.py) for the blocks' weight matrices (and
+        AdamW, or optimizer='muon': Muon (MuonAdamW, at the end of this file) for the blocks' weight matrices (and
         Huginn's adapter), AdamW for embeddings, head, vectors and small side matrices, as
         nanochat and FLT train. embedding_lr / head_lr > 0 give wte / lm_head AdamW groups of
         their own at those rates (FLT's recipe); a tied matrix is the head, at head_lr. Every
@@ -1165,8 +1170,7 @@ class LoopGPT(nn.Module):
                            "lr_scale": muon_lr / learning_rate})
         groups = [dict(g, lr=learning_rate * g["lr_scale"]) for g in groups if g["params"]]
         if optimizer == "muon":
-            from muon import MuonAdamW
-            return MuonAdamW(groups, betas=betas, eps=eps)
+            return MuonAdamW(groups, betas=betas, eps=eps)  # (defined at the end of this file)
         # the fused kernel (one launch for all tensors) where the parameters are on a GPU,
         # decided from where they are, so it is never asked for where it does not exist. (A
         # CPU has one too, 6x faster than foreach here, but it rounds differently: every
@@ -1272,3 +1276,146 @@ def check_loops(M):
     if isinstance(M, bool) or not isinstance(M, int) or M < 1:
         raise ValueError(f"loop budget must be an integer >= 1, got {M!r}")
     return M
+
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+# A checkpoint is a dict of tensors and plain values (model weights, model_config, the
+# optimizer's state, train_config, data_meta with the tokenizer, iter_num): written
+# atomically, read with weights_only=True, so a file cannot run code, and checked before use.
+# Errors are ValueErrors with one readable line; the scripts print them and stop.
+
+CHECKPOINT_VERSION = 2  # 2: MoR and Huginn's sandwich adapter follow their authors' code
+
+def save_checkpoint(obj, path):
+    """Write to a temp file, then rename: a crash mid-write never leaves a torn checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}; train one first, e.g.: python train.py "
+                         f"--out_dir={os.path.dirname(path) or '.'}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holds objects we never save
+        raise ValueError(f"cannot read checkpoint {path} (corrupt or not a loopgpt checkpoint): "
+                         f"{str(e).splitlines()[0]}") from None
+    needed = ("version", "model", "model_config", "iter_num", "data_meta")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+        raise ValueError(f"{path} is not a loopgpt checkpoint (needs keys: {', '.join(needed)})")
+    if ckpt["version"] not in (1, CHECKPOINT_VERSION):
+        raise ValueError(f"{path} has checkpoint version {ckpt['version']}, this code reads versions 1 and "
+                         f"{CHECKPOINT_VERSION}")
+    mc = ckpt["model_config"] if isinstance(ckpt["model_config"], dict) else {}
+    if ckpt["version"] == 1 and (mc.get("routing") == "mor" or (mc.get("injection"), mc.get("block_norm")) == (
+            "concat", "sandwich")):  # these models compute differently now: loading them would mislead
+        what = "MoR routing" if mc.get("routing") == "mor" else "sandwich adapter"
+        raise ValueError(f"{path} was saved by a loopgpt whose {what} did not yet follow its authors' code; "
+                         f"it computes differently now: train it again")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, overrides=None):
+    """Build the model the checkpoint describes (optionally with some config keys changed) and load it."""
+    cfg_dict = dict(ckpt["model_config"])
+    unknown = [k for k in cfg_dict if k not in {f.name for f in fields(LoopGPTConfig)}]
+    if unknown:
+        raise ValueError(f"checkpoint has model config keys this code does not know: {', '.join(unknown)}")
+    cfg_dict.update(overrides or {})
+    try:
+        model = LoopGPT(LoopGPTConfig(**cfg_dict))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"checkpoint does not fit the model config: {str(e).splitlines()[0]}") from None
+    return model
+
+# ---- Muon: the optimizer configure_optimizers builds for the blocks' matrices ----------------
+# Muon (Jordan et al. 2024; used by nanochat and by the FLT paper's training): for each
+# weight matrix, the update is the momentum of its gradient made (nearly) orthogonal, i.e.
+# G = U S V^T is replaced by about U V^T, computed with a few Newton-Schulz iterations
+# instead of an SVD. Every direction of the matrix then moves by the same amount, whatever
+# the gradient's spectrum. Embeddings, the head and vectors are not hidden-layer matrices:
+# they keep AdamW, in the same optimizer object (one state dict for checkpoints).
+# Under DDP the gradients are averaged before step(), and this update is a deterministic
+# function of the gradient and the optimizer state, so every rank computes the same update
+# (the orthogonalisation is repeated on each rank rather than sharded, as nanochat does:
+# simpler, and the cost is small next to a forward and backward pass).
+
+# the quintic's coefficients from Muon: they push every singular value of the normalised
+# matrix into about [0.7, 1.2] in 5 steps (fast, not exactly 1: Muon does not need exact)
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(G, steps=5):
+    """About U V^T for G = U S V^T (2-D), by the quintic Newton-Schulz iteration
+    X <- a X + (b A + c A^2) X, A = X X^T, from X = G / ||G||_F (so that ||X||_2 <= 1)."""
+    a, b, c = NS_COEFFS
+    # bf16 on GPU (as Muon does: fast and good enough); fp32 on CPU, where bf16 is slow
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = X.size(0) > X.size(1)
+    if tall:  # iterate on the short side: A is min(rows, cols) square
+        X = X.T
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.T if tall else X).to(G.dtype)
+
+
+def muon_momentum(step, warmup, start=0.85, end=0.95):
+    """Muon's momentum at `step`: linear from `start` to `end` over `warmup` steps, then
+    `end` (FLT's and nanochat's schedule, warmup 300); warmup 0 = `end` throughout."""
+    frac = min(step / warmup, 1.0) if warmup > 0 else 1.0
+    return (1 - frac) * start + frac * end
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """
+    One optimizer, two rules. Groups with use_muon=True: SGD momentum (Nesterov), the
+    momentum orthogonalised, scaled by sqrt(max(1, rows / cols)) so a tall matrix's
+    update has the RMS of a square one's, decoupled weight decay. Other groups: AdamW.
+    """
+
+    def __init__(self, groups, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, ns_steps=5):
+        super().__init__(groups, dict(lr=0.0, weight_decay=0.0, use_muon=False, betas=betas, eps=eps,
+                                      momentum=momentum, ns_steps=ns_steps))
+        for group in self.param_groups:
+            if group["use_muon"] and any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon updates 2-D weight matrices only")
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                p.mul_(1 - lr * wd)  # decoupled weight decay, as in AdamW
+                if group["use_muon"]:
+                    if not state:
+                        state["momentum"] = torch.zeros_like(p)
+                    # buf <- mu buf + g, update from g + mu buf. FLT's (nanochat's) Muon keeps
+                    # an EMA instead: buf <- lerp(buf, g, 1 - mu), update from lerp(g, buf, mu).
+                    # With mu constant, theirs is (1 - mu) times ours at every step, and
+                    # Newton-Schulz first divides by the norm: the same orthogonalised update.
+                    # (While mu warms up the two differ slightly in how past steps are weighted.)
+                    buf, mu = state["momentum"], group["momentum"]
+                    buf.mul_(mu).add_(p.grad)
+                    update = orthogonalize(p.grad.add(buf, alpha=mu), group["ns_steps"])  # Nesterov
+                    p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                    continue
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                beta1, beta2 = group["betas"]
+                state["step"] += 1
+                t = state["step"].item()
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))

@@ -19,10 +19,9 @@ import time
 
 import torch
 
-from common import (autocast_context, detect_device, fail, load_checkpoint, model_from_checkpoint, parse_args,
-                    print_table)
-from loopgpt import check_fits, parse_exit, parse_schedule
-from tokenizer import load_tokenizer
+from configs import autocast_context, detect_device, fail, parse_args, print_table
+from loopgpt import check_fits, load_checkpoint, model_from_checkpoint, parse_exit, parse_schedule
+from data.tokenizer import load_tokenizer
 
 defaults = dict(
     out_dir="out",
@@ -59,8 +58,11 @@ if args["threads"]:
     # hand-off that outweighs its work, and a busy neighbour core stalls it far more
     torch.set_num_threads(args["threads"])
 
-ckpt = load_checkpoint(f"{args['out_dir']}/ckpt.pt")
-model = model_from_checkpoint(ckpt)
+try:
+    ckpt = load_checkpoint(f"{args['out_dir']}/ckpt.pt")
+    model = model_from_checkpoint(ckpt)
+except ValueError as e:
+    fail(str(e))
 try:
     enc = load_tokenizer(ckpt["data_meta"]["tokenizer"])
 except RuntimeError as e:  # GPT-2's BPE files need a network the first time

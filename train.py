@@ -26,13 +26,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (CHECKPOINT_VERSION, TrainConfig, autocast_context, detect_device, fail, get_lr, gpu_peak_flops,
-                    load_checkpoint, make_dir, model_config_defaults, model_from_checkpoint, parse_args, print_table,
-                    save_checkpoint, train_config_defaults)
-from loopgpt import (LoopGPT, LoopGPTConfig, check_fits, compile_blocks, parse_exit, per_sequence_problem,
-                     sample_short_route)
-from muon import muon_momentum
-from tokenizer import load_tokenizer, token_byte_lengths
+from configs import (TrainConfig, autocast_context, detect_device, fail, get_lr, gpu_peak_flops, make_dir,
+                     model_config_defaults, parse_args, print_table, train_config_defaults)
+from loopgpt import (CHECKPOINT_VERSION, LoopGPT, LoopGPTConfig, check_fits, compile_blocks, load_checkpoint,
+                     model_from_checkpoint, muon_momentum, parse_exit, per_sequence_problem, sample_short_route,
+                     save_checkpoint)
+from data.tokenizer import load_tokenizer, token_byte_lengths
 
 
 # ---- configuration -----------------------------------------------------------------------
@@ -193,7 +192,10 @@ if model_keys["vocab_size"] < enc.n_vocab:
     fail(f"vocab_size={model_keys['vocab_size']} is smaller than the tokenizer's {enc.n_vocab} tokens")
 iter_num, best_val_loss = 0, float("inf")
 if tc.resume:
-    ckpt = load_checkpoint(ckpt_path)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except ValueError as e:
+        fail(str(e))
     if ckpt["data_meta"].get("tokenizer") != meta["tokenizer"]:
         fail(f"{ckpt_path} was trained with another tokenizer than {data_dir} has")
     # the checkpoint's model config wins, except for keys given on the command line (e.g.
@@ -205,7 +207,10 @@ if tc.resume:
     if kept and master:
         print(f"note: the checkpoint's model settings win over configs/{args['config']}.py for: {', '.join(kept)}; "
               f"give --key=value to change them")
-    model = model_from_checkpoint(ckpt, changed)
+    try:
+        model = model_from_checkpoint(ckpt, changed)
+    except ValueError as e:
+        fail(str(e))
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
 else:
     torch.manual_seed(tc.seed)

@@ -1,1 +1,1 @@
-"""Dataset preparation: each data/<name>/prepare.py writes train.bin, val.bin and meta.json into its folder."""
+"""Data: the tokenizer (tokenizer.py), and each data/<name>/prepare.py, which writes train.bin, val.bin and meta.json into its folder."""

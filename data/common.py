@@ -18,7 +18,7 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-from tokenizer import load_tokenizer
+from data.tokenizer import load_tokenizer
 
 BATCH_DOCS = 256  # docs per encode_ordinary_batch call: big enough for tiktoken's threads
 
@@ -126,11 +126,6 @@ def read_text(path):
     if not text.strip():
         raise SystemExit(f"error: {path} holds no text")
     return text
-
-
-def is_prepared(out_dir):
-    """True if out_dir holds a complete dataset (meta.json is written last)."""
-    return all(os.path.exists(os.path.join(out_dir, n)) for n in ("meta.json", "train.bin", "val.bin"))
 
 
 def download(url, path, timeout=30):

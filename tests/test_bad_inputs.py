@@ -7,15 +7,13 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import CHECKPOINT_VERSION, save_checkpoint  # noqa: E402
-from loopgpt import LoopGPT, LoopGPTConfig  # noqa: E402
+from loopgpt import CHECKPOINT_VERSION, LoopGPT, LoopGPTConfig, save_checkpoint  # noqa: E402
 
 RUNNER = r"""
 import contextlib, io, json, runpy, sys, traceback
@@ -74,6 +72,9 @@ def fx(tmp_path_factory):
     (root / "oldeval").mkdir()  # records eval.py and train.py wrote in another version
     (root / "oldeval" / "eval.jsonl").write_text('{"results": {"bpb": 3}}\n["x"]\n')
     (root / "oldeval" / "log.jsonl").write_text('{"type": "eval", "step": 1, "val": {"1": 3}}\n')
+    (root / "oldplot").mkdir()
+    (root / "oldplot" / "eval.jsonl").write_text('{"results": {"bpb": 3}}\n["x"]\n')
+    (root / "oldplot" / "log.jsonl").write_text('{"type": "eval", "step": 1, "val": {"1": {"loss": 3.0}}}\n')
     return root
 
 
@@ -118,13 +119,13 @@ def cases(fx):
         ],
         "eval.py": [
             ([ck, "--budgets=10000000"], "GiB, more than"), ([ck, "--device=foo"], "is not a device"),
-            ([f"--runs={fx / 'badlog'}"], "cannot read"), ([f"--runs={fx / 'oldeval'}"], "no 'bpb' at two budgets"),
+            ([f"--runs={fx / 'badlog'}"], "cannot read"), ([f"--runs={fx / 'oldeval'}"], "another version"),
+            ([f"--runs={fx / 'oldplot'}", f"--plot_file={fx / 'p.png'}"], "no 'bpb' at two budgets"),
             ([ck, "--stride=100000"], "--stride=100000"), ([ck, "--exit=gate:0.9"], "exit_gate=True"),
         ],
-        "compare.py": [([str(fx / "badlog")], "cannot read"), ([str(fx / "oldeval")], "another version")],
         "bench.py": [(["--device=foo"], "is not a device"), (["--seed=-1"], "0 <= seed"),
                      (["--memory_probe=zzz"], "three integers")],
-        "scripts/gpu_check.py": [([f"--out_dir={fx / 'afile'}"], "cannot create"),
+        "tests/gpu_check.py": [([f"--out_dir={fx / 'afile'}"], "cannot create"),
                                  ([f"--out_dir={fx / 'gc'}", "--steps=-1"], "steps >= 0"),
                                  ([f"--out_dir={fx / 'gc'}", "--only=zzz"], "the steps are")],
         "data/pydoc/prepare.py": [(["--vocab_size=10"], "257 to 65535"), ([f"--out_dir={fx / 'afile'}"], "cannot create"),
@@ -137,7 +138,7 @@ def cases(fx):
     }
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py", "eval.py", "compare.py", "bench.py", "scripts/gpu_check.py",
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "eval.py", "bench.py", "tests/gpu_check.py",
                                     "data/pydoc/prepare.py", "data/shakespeare/prepare.py", "data/tasks/prepare.py",
                                     "data/eval/prepare.py"])
 def test_bad_inputs_end_in_one_line(fx, script):

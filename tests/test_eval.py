@@ -20,9 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import eval as ev  # noqa: E402
-from common import CHECKPOINT_VERSION, save_checkpoint  # noqa: E402
-from loopgpt import LoopGPT, LoopGPTConfig  # noqa: E402
-from tokenizer import EOT, SPLIT_PATTERN, load_tokenizer  # noqa: E402
+from loopgpt import CHECKPOINT_VERSION, LoopGPT, LoopGPTConfig, save_checkpoint  # noqa: E402
+from data.tokenizer import EOT, SPLIT_PATTERN, load_tokenizer  # noqa: E402
 
 
 # ---- the budget-sharing forward -------------------------------------------------------------
@@ -308,7 +307,7 @@ def test_cli_under_torchrun_matches_one_process(checkpoint_dir, tmp_path):
     (["--schedule=0.5,0.25"], "--schedule"),
     (["--exit=gate:0.9"], "--exit=gate:0.9"),
     (["--max_per_task=-1"], "max_per_task"),
-    (["--runs=/nonexistent"], "cannot read"),
+    (["--runs=/nonexistent"], "no log.jsonl or eval.jsonl"),
     (["--tasks=wikitext2", "--data_dir=/nonexistent"], "python data/eval/prepare.py"),
     (["--tasks=core", "--data_dir=/nonexistent"], "python data/eval/prepare.py"),
     (["--tasks=bpd", "--data_dir=/nonexistent"], "'bpd' is no built-in task"),

@@ -1,6 +1,6 @@
 """The GPU paths, rehearsed on a CPU: bf16 autocast through training, evaluation and the KV
 cache; the compiled training step under DDP; the fused optimizer; the bf16 peak table; the
-ReLU² backward; MFU's FLOP count; and scripts/gpu_check.py itself, shortened."""
+ReLU² backward; MFU's FLOP count; and tests/gpu_check.py itself, shortened."""
 
 import json
 import os
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import autocast_context, peak_bf16_flops  # noqa: E402
+from configs import autocast_context, peak_bf16_flops  # noqa: E402
 from loopgpt import LoopGPT, LoopGPTConfig, ReLUSquared  # noqa: E402
 from test_train import SMALL, records, run  # noqa: E402
 from test_train import data_dir  # noqa: E402,F401  (the module-scoped prepared corpus)
@@ -162,7 +162,7 @@ def test_gpu_check_rehearsal(tmp_path):
     # at d=64 and a 32-token context, no compilation (test_compiled_training_under_torchrun_
     # matches_eager covers --compile=True; `--device=cpu` alone rehearses everything, slowly)
     out = tmp_path / "check"
-    p = run("scripts/gpu_check.py", f"--out_dir={out}", "--device=cpu", "--compile=False",
+    p = run("tests/gpu_check.py", f"--out_dir={out}", "--device=cpu", "--compile=False",
             "--shrink=--n_embd=64 --n_head=1 --block_size=32")
     result = json.loads((out / "gpu_check.json").read_text())
     looped, plain = result["flt_small eager"], result["plain eager"]
@@ -178,10 +178,10 @@ def test_gpu_check_rehearsal(tmp_path):
     assert result["bf16 vs fp32"]["ok"]
     assert result["eval speed"]["tok_s"] > 0 and result["eval speed"]["sequences"] == 8
     assert "decode B=1, M=12, bf16: cache / no cache" in p.stdout and "Traceback" not in p.stderr
-    p = run("scripts/gpu_check.py", ok=False)
+    p = run("tests/gpu_check.py", ok=False)
     assert "--out_dir=DIR" in p.stderr
     # --only: the named steps, and the flt_small run that decoding needs
-    p = run("scripts/gpu_check.py", f"--out_dir={out}", "--device=cpu", "--compile=False", "--only=decode",
+    p = run("tests/gpu_check.py", f"--out_dir={out}", "--device=cpu", "--compile=False", "--only=decode",
             "--shrink=--n_embd=64 --n_head=1 --block_size=32")
     result = json.loads((out / "gpu_check.json").read_text())
     assert {"flt_small eager", "decode"} <= set(result) and "plain eager" not in result and "bf16 vs fp32" not in result

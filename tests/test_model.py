@@ -370,7 +370,7 @@ def test_injection_matches_design_table(injection):
 
 @pytest.mark.parametrize("injection", ["none", "add"])
 def test_norm_state_is_the_flt_codes_lt_and_lti(injection):
-    # FLT code (Fu et al. 2026): x_0 = wte(idx); loop 1 runs the core on norm(x_0); each
+    # FLT code (the FLT paper, arXiv 2605.18797): x_0 = wte(idx); loop 1 runs the core on norm(x_0); each
     # loop passes on h_t = norm(x_t); LT's loop t > 1 runs on h_{t-1}, LTi's on
     # norm(x_0 + h_{t-1}) with the raw embedding
     model = random_model(injection=injection, n_prelude=0, n_coda=0, softcap=0.0, norm_state=True)

@@ -1,4 +1,4 @@
-"""Muon (muon.py): the Newton-Schulz orthogonalisation against a direct computation from the
+"""Muon (loopgpt.MuonAdamW): the Newton-Schulz orthogonalisation against a direct computation from the
 SVD, one Muon step by hand, the AdamW half against torch's AdamW, the momentum warmup and
 FLT's momentum rule, and the optimizer groups of FLT's recipe."""
 
@@ -10,8 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loopgpt import LoopGPT, LoopGPTConfig  # noqa: E402
-from muon import NS_COEFFS, MuonAdamW, muon_momentum, orthogonalize  # noqa: E402
+from loopgpt import NS_COEFFS, LoopGPT, LoopGPTConfig, MuonAdamW, muon_momentum, orthogonalize  # noqa: E402
 
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
@@ -102,7 +101,7 @@ def test_muon_momentum_warms_up_linearly():
 
 def test_flt_momentum_rule_gives_the_same_update():
     # FLT's (nanochat's) Muon: buf <- lerp(buf, g, 1 - mu), update from lerp(g, buf, mu). With mu
-    # constant that is (1 - mu) times ours, and Newton-Schulz normalises it away (muon.py)
+    # constant that is (1 - mu) times ours, and Newton-Schulz normalises it away (loopgpt.orthogonalize)
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(16, 24))
     opt = MuonAdamW([{"params": [w], "lr": 0.02, "use_muon": True}], momentum=0.9)

@@ -1,4 +1,4 @@
-"""Tests for tokenizer.py: BPE training, the dict format, exact round trips."""
+"""Tests for data/tokenizer.py: BPE training, the dict format, exact round trips."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokenizer import EOT, load_tokenizer, token_byte_lengths, tokenizer_to_dict, train_bpe  # noqa: E402
+from data.tokenizer import EOT, load_tokenizer, token_byte_lengths, tokenizer_to_dict, train_bpe  # noqa: E402
 
 VOCAB = 512
 

@@ -87,7 +87,7 @@ def test_resume_continues_exactly(data_dir, tmp_path, optimizer):
 
 def test_lr_schedule_without_warmup_wsd_to_zero():
     # FLT's schedule: no warmup, constant, then the last 20% linearly to 0 (configs/flt_small.py)
-    from common import TrainConfig, get_lr
+    from configs import TrainConfig, get_lr
     tc = TrainConfig(learning_rate=1.0, min_lr=0.0, warmup_iters=0, lr_schedule="wsd", wsd_decay_frac=0.2,
                      max_iters=100)
     for it, lr in ((0, 1.0), (50, 1.0), (79, 1.0), (80, 1.0), (85, 0.75), (90, 0.5), (99, 0.05), (100, 0.0)):
@@ -186,13 +186,26 @@ def test_sample_budgets_side_by_side(data_dir, tmp_path):
                                          if f.endswith(".py") and not f.startswith("_")))  # _*: shared parts
 def test_every_config_builds_a_model(name):
     # each configs/NAME.py uses only known keys of the right type and makes a valid model
-    from common import model_config_defaults, parse_args, train_config_defaults
+    from configs import model_config_defaults, parse_args, train_config_defaults
     from loopgpt import LoopGPT, LoopGPTConfig
     model_defaults = model_config_defaults()
     values, _ = parse_args(["--config", name], {**train_config_defaults(), **model_defaults})
     with torch.device("meta"):  # shapes only: the GPU configs have up to a billion parameters
         model = LoopGPT(LoopGPTConfig(**{k: values[k] for k in model_defaults}))
     assert model.num_params() > 0 and values["max_iters"] >= 1
+
+
+def test_command_line_forms(capsys):
+    # --key=value, --config NAME, a bare boolean flag (--compile means --compile=True), --help
+    from configs import model_config_defaults, parse_args, train_config_defaults
+    defaults = {**train_config_defaults(), **model_config_defaults()}
+    values, explicit = parse_args(["--config", "tiny", "--compile", "--max_iters=7"], defaults)
+    assert values["compile"] is True and values["max_iters"] == 7 and explicit["compile"] == "command line"
+    with pytest.raises(SystemExit, match="use --max_iters=value"):
+        parse_args(["--max_iters"], defaults)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"], defaults)
+    assert e.value.code == 0 and "--max_iters=" in capsys.readouterr().out
 
 
 LOOPFORMER = ["--config=loopformer_3x8_tiny", "--n_embd=32", "--n_head=2", "--n_core=1", "--n_loops=4",

@@ -1,0 +1,1 @@
+"""FineWeb-Edu (a download): see prepare.py."""

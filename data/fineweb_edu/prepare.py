@@ -18,7 +18,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from data.common import ArgumentParser, download, write_dataset  # noqa: E402
-from tokenizer import load_tokenizer, tokenizer_to_dict  # noqa: E402
+from data.tokenizer import load_tokenizer, tokenizer_to_dict  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"

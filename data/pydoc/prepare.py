@@ -23,7 +23,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from data.common import ArgumentParser, check_vocab_size, write_dataset  # noqa: E402
-from tokenizer import tokenizer_to_dict, train_bpe  # noqa: E402
+from data.tokenizer import tokenizer_to_dict, train_bpe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,0 +1,1 @@
+"""Tiny Shakespeare (a download): see prepare.py."""

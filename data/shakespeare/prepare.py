@@ -20,7 +20,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from data.common import ArgumentParser, check_vocab_size, download, read_text, write_dataset  # noqa: E402
-from tokenizer import load_tokenizer, tokenizer_to_dict, train_bpe  # noqa: E402
+from data.tokenizer import load_tokenizer, tokenizer_to_dict, train_bpe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

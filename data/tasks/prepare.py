@@ -51,7 +51,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from data.common import ArgumentParser, out_folder  # noqa: E402
-from tokenizer import load_tokenizer, tokenizer_to_dict  # noqa: E402
+from data.tokenizer import load_tokenizer, tokenizer_to_dict  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSION = 2  # bumped when a generator changes; train.py then makes the task again

@@ -2,8 +2,8 @@
 The GPU check: one prepared command for a short window on a GPU. Does
 `torchrun train.py --config flt_small` train fast and correctly there?
 
-    python scripts/gpu_check.py --out_dir=DIR                  # one GPU, at most time_limit = 450 s
-    python scripts/gpu_check.py --out_dir=DIR --device=cpu     # the same steps, shortened: a rehearsal
+    python tests/gpu_check.py --out_dir=DIR                  # one GPU, at most time_limit = 450 s
+    python tests/gpu_check.py --out_dir=DIR --device=cpu     # the same steps, shortened: a rehearsal
 
 It needs only PyTorch, numpy, tiktoken and tqdm, and no network: the built-in corpus stands
 in for FineWeb-Edu (the models keep their GPT-2-sized vocabulary, so every matmul has the
@@ -49,9 +49,9 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import (autocast_context, detect_device, fail, gpu_peak_flops, load_checkpoint,  # noqa: E402
-                    make_dir, model_config_defaults, model_from_checkpoint, parse_args, print_table, train_config_defaults)
-from loopgpt import LoopGPT, LoopGPTConfig  # noqa: E402
+from configs import (autocast_context, detect_device, fail, gpu_peak_flops, make_dir, model_config_defaults,  # noqa: E402
+                     parse_args, print_table, train_config_defaults)
+from loopgpt import LoopGPT, LoopGPTConfig, load_checkpoint, model_from_checkpoint  # noqa: E402
 
 BF16_TOLERANCE = 0.01  # |loss_bf16 - loss_fp32| <= 1% of loss_fp32 at every step
 RUNS = ("flt_small compiled", "flt_small eager", "plain compiled", "plain eager", "huginn_small compiled")
@@ -158,7 +158,7 @@ def prepare_data():
         prepare(out_dir=data_dir)
     except ImportError:
         from data.common import write_dataset
-        from tokenizer import tokenizer_to_dict, train_bpe
+        from data.tokenizer import tokenizer_to_dict, train_bpe
         docs = []
         for folder, _, files in sorted(os.walk(ROOT)):
             docs += [open(os.path.join(folder, f), encoding="utf-8").read() for f in sorted(files)

@@ -1,7 +1,8 @@
 """
-What train.py and sample.py share: TrainConfig, nanoGPT-style command-line configuration
-(defaults -> --config NAME -> --key=value), device choice, mixed precision, and checkpoints
-(written atomically, read with weights_only=True, checked before use).
+The command line every script shares: named configs (configs/NAME.py, plain values) and
+TrainConfig, read nanoGPT's way (defaults -> --config NAME -> --key=value); the device and
+the mixed precision they name; one-line errors (fail) and Ctrl-C without a traceback; a
+plain table for the terminal. The model's flags live in loopgpt.LoopGPTConfig.
 """
 
 import difflib
@@ -13,10 +14,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from loopgpt import LoopGPT, LoopGPTConfig
+from loopgpt import LoopGPTConfig
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-CHECKPOINT_VERSION = 2  # 2: MoR and Huginn's sandwich adapter follow their authors' code
+CONFIGS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
@@ -69,7 +69,7 @@ class TrainConfig:
     batch_size: int = 16          # rows per micro-step per process
     grad_accum_steps: int = 1     # global micro-steps per step, split over processes
     # optimizer: adamw, or muon (Muon for the blocks' matrices at muon_lr, AdamW for the rest
-    # at learning_rate; muon.py); warmup then cosine (or warmup-stable-decay) to min_lr, the
+    # at learning_rate; MuonAdamW in loopgpt.py); warmup then cosine (or warmup-stable-decay) to min_lr, the
     # same shape for every group (min_lr / learning_rate is the floor's fraction of each peak)
     optimizer: str = "adamw"
     muon_lr: float = 0.02
@@ -186,6 +186,11 @@ def parse_args(argv, defaults, allow_config=True, default_config=None):
     args = list(argv)
     while args:
         arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            config = "[--config NAME] " if allow_config else ""
+            print(f"usage: python {os.path.basename(sys.argv[0])} {config}[--key=value ...]; the keys and their "
+                  f"defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+            raise SystemExit(0)
         if not arg.startswith("--"):
             fail(f"unexpected argument '{arg}': use --key=value")
         key, eq, val = arg[2:].partition("=")
@@ -195,6 +200,8 @@ def parse_args(argv, defaults, allow_config=True, default_config=None):
                     fail(f"--config needs a name. Available: {', '.join(available_configs())}")
                 val = args.pop(0)
             config_name = val
+        elif not eq and isinstance(defaults.get(key), bool):  # a bare flag: --quick means --quick=True
+            overrides.append((key, "True"))
         elif not eq:
             fail(f"'{arg}': use --{key}=value")
         else:
@@ -287,52 +294,6 @@ def gpu_peak_flops(device):
     """(peak bf16 FLOP/s or None if the card is not in the table, the card's name)."""
     name = torch.cuda.get_device_name(device)
     return peak_bf16_flops(name), name
-
-
-# ---- checkpoints -----------------------------------------------------------------------
-
-def save_checkpoint(obj, path):
-    """Write to a temp file, then rename: a crash mid-write never leaves a torn checkpoint."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}; train one first, e.g.: python train.py --out_dir={os.path.dirname(path) or '.'}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holds objects we never save
-        fail(f"cannot read checkpoint {path} (corrupt or not a loopgpt checkpoint): {str(e).splitlines()[0]}")
-    needed = ("version", "model", "model_config", "iter_num", "data_meta")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
-        fail(f"{path} is not a loopgpt checkpoint (needs keys: {', '.join(needed)})")
-    if ckpt["version"] not in (1, CHECKPOINT_VERSION):
-        fail(f"{path} has checkpoint version {ckpt['version']}, this code reads versions 1 and {CHECKPOINT_VERSION}")
-    mc = ckpt["model_config"] if isinstance(ckpt["model_config"], dict) else {}
-    if ckpt["version"] == 1 and (mc.get("routing") == "mor" or (mc.get("injection"), mc.get("block_norm")) == (
-            "concat", "sandwich")):  # these models compute differently now: loading them would mislead
-        what = "MoR routing" if mc.get("routing") == "mor" else "sandwich adapter"
-        fail(f"{path} was saved by a loopgpt whose {what} did not yet follow its authors' code; "
-             f"it computes differently now: train it again")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, overrides=None):
-    """Build the model the checkpoint describes (optionally with some config keys changed) and load it."""
-    cfg_dict = dict(ckpt["model_config"])
-    valid = model_config_defaults()
-    unknown = [k for k in cfg_dict if k not in valid]
-    if unknown:
-        fail(f"checkpoint has model config keys this code does not know: {', '.join(unknown)}")
-    cfg_dict.update(overrides or {})
-    try:
-        model = LoopGPT(LoopGPTConfig(**cfg_dict))
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, RuntimeError) as e:
-        fail(f"checkpoint does not fit the model config: {str(e).splitlines()[0]}")
-    return model
 
 
 def print_table(rows, header):
