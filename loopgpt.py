@@ -1179,6 +1179,100 @@ class LoopGPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
 
+# ---- uptraining: a looped model initialised from a plain one -----------------------------------
+
+INIT_CORES = ("lower", "stepwise", "average")
+
+
+def unrolled_blocks(model):
+    """The blocks `model` runs at its train budget, in order (prelude, core x n_loops, coda),
+    when that is all it runs: a plain stack, or a loop without injection, norm or modulation
+    between its passes. Otherwise a ValueError: such a model is not a stack of layers."""
+    cfg = model.config
+    looped = cfg.n_loops > 1
+    if looped and (cfg.injection != "none" or cfg.norm_state or cfg.modulation != "none" or cfg.lora_rank
+                   or cfg.state_init != "prelude" or cfg.routing != "none"):
+        raise ValueError("init_from needs a source that is a plain stack of layers: n_loops=1, or a loop with "
+                         "injection='none' and no norm_state, modulation, lora_rank, state_init or routing")
+    return list(model.prelude) + [block for _ in range(cfg.n_loops) for block in model.core] + list(model.coda)
+
+
+def init_from_source(target, source, init_core="average"):
+    """
+    Initialise the looped `target` from the pretrained `source` (both LoopGPT), as Relaxed
+    Recursive Transformers (Bae et al. 2025, arXiv 2410.20672) convert a pretrained model.
+    The source's layers S_0 .. S_{N-1} (unrolled_blocks) are split by the target's shape:
+    the prelude takes the first P, the coda the last C, and the N - P - C between them are
+    replaced by the core's K blocks looped T = (N - P - C) / K times, in order: loop t runs
+    core block j where the source ran S_{P + Kt + j} (Relaxed's CYCLE sharing).
+    init_core, what core block j starts as:
+      lower     S_{P + j}: the first loop's layers, a contiguous block;
+      stepwise  K layers evenly spaced over the replaced ones, the first and the last
+                included (our reading of Relaxed's "Stepwise": layers at fixed intervals);
+      average   the mean of the T layers it stands for, parameter by parameter
+                (Relaxed's "Average").
+    With lora_rank = r (and T = n_loops), loop t's LoRA on q and v starts at the best
+    rank-r approximation of what the shared block misses, the truncated SVD of
+    W(S_{P+Kt+j}) - W(core j) (Relaxed, Eq. 5): B = U_r S_r, A = V_r^T, so each loop's q and
+    v start as close to the layer it replaces as rank r allows (exactly, at full rank).
+    The embedding, the final norm and the head are copied; the target's own extra
+    parameters (an injection's adapter, gates) keep their init. Returns the squared
+    Frobenius error of each LoRA-approximated matrix relative to the matrix it stands for
+    ({name: [relative error per (loop, block)]}), empty without LoRA.
+    """
+    if init_core not in INIT_CORES:
+        raise ValueError(f"init_core={init_core!r} (valid: {', '.join(INIT_CORES)})")
+    cfg = target.config
+    layers = unrolled_blocks(source)
+    P, K, C = cfg.n_prelude, cfg.n_core, cfg.n_coda
+    middle = layers[P:len(layers) - C]
+    if len(middle) < K or len(middle) % K:
+        raise ValueError(f"the source runs {len(layers)} layers: {P} prelude + {C} coda leave {len(middle)} for a "
+                         f"core of {K} blocks, which must be a positive multiple of {K}")
+    T = len(middle) // K
+    if cfg.lora_rank and T != cfg.n_loops:
+        raise ValueError(f"lora_rank needs one loop per group of replaced layers: n_loops={cfg.n_loops}, but the "
+                         f"source's {len(middle)} replaced layers make {T} loops of {K}")
+    shape_keys = ("n_embd", "n_head", "n_kv_head", "mlp", "mlp_ratio", "norm_gains", "qk_norm", "block_norm",
+                  "vocab_size", "tie_embeddings")
+    differ = [f"{k}={getattr(source.config, k)!r} there, {getattr(cfg, k)!r} here" for k in shape_keys
+              if getattr(cfg, k) != getattr(source.config, k)]
+    if differ:
+        raise ValueError(f"the source's layers do not fit this model ({'; '.join(differ)}): keep the source's values")
+    with torch.no_grad():
+        for dst, src in zip(list(target.prelude) + list(target.coda), layers[:P] + layers[len(layers) - C:]):
+            dst.load_state_dict(src.state_dict())
+        for j, block in enumerate(target.core):
+            tied = [middle[K * t + j] for t in range(T)]
+            if init_core == "lower":
+                block.load_state_dict(tied[0].state_dict())
+            elif init_core == "stepwise":
+                block.load_state_dict(middle[round(j * (len(middle) - 1) / max(1, K - 1))].state_dict())
+            else:
+                states = [b.state_dict() for b in tied]
+                block.load_state_dict({k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]})
+        for name in ("wte", "lm_head", "norm_f"):
+            getattr(target, name).load_state_dict(getattr(source, name).state_dict())
+        errors = {}
+        if cfg.lora_rank:
+            r = cfg.lora_rank
+            for which in ("q", "v"):
+                A, B, errs = getattr(target, f"lora_A_{which}"), getattr(target, f"lora_B_{which}"), []
+                for t in range(T):
+                    for j in range(K):
+                        W = getattr(middle[K * t + j].attn, which).weight
+                        R = W - getattr(target.core[j].attn, which).weight
+                        U, S, Vh = torch.linalg.svd(R.float(), full_matrices=False)
+                        k = min(r, S.numel())  # (a rank above the matrix's own leaves zero columns)
+                        B[t, j].zero_()
+                        A[t, j].zero_()
+                        B[t, j, :, :k] = U[:, :k] * S[:k]
+                        A[t, j, :k] = Vh[:k]
+                        errs.append(float((S[r:] ** 2).sum() / W.float().pow(2).sum().clamp_min(1e-30)))
+                errors[f"lora_{which}"] = errs
+    return errors
+
+
 def compile_blocks(model, **kwargs):
     """torch.compile every Block in place (train.py's compile=True). One compiled block
     serves every loop and every budget M: the loop itself is plain Python, so changing M

@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from configs import (TrainConfig, autocast_context, detect_device, fail, get_lr, gpu_peak_flops, make_dir,
                      model_config_defaults, parse_args, print_table, train_config_defaults)
-from loopgpt import (CHECKPOINT_VERSION, LoopGPT, LoopGPTConfig, check_fits, compile_blocks, load_checkpoint,
-                     model_from_checkpoint, muon_momentum, parse_exit, per_sequence_problem, sample_short_route,
-                     save_checkpoint)
+from loopgpt import (CHECKPOINT_VERSION, INIT_CORES, LoopGPT, LoopGPTConfig, check_fits, compile_blocks,
+                     init_from_source, load_checkpoint, model_from_checkpoint, muon_momentum, parse_exit,
+                     per_sequence_problem, sample_short_route, save_checkpoint, unrolled_blocks)
 from data.tokenizer import load_tokenizer, token_byte_lengths
 
 
@@ -186,6 +186,26 @@ def get_batch(split, rng, B, T):
 
 ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
 model_keys = {k: args[k] for k in model_defaults}
+source = None  # uptraining: the pretrained model this run starts from
+if tc.init_from and not tc.resume:
+    if tc.init_core not in INIT_CORES:
+        fail(f"init_core={tc.init_core!r} (valid: {', '.join(INIT_CORES)})")
+    try:
+        source_ckpt = load_checkpoint(os.path.join(tc.init_from, "ckpt.pt"))
+        source = model_from_checkpoint(source_ckpt)
+        source_depth = len(unrolled_blocks(source))
+    except ValueError as e:
+        fail(f"init_from={tc.init_from}: {e}")
+    if source_ckpt["data_meta"].get("tokenizer") != meta["tokenizer"]:
+        fail(f"init_from={tc.init_from} was trained with another tokenizer than {data_dir} has")
+    # the source's model keys unless given here (on the command line, or in a config named
+    # there: the default config's keys do not count); its layers decide the loop count
+    named = any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:])
+    given = {k for k, src in explicit.items() if src == "command line" or named}
+    model_keys.update({k: v for k, v in source_ckpt["model_config"].items() if k not in given})
+    if "n_loops" not in given:
+        replaced = source_depth - model_keys["n_prelude"] - model_keys["n_coda"]
+        model_keys["n_loops"] = max(1, replaced // max(1, model_keys["n_core"]))
 if "vocab_size" not in explicit:  # from the data, padded up to a multiple of 64 for fast matmuls
     model_keys["vocab_size"] = (enc.n_vocab + 63) // 64 * 64
 if model_keys["vocab_size"] < enc.n_vocab:
@@ -218,6 +238,18 @@ else:
         model = LoopGPT(LoopGPTConfig(**model_keys))
     except ValueError as e:
         fail(str(e))
+    if source is not None:
+        try:
+            lora_errors = init_from_source(model, source, tc.init_core)
+        except ValueError as e:
+            fail(f"init_from={tc.init_from}: {e}")
+        if master:
+            c = model.config
+            print(f"initialised from {tc.init_from}/ckpt.pt ({source_depth} layers, trained "
+                  f"{source_ckpt['iter_num']} steps): {c.n_prelude} + {c.n_core}⊗{c.n_loops} + {c.n_coda}, core from "
+                  f"init_core={tc.init_core}" + "".join(f"; {k} from SVD, mean relative error {sum(v) / len(v):.3g}"
+                                                        for k, v in lora_errors.items()))
+        del source
 cfg = model.config
 if cfg.tie_embeddings and tc.embedding_lr:
     fail("tie_embeddings=True: wte is lm_head, one matrix trained at head_lr; embedding_lr would be ignored")
@@ -535,6 +567,12 @@ if tc.eval_only:
         dist.destroy_process_group()
     sys.exit(0)
 
+if tc.init_from and not tc.resume:  # what the conversion alone gives, before any uptraining
+    res, rms, _ = evaluate()
+    log("step 0 (converted, before training) | val loss (bpb): "
+        + "  ".join(f"M={M} {r['loss']:.3f} ({r['bpb']:.3f})" for M, r in res.items()))
+    write_jsonl({"type": "eval", "step": 0, "train_loss": None, "val": {str(M): r for M, r in res.items()},
+                 "residual_rms": rms, "converted_from": tc.init_from})
 pbar = tqdm(total=tc.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc="train")
 t_start = time.time()
 tok_per_s = None

@@ -37,6 +37,11 @@ class TrainConfig:
     log_interval: int = 10
     always_save_checkpoint: bool = True
     resume: bool = False
+    # uptraining (loopgpt.init_from_source): start from the checkpoint in this out_dir, a plain
+    # stack (or a loop without injection), its layers split into this run's prelude, core and
+    # coda; model keys not given here are the source's, n_loops = the replaced layers / n_core
+    init_from: str = ""
+    init_core: str = "average"    # what each core block starts as: lower | stepwise | average
     seed: int = 1337
     # objective: final = CE at the train budget; shortcut = LoopFormer's shortcut-consistency
     # (a random short route as a second forward); prefix = the early-exit baselines' short
