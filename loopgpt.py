@@ -1057,7 +1057,7 @@ class LoopGPT(nn.Module):
         """
         cfg, kind, threshold = self.config, exit[0], exit[1]
         B, pos, M = idx.size(0), cache.pos, len(steps)
-        rope = (self.rope_cos[pos:pos + 1], self.rope_sin[pos:pos + 1])
+        rope = (cache.rows(self.rope_cos, 1), cache.rows(self.rope_sin, 1))
         e, h = self.loop_input(idx, rope, cache)
         x = h  # the latent exit compares loop 1 with h_0 (Huginn code)
         first, coda_slot = cfg.n_prelude, cfg.n_prelude + cfg.n_core * M
