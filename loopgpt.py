@@ -25,7 +25,7 @@ equations):
   here (forward's docstring, per_step_loss), not in train.py: each reads loop states that
   only the trunk has, and one place keeps each equation beside its citation.
 - generate / decode_with_exit: KV-cached generation and per-token early exit.
-- configure_optimizers and, at the end, Muon; the checkpoint format (save / load).
+- configure_optimizer and, at the end, Muon; the checkpoint format (save / load).
 """
 
 import math
@@ -1426,7 +1426,7 @@ def model_from_checkpoint(ckpt, overrides=None):
         raise ValueError(f"checkpoint does not fit the model config: {str(e).splitlines()[0]}") from None
     return model
 
-# ---- Muon: the optimizer configure_optimizers builds for the blocks' matrices ----------------
+# ---- Muon: the optimizer configure_optimizer builds for the blocks' matrices ----------------
 # Muon (Jordan et al. 2024; used by nanochat and by the FLT paper's training): for each
 # weight matrix, the update is the momentum of its gradient made (nearly) orthogonal, i.e.
 # G = U S V^T is replaced by about U V^T, computed with a few Newton-Schulz iterations
