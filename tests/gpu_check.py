@@ -17,7 +17,8 @@ with enough of time_limit left is skipped, and a run still going at the deadline
    flt_small's depth (6 x 12 = 72 blocks, the same FLOPs) compiled, for the looped / plain step
    time ratio; huginn_small compiled (sampled depth, truncated backprop, the adapter, a random
    initial state). Tokens/s, MFU against the bf16 peak, peak memory, first and last loss. A
-   run that runs out of memory is retried at half the batch.
+   run that runs out of memory is retried at half the batch. Then the step breakdown:
+   forward + backward and the optimizer step timed apart, looped against plain, in-process.
 3. decoding with the trained flt_small in bf16 at B=1 and B=8: the KV cache replayed as a
    CUDA graph, the same cache launched eagerly, no cache: tokens/s; whether cached and
    uncached greedy tokens agree (in fp32), and how far the cache's logits are from the full
@@ -55,7 +56,8 @@ from loopgpt import LoopGPT, LoopGPTConfig, load_checkpoint, model_from_checkpoi
 
 BF16_TOLERANCE = 0.01  # |loss_bf16 - loss_fp32| <= 1% of loss_fp32 at every step
 RUNS = ("flt_small compiled", "flt_small eager", "plain compiled", "plain eager", "huginn_small compiled")
-STEPS = ("flt_small compiled", "flt_small eager", "plain", "decode", "eval speed", "bf16 vs fp32", "huginn_small compiled")
+STEPS = ("flt_small compiled", "flt_small eager", "plain", "step breakdown", "decode", "eval speed", "bf16 vs fp32",
+         "huginn_small compiled")
 
 args, _ = parse_args(sys.argv[1:], {
     "out_dir": "",        # where gpu_check.json and gpu_check.log go
@@ -234,6 +236,49 @@ def train(name, config, *extra, cap_s=240):
             "checkpoint": os.path.join(out, "ckpt.pt")}
 
 
+def step_breakdown():
+    """Where a training step's time goes: forward + backward and the optimizer step timed
+    apart, flt_small (6 blocks x 12 loops) against the plain 72-block stack of the same FLOPs,
+    in this process (compiled blocks, bf16, Muon as flt_small trains, half of its batch)."""
+    from loopgpt import compile_blocks
+    flt = settings("flt_small", shrink)
+    B, T = max(1, flt["batch_size"] // 2), flt["block_size"]
+    model_keys = {k: flt[k] for k in model_config_defaults()}
+    depth = flt["n_prelude"] + flt["n_core"] * flt["n_loops"] + flt["n_coda"]
+    out = {"batch_size": B, "block_size": T}
+    x, y = (torch.randint(0, flt["vocab_size"], (B, T), device=device) for _ in range(2))
+    bf16, _ = autocast_context(device, "bfloat16")
+    for name, keys in (("looped", {}), ("plain", dict(n_core=depth, n_prelude=0, n_coda=0, n_loops=1, injection="none"))):
+        torch.manual_seed(0)
+        model = LoopGPT(LoopGPTConfig(**{**model_keys, **keys})).to(device)
+        if args["compile"]:
+            compile_blocks(model)
+        opt = model.configure_optimizer(flt["weight_decay"], flt["learning_rate"], (flt["beta1"], flt["beta2"]),
+                                        flt["optimizer"], flt["muon_lr"], flt["embedding_lr"], flt["head_lr"],
+                                        flt["adam_eps"])
+
+        def fwd_bwd():
+            with bf16:
+                loss = model(x, y)[1]
+            loss.backward()
+
+        def timed(fn, n=5 if gpu else 1):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            return 1000 * (time.perf_counter() - t0) / n
+        for _ in range(3 if gpu else 1):  # warm-up: compilation, allocator, optimizer state
+            fwd_bwd()
+            opt.step()
+        out[f"{name}_fwd_bwd_ms"], out[f"{name}_opt_step_ms"] = timed(fwd_bwd), timed(opt.step)
+        out[f"{name}_muon_matrices"] = sum(len(g["params"]) for g in opt.param_groups if g.get("use_muon"))
+        del model, opt
+    out["plain_over_looped_fwd_bwd"] = out["plain_fwd_bwd_ms"] / out["looped_fwd_bwd_ms"]
+    return out
+
+
 # ---- 3. decoding ---------------------------------------------------------------------------
 
 def decode():
@@ -350,6 +395,7 @@ if args["compile"]:
     step("plain compiled", lambda: train("plain compiled", "flt_small", "--compile=True", *plain))
 else:
     step("plain eager", lambda: train("plain eager", "flt_small", "--compile=False", *plain), need_s=40)
+step("step breakdown", step_breakdown, need_s=60)
 step("decode", decode, need_s=30)
 step("eval speed", eval_speed, need_s=30)
 step("bf16 vs fp32", bf16_vs_fp32, need_s=60)
@@ -406,6 +452,13 @@ for B in (1, 8):
         if f"B{B}_graph_tok_s" in d:
             check(f"decode B={B}: CUDA graph / eager cache", f"{d[f'B{B}_graph_tok_s'] / d[f'B{B}_cache_tok_s']:.1f}x "
                   f"({d[f'B{B}_cache_tok_s']:,.0f} tok/s eager)")
+b = results.get("step breakdown", {})
+if "plain_over_looped_fwd_bwd" in b:
+    ratio = b["plain_over_looped_fwd_bwd"]
+    check("forward + backward, plain / looped (same FLOPs)", f"{ratio:.3f} ({b['plain_fwd_bwd_ms']:.0f} / "
+          f"{b['looped_fwd_bwd_ms']:.0f} ms)", ">= 0.95", ratio >= 0.95)
+    check("optimizer step, plain / looped (Muon matrices)", f"{b['plain_opt_step_ms']:.0f} / {b['looped_opt_step_ms']:.0f}"
+          f" ms ({b['plain_muon_matrices']} / {b['looped_muon_matrices']})")
 if "fp32_first_difference" in d:
     first = d["fp32_first_difference"]
     check(f"decode B=8, fp32: cached greedy tokens = uncached ({d['fp32_greedy_tokens']})",
@@ -422,7 +475,7 @@ e = results.get("eval speed", {})
 if "tok_s" in e:
     check("eval.py at budgets 1,3,6,9,12 (one pass), bf16", f"{e['tok_s']:,.0f} tok/s; CORE ~{e['core_estimate_s'] / 60:.0f}"
           f" min (estimate)")
-for name in ("decode", "eval speed", "bf16 vs fp32"):
+for name in ("step breakdown", "decode", "eval speed", "bf16 vs fp32"):
     if "error" in results.get(name, {}) or "skipped" in results.get(name, {}):
         check(name, results[name].get("error") or results[name]["skipped"], ok=False)
 save()

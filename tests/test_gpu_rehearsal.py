@@ -176,6 +176,8 @@ def test_gpu_check_rehearsal(tmp_path):
     assert d["B1_cache_tok_s"] > 0 and d["B8_no_cache_tok_s"] > 0 and "B1_graph_tok_s" not in d  # no graphs on a CPU
     assert d["cache_logits_max_abs_diff_fp32"] < 1e-3
     assert result["bf16 vs fp32"]["ok"]
+    b = result["step breakdown"]  # forward + backward and the optimizer timed apart, looped and plain
+    assert (b["looped_muon_matrices"], b["plain_muon_matrices"]) == (36, 432) and b["plain_over_looped_fwd_bwd"] > 0
     assert result["eval speed"]["tok_s"] > 0 and result["eval speed"]["sequences"] == 8
     assert "decode B=1, M=12, bf16: cache / no cache" in p.stdout and "Traceback" not in p.stderr
     p = run("tests/gpu_check.py", ok=False)
