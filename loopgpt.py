@@ -63,6 +63,9 @@ class LoopGPTConfig:
     norm_state: bool = False   # pass h_t = norm(x_t) between loops, LTi adds the raw embedding (FLT code)
     block_norm: str = "pre"    # one of BLOCK_NORMS
     norm_gains: bool = False   # learnable RMSNorm gains (init 1) in the blocks and the final norm
+    norm_eps: float = 0.0      # the blocks' and final RMSNorm's epsilon; 0 = torch's (the dtype's eps)
+    embed_norm: bool = True    # norm the token embedding before the first block (nanochat; Llama does not)
+    qkv_bias: bool = False     # biases on q, k, v (Qwen2); the output projections never have one
     qk_norm: bool = True       # RMSNorm on queries and keys after RoPE (nanochat, FLT, Parcae)
     window_pattern: str = "L"  # FLT's sliding windows: per core layer, tiled, L = full, S = block_size // 4
     init: str = "nanochat"     # one of INITS: the weights' initial scales (see init_weights)
@@ -106,9 +109,9 @@ class LoopGPTConfig:
         if min(self.vocab_size, self.block_size, self.n_embd, self.n_head, self.n_kv_head) < 1:
             problems.append("need vocab_size, block_size, n_embd, n_head and n_kv_head >= 1")
             raise ValueError("invalid LoopGPTConfig: " + "; ".join(problems))
-        if not (self.rope_base > 0 and self.softcap >= 0 and self.router_scale >= 0):
-            problems.append(f"need rope_base > 0, softcap >= 0 (0 = off) and router_scale >= 0, got "
-                            f"{self.rope_base}, {self.softcap}, {self.router_scale}")
+        if not (self.rope_base > 0 and self.softcap >= 0 and self.router_scale >= 0 and self.norm_eps >= 0):
+            problems.append(f"need rope_base > 0, softcap >= 0 (0 = off), router_scale >= 0 and norm_eps >= 0, got "
+                            f"{self.rope_base}, {self.softcap}, {self.router_scale}, {self.norm_eps}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             problems.append(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size")
         if self.n_head % self.n_kv_head:
@@ -131,12 +134,13 @@ class RMSNorm(nn.Module):
     """norm(x), times a learnable gain g (init 1) with norm_gains (Huginn, Parcae, Ouro and
     LoopFormer learn them; nanochat and FLT do not). Without gains it holds no parameters."""
 
-    def __init__(self, d, gain):
+    def __init__(self, d, gain, eps=0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d)) if gain else None
+        self.eps = eps or None  # None: torch's default, the dtype's machine epsilon
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight)
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
 def rotary_table(seq_len, head_dim, base):
@@ -254,9 +258,9 @@ class Attention(nn.Module):
         self.window = window  # > 0: each query sees itself and the window - 1 keys before it
         self.n_head, self.n_kv_head, self.qk_norm = cfg.n_head, cfg.n_kv_head, cfg.qk_norm
         self.head_dim = cfg.n_embd // cfg.n_head
-        self.q = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=False)
-        self.k = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.q = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x, rope, cache=None, slot=0, xq=None, lora=None, key_mask=None):
@@ -350,9 +354,10 @@ class Block(nn.Module):
         self.sandwich = cfg.block_norm == "sandwich"
         # pre-norm: norm_1 before attention, norm_2 before the MLP; sandwich (Huginn) also
         # norms the stream after each residual add: norm_3 after attention, norm_4 after the MLP
-        self.norm_1, self.norm_2 = RMSNorm(cfg.n_embd, cfg.norm_gains), RMSNorm(cfg.n_embd, cfg.norm_gains)
+        d, gain, eps = cfg.n_embd, cfg.norm_gains, cfg.norm_eps
+        self.norm_1, self.norm_2 = RMSNorm(d, gain, eps), RMSNorm(d, gain, eps)
         if self.sandwich:
-            self.norm_3, self.norm_4 = RMSNorm(cfg.n_embd, cfg.norm_gains), RMSNorm(cfg.n_embd, cfg.norm_gains)
+            self.norm_3, self.norm_4 = RMSNorm(d, gain, eps), RMSNorm(d, gain, eps)
         if modulated:
             # adaLN-Zero without shift (LoopFormer): SiLU(c) -> gates and norm scales for
             # both sub-layers. Zero-initialised (init_weights), so at init the block is the
@@ -403,7 +408,7 @@ class LoopGPT(nn.Module):
         windows = [short if pattern[j % len(pattern)] == "S" and j < cfg.n_core - 1 else 0 for j in range(cfg.n_core)]
         self.core = nn.ModuleList(Block(cfg, modulated, w) for w in windows)  # looped, weight-tied
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
-        self.norm_f = RMSNorm(d, cfg.norm_gains)  # the final norm, before the head
+        self.norm_f = RMSNorm(d, cfg.norm_gains, cfg.norm_eps)  # the final norm, before the head
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.injection == "concat":  # Huginn's adapter W_a: [h; e] (2d) -> d
             self.adapter = nn.Linear(2 * d, d, bias=False)
@@ -494,6 +499,10 @@ class LoopGPT(nn.Module):
             std = 0.02 if cfg.init == "loopformer" else small
             nn.init.normal_(self.wte.weight, std=std)
             nn.init.normal_(self.lm_head.weight, std=std)
+        for block in (*self.prelude, *self.core, *self.coda):  # qkv_bias: biases start at zero
+            for lin in (block.attn.q, block.attn.k, block.attn.v):
+                if lin.bias is not None:
+                    lin.bias.zero_()
         if cfg.lora_rank:
             nn.init.normal_(self.lora_A_q, std=cfg.n_embd ** -0.5)
             nn.init.normal_(self.lora_A_v, std=cfg.n_embd ** -0.5)
@@ -741,7 +750,7 @@ class LoopGPT(nn.Module):
     def loop_input(self, idx, rope, cache):
         """Embedding and prelude: returns the loop input e and the initial state h_0."""
         emb = self.wte(idx)
-        x = norm(emb)
+        x = norm(emb) if self.config.embed_norm else emb
         for slot, block in enumerate(self.prelude):
             x = block(x, rope, cache, slot)
         if not self.config.norm_state:

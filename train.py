@@ -31,6 +31,7 @@ from configs import (TrainConfig, autocast_context, detect_device, fail, get_lr,
 from loopgpt import (CHECKPOINT_VERSION, INIT_CORES, LoopGPT, LoopGPTConfig, check_fits, compile_blocks,
                      init_from_source, load_checkpoint, model_from_checkpoint, muon_momentum, parse_exit,
                      per_sequence_problem, sample_short_route, save_checkpoint, unrolled_blocks)
+from data.huggingface import load_model as load_hf_model
 from data.tokenizer import load_tokenizer, token_byte_lengths
 
 
@@ -191,13 +192,22 @@ if tc.init_from and not tc.resume:
     if tc.init_core not in INIT_CORES:
         fail(f"init_core={tc.init_core!r} (valid: {', '.join(INIT_CORES)})")
     try:
-        source_ckpt = load_checkpoint(os.path.join(tc.init_from, "ckpt.pt"))
-        source = model_from_checkpoint(source_ckpt)
+        if tc.init_from.startswith("hf:"):  # a Hugging Face Llama-family checkpoint (data/huggingface.py)
+            hf_keys, hf_weights, hf_tokenizer = load_hf_model(tc.init_from[3:])
+            source = LoopGPT(LoopGPTConfig(**hf_keys))
+            source.load_state_dict(hf_weights)
+            del hf_weights
+            source_ckpt = {"model_config": hf_keys, "data_meta": {"tokenizer": hf_tokenizer}, "iter_num": None}
+        else:
+            source_ckpt = load_checkpoint(os.path.join(tc.init_from, "ckpt.pt"))
+            source = model_from_checkpoint(source_ckpt)
         source_depth = len(unrolled_blocks(source))
     except ValueError as e:
         fail(f"init_from={tc.init_from}: {e}")
     if source_ckpt["data_meta"].get("tokenizer") != meta["tokenizer"]:
-        fail(f"init_from={tc.init_from} was trained with another tokenizer than {data_dir} has")
+        fail(f"init_from={tc.init_from} was trained with another tokenizer than {data_dir} has" +
+             (f"; tokenize the data with it: python data/{tc.dataset}/prepare.py --tokenizer={tc.init_from} "
+              f"--out_dir=DIR, then --data_dir=DIR" if tc.init_from.startswith("hf:") else ""))
     # the source's model keys unless given here (on the command line, or in a config named
     # there: the default config's keys do not count); its layers decide the loop count
     named = any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:])
@@ -206,7 +216,7 @@ if tc.init_from and not tc.resume:
     if "n_loops" not in given:
         replaced = source_depth - model_keys["n_prelude"] - model_keys["n_coda"]
         model_keys["n_loops"] = max(1, replaced // max(1, model_keys["n_core"]))
-if "vocab_size" not in explicit:  # from the data, padded up to a multiple of 64 for fast matmuls
+if "vocab_size" not in explicit and source is None:  # from the data, padded to a multiple of 64 for fast matmuls
     model_keys["vocab_size"] = (enc.n_vocab + 63) // 64 * 64
 if model_keys["vocab_size"] < enc.n_vocab:
     fail(f"vocab_size={model_keys['vocab_size']} is smaller than the tokenizer's {enc.n_vocab} tokens")
@@ -245,8 +255,9 @@ else:
             fail(f"init_from={tc.init_from}: {e}")
         if master:
             c = model.config
-            print(f"initialised from {tc.init_from}/ckpt.pt ({source_depth} layers, trained "
-                  f"{source_ckpt['iter_num']} steps): {c.n_prelude} + {c.n_core}⊗{c.n_loops} + {c.n_coda}, core from "
+            trained = "" if source_ckpt["iter_num"] is None else f", trained {source_ckpt['iter_num']} steps"
+            print(f"initialised from {tc.init_from}{'' if tc.init_from.startswith('hf:') else '/ckpt.pt'} "
+                  f"({source_depth} layers{trained}): {c.n_prelude} + {c.n_core}⊗{c.n_loops} + {c.n_coda}, core from "
                   f"init_core={tc.init_core}" + "".join(f"; {k} from SVD, mean relative error {sum(v) / len(v):.3g}"
                                                         for k, v in lora_errors.items()))
         del source
@@ -330,7 +341,7 @@ if master:
             f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {enc.n_vocab}")
     print(f"data: {data_dir} ({what}) | "
           f"device {device} x{world}, {dtype} | {tokens_per_step:,} tokens/step | "
-          f"{'resuming at step ' + str(iter_num) if tc.resume else 'from scratch'}")
+          f"{'resuming at step ' + str(iter_num) if tc.resume else 'from ' + tc.init_from if tc.init_from else 'from scratch'}")
 
 
 def sample_depth(step, m):

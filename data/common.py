@@ -116,6 +116,16 @@ def check_vocab_size(n):
                          "document token, and merges; the token files are uint16)")
 
 
+def hf_tokenizer(arg):
+    """--tokenizer=hf:NAME: the Hugging Face model NAME's byte-level BPE (data/huggingface.py),
+    so a model converted with train.py --init_from=hf:NAME reads tokens it knows."""
+    from data.huggingface import load_tokenizer_dict  # (imports this module)
+    try:
+        return load_tokenizer_dict(arg[3:])
+    except ValueError as e:
+        raise SystemExit(f"error: --tokenizer={arg}: {e}") from None
+
+
 def read_text(path):
     """A local text file (UTF-8), or stop with one line."""
     try:
@@ -128,12 +138,15 @@ def read_text(path):
     return text
 
 
-def download(url, path, timeout=30):
-    """Stream url to path (temp file + rename). Offline: SystemExit with one line."""
+def download(url, path, timeout=30, headers=None, missing_ok=False):
+    """Stream url to path (temp file + rename). Offline: SystemExit with one line.
+    missing_ok: a file the server does not have (HTTP 404, or no such local file for
+    file:// URLs) returns None instead."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".part"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=timeout) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path),
                       file=sys.stderr) as bar:
@@ -142,6 +155,8 @@ def download(url, path, timeout=30):
                     bar.update(len(chunk))
         os.replace(tmp, path)
     except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors
+        if missing_ok and (getattr(e, "code", None) == 404 or isinstance(getattr(e, "reason", None), FileNotFoundError)):
+            return None
         reason = (str(getattr(e, "reason", None) or e).splitlines() or ["?"])[0]
         raise SystemExit(f"error: could not download {url} (no network?): {reason}") from None
     finally:  # an error or Ctrl-C leaves no partial file behind

@@ -9,6 +9,8 @@ are loaded with `torch.load(weights_only=True)`:
 
     {"kind": "bpe", "name": ..., "pattern": ..., "ranks": [hex, ...], "eot": EOT}
     {"kind": "gpt2"}
+    {"kind": "hf", "name": ..., "pattern": ..., "ranks": [hex or None, ...], "specials": {text: id}, "eot": ...}
+        (a Hugging Face byte-level BPE, made by data/huggingface.py; None marks a special token's id)
 
 Token ids: 0..255 are the single bytes, then the merges in the order they were
 learned, and the one special token EOT comes last (id = vocab_size - 1).
@@ -141,6 +143,14 @@ def tokenizer_to_dict(ranks=None, name="bpe", pattern=SPLIT_PATTERN):
             "ranks": [b.hex() for b, _ in by_id], "eot": EOT}
 
 
+class HFEncoding(tiktoken.Encoding):
+    """A Hugging Face tokenizer's document token need not be called <|endoftext|>."""
+
+    @property
+    def eot_token(self):
+        return self.eot
+
+
 def load_tokenizer(d):
     """Build a tiktoken.Encoding from a dict made by tokenizer_to_dict."""
     if d["kind"] == "gpt2":
@@ -150,6 +160,11 @@ def load_tokenizer(d):
             reason = (str(e).splitlines() or [type(e).__name__])[0]
             raise RuntimeError("the GPT-2 BPE files could not be loaded (tiktoken needs "
                                f"a network the first time to download them): {reason}") from None
+    if d["kind"] == "hf":
+        ranks = {bytes.fromhex(h): i for i, h in enumerate(d["ranks"]) if h is not None}
+        enc = HFEncoding(name=d["name"], pat_str=d["pattern"], mergeable_ranks=ranks, special_tokens=d["specials"])
+        enc.eot = d["specials"][d["eot"]]
+        return enc
     if d["kind"] != "bpe":
         raise ValueError(f"unknown tokenizer kind {d['kind']!r}")
     ranks = {bytes.fromhex(h): i for i, h in enumerate(d["ranks"])}

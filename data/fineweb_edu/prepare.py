@@ -4,9 +4,10 @@ FineWeb-Edu, from karpathy's pre-shuffled parquet shards on the Hugging Face hub
 
 --num_shards=N downloads shards 0..N-1 for train plus one fixed shard for val
 (the last one of the dataset, so val stays the same whatever N is), reads
-their `text` column, tokenizes with GPT-2's BPE and writes the bins.
+their `text` column, tokenizes with GPT-2's BPE (or --tokenizer=hf:NAME, a Hugging Face
+model's, for uptraining it) and writes the bins.
 
-    python data/fineweb_edu/prepare.py [--num_shards=1] [--out_dir=DIR]
+    python data/fineweb_edu/prepare.py [--num_shards=1] [--out_dir=DIR] [--tokenizer=hf:NAME]
 """
 
 import os
@@ -17,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from data.common import ArgumentParser, download, write_dataset  # noqa: E402
+from data.common import ArgumentParser, download, hf_tokenizer, write_dataset  # noqa: E402
 from data.tokenizer import load_tokenizer, tokenizer_to_dict  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,17 +59,23 @@ def write_docs(train_docs, val_docs, out_dir, tok=None, source_meta=None):
     return meta
 
 
-def prepare(num_shards=1, out_dir=None):
-    """Download shards 0..num_shards-1 (+ the val shard) and build the dataset; returns out_dir."""
+def prepare(num_shards=1, out_dir=None, tokenizer="gpt2"):
+    """Download shards 0..num_shards-1 (+ the val shard) and build the dataset; returns out_dir.
+    tokenizer: "gpt2" or "hf:NAME" (a Hugging Face model's byte-level BPE)."""
     out_dir = out_dir or HERE
     if not 0 < num_shards <= VAL_SHARD:
         raise SystemExit(f"error: --num_shards must be in 1..{VAL_SHARD}, got {num_shards}")
     require_pyarrow()  # fail before any download
-    tok = tokenizer_to_dict(None)
-    try:
-        load_tokenizer(tok)
-    except RuntimeError as e:
-        raise SystemExit(f"error: {e}") from None
+    if tokenizer.startswith("hf:"):
+        tok = hf_tokenizer(tokenizer)
+    elif tokenizer == "gpt2":
+        tok = tokenizer_to_dict(None)
+        try:
+            load_tokenizer(tok)
+        except RuntimeError as e:
+            raise SystemExit(f"error: {e}") from None
+    else:
+        raise SystemExit(f"error: unknown --tokenizer={tokenizer} (use gpt2 or hf:NAME)")
     ids = list(range(num_shards)) + [VAL_SHARD]
     paths = {}
     for i in ids:
@@ -85,8 +92,9 @@ def main(argv=None):
     parser = ArgumentParser(description="prepare FineWeb-Edu shards")
     parser.add_argument("--num_shards", type=int, default=1, help="train shards (+1 val shard)")
     parser.add_argument("--out_dir", default=None, help="default: data/fineweb_edu/")
+    parser.add_argument("--tokenizer", default="gpt2", help="gpt2 or hf:NAME (a Hugging Face model's byte-level BPE)")
     args = parser.parse_args(argv)
-    return prepare(args.num_shards, args.out_dir)
+    return prepare(args.num_shards, args.out_dir, args.tokenizer)
 
 
 if __name__ == "__main__":

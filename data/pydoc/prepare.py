@@ -6,7 +6,7 @@ Documents are taken in sorted-key order and split 90/10 by document (~10% of
 the bytes in val). A byte-level BPE tokenizer is trained on the train docs only,
 then train.bin / val.bin / meta.json are written next to this file.
 
-    python data/pydoc/prepare.py [--vocab_size=2048] [--out_dir=DIR]
+    python data/pydoc/prepare.py [--vocab_size=2048] [--out_dir=DIR] [--tokenizer=hf:NAME]
 or
     from data.pydoc.prepare import prepare; prepare()
 """
@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from data.common import ArgumentParser, check_vocab_size, write_dataset  # noqa: E402
+from data.common import ArgumentParser, check_vocab_size, hf_tokenizer, write_dataset  # noqa: E402
 from data.tokenizer import tokenizer_to_dict, train_bpe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,8 +62,9 @@ def split_docs(docs, val_frac=0.1, seed=1337):
     return [i for i in range(len(docs)) if i not in val_set], sorted(val)
 
 
-def prepare(out_dir=None, vocab_size=2048):
-    """Build the pydoc dataset into out_dir (default: this folder); returns out_dir."""
+def prepare(out_dir=None, vocab_size=2048, tokenizer="bpe"):
+    """Build the pydoc dataset into out_dir (default: this folder); returns out_dir.
+    tokenizer: "bpe" (trained here on the train docs) or "hf:NAME" (a Hugging Face model's)."""
     out_dir = out_dir or HERE
     t0 = time.time()
     names, docs = load_corpus()
@@ -76,11 +77,13 @@ def prepare(out_dir=None, vocab_size=2048):
     print(f"pydoc corpus: {len(docs)} docs, {n_bytes:,} bytes, sha256 {corpus_sha[:12]}; "
           f"val: {len(val_docs)} docs, {val_bytes / n_bytes:.1%} of bytes")
 
-    t1 = time.time()
-    ranks = train_bpe(train_docs, vocab_size)
-    print(f"trained BPE (vocab {vocab_size}) on train docs in {time.time() - t1:.1f}s")
-
-    tok = tokenizer_to_dict(ranks, name=f"pydoc-bpe-{vocab_size}")
+    if tokenizer.startswith("hf:"):
+        tok = hf_tokenizer(tokenizer)
+    else:
+        t1 = time.time()
+        ranks = train_bpe(train_docs, vocab_size)
+        print(f"trained BPE (vocab {vocab_size}) on train docs in {time.time() - t1:.1f}s")
+        tok = tokenizer_to_dict(ranks, name=f"pydoc-bpe-{vocab_size}")
     meta = write_dataset(out_dir, train_docs, val_docs, tok, {
         "source": "pydoc_data.topics",
         "corpus_sha256": corpus_sha,
@@ -97,9 +100,12 @@ def main(argv=None):
     parser = ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--vocab_size", type=int, default=2048)
     parser.add_argument("--out_dir", default=None, help="default: data/pydoc/")
+    parser.add_argument("--tokenizer", default="bpe", help="bpe (trained here) or hf:NAME (a Hugging Face model's)")
     args = parser.parse_args(argv)
+    if args.tokenizer != "bpe" and not args.tokenizer.startswith("hf:"):
+        raise SystemExit(f"error: unknown --tokenizer={args.tokenizer} (use bpe or hf:NAME)")
     check_vocab_size(args.vocab_size)
-    prepare(out_dir=args.out_dir, vocab_size=args.vocab_size)
+    prepare(out_dir=args.out_dir, vocab_size=args.vocab_size, tokenizer=args.tokenizer)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ The text is split 90/10 by characters, cut at a line boundary; each split is
 one document. Tokenize with GPT-2's BPE (default) or train our own BPE on the
 train split (--tokenizer=bpe --vocab_size=N).
 
-    python data/shakespeare/prepare.py [--tokenizer=gpt2|bpe] [--vocab_size=2048]
+    python data/shakespeare/prepare.py [--tokenizer=gpt2|bpe|hf:NAME] [--vocab_size=2048]
                                        [--input=FILE] [--out_dir=DIR]
 """
 
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from data.common import ArgumentParser, check_vocab_size, download, read_text, write_dataset  # noqa: E402
+from data.common import ArgumentParser, check_vocab_size, download, hf_tokenizer, read_text, write_dataset  # noqa: E402
 from data.tokenizer import load_tokenizer, tokenizer_to_dict, train_bpe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +47,9 @@ def make_tokenizer(kind, train_text, vocab_size):
         return tok
     if kind == "bpe":
         return tokenizer_to_dict(train_bpe([train_text], vocab_size), name=f"shakespeare-bpe-{vocab_size}")
-    raise SystemExit(f"error: unknown --tokenizer={kind} (use gpt2 or bpe)")
+    if kind.startswith("hf:"):
+        return hf_tokenizer(kind)
+    raise SystemExit(f"error: unknown --tokenizer={kind} (use gpt2, bpe or hf:NAME)")
 
 
 def prepare(input_path=None, out_dir=None, tokenizer="gpt2", vocab_size=2048):
@@ -76,7 +78,7 @@ def prepare(input_path=None, out_dir=None, tokenizer="gpt2", vocab_size=2048):
 
 def main(argv=None):
     parser = ArgumentParser(description="prepare tiny Shakespeare")
-    parser.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bpe"])
+    parser.add_argument("--tokenizer", default="gpt2", help="gpt2, bpe (trained here) or hf:NAME (a Hugging Face model's)")
     parser.add_argument("--vocab_size", type=int, default=2048, help="for --tokenizer=bpe")
     parser.add_argument("--input", default=None, help="local text file instead of the download")
     parser.add_argument("--out_dir", default=None, help="default: data/shakespeare/")
