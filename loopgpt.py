@@ -45,6 +45,7 @@ MODULATIONS = ("none", "tmlt", "loopformer")
 MLPS = ("relu2", "gelu", "swiglu")
 ROUTINGS = ("none", "mor")
 INITS = ("nanochat", "huginn", "parcae", "loopformer")
+LORA_TARGETS = ("q", "k", "v", "o", "fc", "down")  # attention q, k, v, output; MLP in (gate and up), out
 
 
 @dataclass
@@ -71,7 +72,8 @@ class LoopGPTConfig:
     init: str = "nanochat"     # one of INITS: the weights' initial scales (see init_weights)
     modulation: str = "none"   # one of MODULATIONS: condition each loop on its index or on (t, Δ)
     exit_gate: bool = False    # Ouro's exit gate λ_t = σ(w·norm(h_t) + b) on every loop's state
-    lora_rank: int = 0         # per-loop LoRA on the core's q and v (Relaxed Recursive Transformers); 0 = off
+    lora_rank: int = 0         # per-loop LoRA on the core's matrices (Relaxed Recursive Transformers); 0 = off
+    lora_targets: str = "q,v"  # which: some of LORA_TARGETS, or "all" (Relaxed: every linear of the block)
     routing: str = "none"      # one of ROUTINGS: "mor" = Mixture-of-Recursions token routing (see route)
     router_scale: float = 0.1  # MoR's gate g = router_scale * σ(score)
     bptt_k: int = 0            # truncated backprop: only the last k loops get gradients; 0 = all
@@ -98,6 +100,9 @@ class LoopGPTConfig:
             problems.append(f"mlp_ratio={self.mlp_ratio} leaves no hidden units")
         if self.lora_rank < 0:
             problems.append(f"lora_rank={self.lora_rank} must be >= 0 (0 = off)")
+        if self.lora_targets != "all" and (not self.lora_targets or set(self.lora_targets.split(",")) - set(LORA_TARGETS)):
+            problems.append(f"lora_targets={self.lora_targets!r}: names from {','.join(LORA_TARGETS)}, comma-separated, "
+                            "or 'all'")
         if self.bptt_k < 0:
             problems.append(f"bptt_k={self.bptt_k} must be >= 0 (0 = full backprop)")
         if self.routing == "mor" and (self.injection, self.state_init, self.modulation, self.exit_gate) != (
@@ -252,6 +257,24 @@ class KVCache:
         return self.route_sel[i, :, :end]
 
 
+def lora_shapes(cfg):
+    """{target: (in, out)} of the per-loop LoRA's matrices (lora_targets)."""
+    d, kv, hidden = cfg.n_embd, cfg.n_kv_head * (cfg.n_embd // cfg.n_head), round(cfg.mlp_ratio * cfg.n_embd)
+    shapes = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d),
+              "fc": (d, (2 if cfg.mlp == "swiglu" else 1) * hidden), "down": (hidden, d)}
+    names = LORA_TARGETS if cfg.lora_targets == "all" else cfg.lora_targets.split(",")
+    return {name: shapes[name] for name in LORA_TARGETS if name in names}
+
+
+def lora_linear(linear, x, lora, name):
+    """linear(x), plus this loop's low-rank delta B A x where lora has one for `name`."""
+    y = linear(x)
+    if lora is not None and name in lora:
+        A, B = lora[name]
+        y = y + (x @ A.T) @ B.T
+    return y
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, window=0):
         super().__init__()
@@ -266,18 +289,14 @@ class Attention(nn.Module):
     def forward(self, x, rope, cache=None, slot=0, xq=None, lora=None, key_mask=None):
         # xq: where the queries come from (default x). FLT / LTai take them from the
         # previous loop's state while keys and values come from the current stream.
-        # lora: this loop's low-rank deltas (A_q, B_q, A_v, B_v) on the shared q and v
+        # lora: this loop's low-rank deltas {target: (A, B)} on the shared matrices
         # key_mask (B, Tk) bool: MoR, only the tokens selected at this recursion are keys
         B, T, C = x.shape
         xq = x if xq is None else xq
-        q, v = self.q(xq), self.v(x)
-        if lora is not None:
-            A_q, B_q, A_v, B_v = lora
-            q = q + (xq @ A_q.T) @ B_q.T
-            v = v + (x @ A_v.T) @ B_v.T
+        q, k, v = lora_linear(self.q, xq, lora, "q"), lora_linear(self.k, x, lora, "k"), lora_linear(self.v, x, lora, "v")
         # q and k go through RoPE and QK-norm together: one rotation and one norm, not two
         # (half the small ops, which is what a decoding step's time goes to on a CPU)
-        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
         qk = torch.cat([q.view(B, T, self.n_head, self.head_dim), k], dim=2)
         cos, sin = rope
         qk = apply_rotary(qk.transpose(1, 2), cos, sin)
@@ -288,7 +307,7 @@ class Attention(nn.Module):
         gqa = self.n_head != self.n_kv_head
         if cache is not None and cache.pos_t is not None:  # static decoding: the whole buffer, masked
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.static_mask(self.window), enable_gqa=gqa)
-            return self.proj(y.transpose(1, 2).reshape(B, T, C))
+            return lora_linear(self.proj, y.transpose(1, 2).reshape(B, T, C), lora, "o")
         if self.window and q.size(2) == 1 and key_mask is None:  # decoding: the window is the last keys
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
         Tq, Tk = q.size(2), k.size(2)
@@ -307,7 +326,7 @@ class Attention(nn.Module):
         else:  # a chunk after a cached prefix: causal, offset by the prefix length
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return lora_linear(self.proj, y.transpose(1, 2).reshape(B, T, C), lora, "o")
 
 
 class ReLUSquared(torch.autograd.Function):
@@ -336,14 +355,14 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=False)
         self.act = cfg.mlp
 
-    def forward(self, x):
-        x = self.fc(x)
+    def forward(self, x, lora=None):
+        x = lora_linear(self.fc, x, lora, "fc")
         if self.act == "swiglu":
             gate, value = x.chunk(2, dim=-1)
             x = F.silu(gate) * value
         else:
             x = ReLUSquared.apply(x) if self.act == "relu2" else F.gelu(x)
-        return self.proj(x)
+        return lora_linear(self.proj, x, lora, "down")
 
 
 class Block(nn.Module):
@@ -369,12 +388,12 @@ class Block(nn.Module):
         if c is None:
             a = self.attn(self.norm_1(x), rope, cache, slot, xq, lora, key_mask)
             x = self.norm_3(x + a) if self.sandwich else x + a  # Huginn's sandwich norm bounds the stream
-            m = self.mlp(self.norm_2(x))
+            m = self.mlp(self.norm_2(x), lora)
             return self.norm_4(x + m) if self.sandwich else x + m
         gate_attn, gate_mlp, scale_attn, scale_mlp = self.modulation(F.silu(c)).chunk(4, dim=-1)
         a = gate_attn * self.attn(self.norm_1(x) * (1 + scale_attn), rope, cache, slot, xq, lora)
         x = self.norm_3(x + a) if self.sandwich else x + a
-        m = gate_mlp * self.mlp(self.norm_2(x) * (1 + scale_mlp))
+        m = gate_mlp * self.mlp(self.norm_2(x) * (1 + scale_mlp), lora)
         return self.norm_4(x + m) if self.sandwich else x + m
 
 
@@ -421,15 +440,13 @@ class LoopGPT(nn.Module):
             self.diag_norm = RMSNorm(d, cfg.norm_gains)
             self.diag_C = nn.Linear(d, d, bias=False)
         if cfg.lora_rank:
-            # Relaxed Recursive Transformers: loop t's core block j adds B A x to its q and v,
-            # one (A, B) pair per loop and block; B starts at zero, so at init every loop is
-            # the shared block. These are the only parameters that grow with n_loops.
-            r, kv = cfg.lora_rank, cfg.n_kv_head * (d // cfg.n_head)
-            shape = (cfg.n_loops, cfg.n_core)
-            self.lora_A_q = nn.Parameter(torch.empty(*shape, r, d))
-            self.lora_B_q = nn.Parameter(torch.zeros(*shape, d, r))
-            self.lora_A_v = nn.Parameter(torch.empty(*shape, r, d))
-            self.lora_B_v = nn.Parameter(torch.zeros(*shape, kv, r))
+            # Relaxed Recursive Transformers: loop t's core block j adds B A x to each target
+            # matrix W x (W: out x in; A: r x in, B: out x r), one (A, B) pair per loop, block
+            # and target; B starts at zero, so at init every loop is the shared block. These
+            # are the only parameters that grow with n_loops.
+            for name, (n_in, n_out) in lora_shapes(cfg).items():
+                setattr(self, f"lora_A_{name}", nn.Parameter(torch.empty(cfg.n_loops, cfg.n_core, cfg.lora_rank, n_in)))
+                setattr(self, f"lora_B_{name}", nn.Parameter(torch.zeros(cfg.n_loops, cfg.n_core, n_out, cfg.lora_rank)))
         if cfg.routing == "mor":  # Mixture-of-Recursions: one router score per recursion, per token
             self.router = nn.Linear(d, cfg.n_loops, bias=False)
         if cfg.exit_gate:  # Ouro: after each loop, the probability of stopping there, per token
@@ -504,10 +521,9 @@ class LoopGPT(nn.Module):
                 if lin.bias is not None:
                     lin.bias.zero_()
         if cfg.lora_rank:
-            nn.init.normal_(self.lora_A_q, std=cfg.n_embd ** -0.5)
-            nn.init.normal_(self.lora_A_v, std=cfg.n_embd ** -0.5)
-            self.lora_B_q.zero_()
-            self.lora_B_v.zero_()
+            for name, (n_in, _) in lora_shapes(cfg).items():
+                nn.init.normal_(getattr(self, f"lora_A_{name}"), std=n_in ** -0.5)
+                getattr(self, f"lora_B_{name}").zero_()
         if cfg.routing == "mor":  # N(0, 0.02) as in the MoR code
             nn.init.normal_(self.router.weight, std=0.02)
         if cfg.injection == "concat" and cfg.init == "huginn":  # Huginn: a random W_a, N(0, 2/(5d))
@@ -642,11 +658,13 @@ class LoopGPT(nn.Module):
         return sel, self.config.router_scale * torch.sigmoid(s), s, key_mask
 
     def lora(self, t, j):
-        """Loop t's LoRA factors for core block j; loops past n_loops reuse the last loop's."""
+        """Loop t's LoRA factors for core block j, {target: (A, B)}; loops past n_loops reuse
+        the last loop's."""
         if not self.config.lora_rank:
             return None
         t = min(t, self.config.n_loops - 1)
-        return self.lora_A_q[t, j], self.lora_B_q[t, j], self.lora_A_v[t, j], self.lora_B_v[t, j]
+        return {name: (getattr(self, f"lora_A_{name}")[t, j], getattr(self, f"lora_B_{name}")[t, j])
+                for name in lora_shapes(self.config)}
 
     def parcae_decay(self):
         """Parcae's (Ā, Δ): Δ = softplus(dt_bias) > 0 and Ā = exp(-Δ ⊙ exp(A_log)) in (0, 1)."""
@@ -1191,6 +1209,8 @@ class LoopGPT(nn.Module):
 # ---- uptraining: a looped model initialised from a plain one -----------------------------------
 
 INIT_CORES = ("lower", "stepwise", "average")
+LORA_MATRIX = {"q": lambda b: b.attn.q, "k": lambda b: b.attn.k, "v": lambda b: b.attn.v, "o": lambda b: b.attn.proj,
+               "fc": lambda b: b.mlp.fc, "down": lambda b: b.mlp.proj}  # each LoRA target's layer in a Block
 
 
 def unrolled_blocks(model):
@@ -1220,10 +1240,11 @@ def init_from_source(target, source, init_core="average"):
                 included (our reading of Relaxed's "Stepwise": layers at fixed intervals);
       average   the mean of the T layers it stands for, parameter by parameter
                 (Relaxed's "Average").
-    With lora_rank = r (and T = n_loops), loop t's LoRA on q and v starts at the best
-    rank-r approximation of what the shared block misses, the truncated SVD of
-    W(S_{P+Kt+j}) - W(core j) (Relaxed, Eq. 5): B = U_r S_r, A = V_r^T, so each loop's q and
-    v start as close to the layer it replaces as rank r allows (exactly, at full rank).
+    With lora_rank = r (and T = n_loops), loop t's LoRA on each of lora_targets starts at
+    the best rank-r approximation of what the shared block misses, the truncated SVD of
+    W(S_{P+Kt+j}) - W(core j) (Relaxed, Eq. 5): B = U_r S_r, A = V_r^T, so each loop's
+    matrices start as close to the layer it replaces as rank r allows (exactly, at full
+    rank; with lora_targets='all', as Relaxed does, the whole layer but its norm gains).
     The embedding, the final norm and the head are copied; the target's own extra
     parameters (an injection's adapter, gates) keep their init. Returns the squared
     Frobenius error of each LoRA-approximated matrix relative to the matrix it stands for
@@ -1242,7 +1263,7 @@ def init_from_source(target, source, init_core="average"):
     if cfg.lora_rank and T != cfg.n_loops:
         raise ValueError(f"lora_rank needs one loop per group of replaced layers: n_loops={cfg.n_loops}, but the "
                          f"source's {len(middle)} replaced layers make {T} loops of {K}")
-    shape_keys = ("n_embd", "n_head", "n_kv_head", "mlp", "mlp_ratio", "norm_gains", "qk_norm", "block_norm",
+    shape_keys = ("n_embd", "n_head", "n_kv_head", "mlp", "mlp_ratio", "norm_gains", "qk_norm", "block_norm", "qkv_bias",
                   "vocab_size", "tie_embeddings")
     differ = [f"{k}={getattr(source.config, k)!r} there, {getattr(cfg, k)!r} here" for k in shape_keys
               if getattr(cfg, k) != getattr(source.config, k)]
@@ -1265,12 +1286,12 @@ def init_from_source(target, source, init_core="average"):
         errors = {}
         if cfg.lora_rank:
             r = cfg.lora_rank
-            for which in ("q", "v"):
+            for which in lora_shapes(cfg):
                 A, B, errs = getattr(target, f"lora_A_{which}"), getattr(target, f"lora_B_{which}"), []
                 for t in range(T):
                     for j in range(K):
-                        W = getattr(middle[K * t + j].attn, which).weight
-                        R = W - getattr(target.core[j].attn, which).weight
+                        W = LORA_MATRIX[which](middle[K * t + j]).weight
+                        R = W - LORA_MATRIX[which](target.core[j]).weight
                         U, S, Vh = torch.linalg.svd(R.float(), full_matrices=False)
                         k = min(r, S.numel())  # (a rank above the matrix's own leaves zero columns)
                         B[t, j].zero_()

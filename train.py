@@ -202,8 +202,8 @@ if tc.init_from and not tc.resume:
             source_ckpt = load_checkpoint(os.path.join(tc.init_from, "ckpt.pt"))
             source = model_from_checkpoint(source_ckpt)
         source_depth = len(unrolled_blocks(source))
-    except ValueError as e:
-        fail(f"init_from={tc.init_from}: {e}")
+    except (ValueError, SystemExit) as e:  # (SystemExit: a download that failed, in one line)
+        fail(f"init_from={tc.init_from}: {str(e).removeprefix('error: ')}")
     if source_ckpt["data_meta"].get("tokenizer") != meta["tokenizer"]:
         fail(f"init_from={tc.init_from} was trained with another tokenizer than {data_dir} has" +
              (f"; tokenize the data with it: python data/{tc.dataset}/prepare.py --tokenizer={tc.init_from} "

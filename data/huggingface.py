@@ -58,6 +58,8 @@ def hf_folder(name, weights=True):
     and, with weights, the safetensors). Offline: SystemExit with one line."""
     if os.path.isdir(name):
         return name
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        raise ValueError(f"{name!r} is neither a folder nor a hub id like owner/name")
     folder = os.path.join(HF_DIR, name.replace("/", "--"))
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else None

@@ -95,6 +95,8 @@ def cases(fx):
             ([data, f"--init_from={fx / 'nockpt'}"], ("init_from=", "no checkpoint")),
             ([data, f"--init_from={fx / 'ckpt'}", "--init_core=middle"], "init_core='middle'"),
             ([data, f"--init_from={fx / 'ckpt'}", "--n_embd=64"], "n_embd=32 there, 64 here"),
+            ([data, f"--init_from=hf:{fx / 'nowhere'}"], ("init_from=hf:", "neither a folder nor a hub id")),
+            ([data, "--lora_rank=2", "--lora_targets=q,mlp"], ("lora_targets='q,mlp'", "q,k,v,o,fc,down")),
             (["--device=foo"], "is not a device"), ([data, "--block_size=100000000"], "GiB, more than"),
             (["--block_size=-5"], "block_size"), (["--n_head=0"], "n_head"),
             ([*small, "--n_loops=100000"], "a training step at"), ([*small, f"--out_dir={fx / 'afile'}"], "cannot create"),

@@ -193,7 +193,7 @@ def test_cached_generation_equals_uncached(injection, M):
 
 @pytest.mark.parametrize("kw", [dict(injection="add"), dict(injection="full_attn", window_pattern="SL", n_core=3),
                                 dict(injection="concat", state_init="randn", block_norm="sandwich", norm_gains=True),
-                                dict(injection="add", norm_state=True, lora_rank=4), dict(injection="diag")],
+                                dict(injection="add", norm_state=True, lora_rank=4, lora_targets="all"), dict(injection="diag")],
                          ids=["add", "flt_windows", "huginn", "lti_lora", "parcae"])
 def test_static_decoding_equals_the_dynamic_cache(kw):
     # static decoding (what generate's CUDA graph replays): the position as a tensor, each
