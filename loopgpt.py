@@ -72,6 +72,8 @@ class LoopGPTConfig:
     init: str = "nanochat"     # one of INITS: the weights' initial scales (see init_weights)
     modulation: str = "none"   # one of MODULATIONS: condition each loop on its index or on (t, Δ)
     exit_gate: bool = False    # Ouro's exit gate λ_t = σ(w·norm(h_t) + b) on every loop's state
+    selective_gate: bool = False  # LoopUS: x_t = h + Ā ⊙ (f(h) - h), Ā from the loop's own update
+    confidence_head: bool = False  # LoopUS: σ(w·LN(f(h) - h) + b), will this loop's prediction be right
     lora_rank: int = 0         # per-loop LoRA on the core's matrices (Relaxed Recursive Transformers); 0 = off
     lora_targets: str = "q,v"  # which: some of LORA_TARGETS, or "all" (Relaxed: every linear of the block)
     routing: str = "none"      # one of ROUTINGS: "mor" = Mixture-of-Recursions token routing (see route)
@@ -105,10 +107,11 @@ class LoopGPTConfig:
                             "or 'all'")
         if self.bptt_k < 0:
             problems.append(f"bptt_k={self.bptt_k} must be >= 0 (0 = full backprop)")
-        if self.routing == "mor" and (self.injection, self.state_init, self.modulation, self.exit_gate) != (
-                "none", "prelude", "none", False):
+        if self.routing == "mor" and (self.injection, self.state_init, self.modulation, self.exit_gate,
+                                      self.selective_gate, self.confidence_head) != ("none", "prelude", "none", False,
+                                                                                      False, False):
             problems.append("routing='mor' routes a plain loop: it needs injection='none', state_init='prelude', "
-                            "modulation='none', exit_gate=False")
+                            "modulation='none', and no exit_gate, selective_gate or confidence_head")
         if self.injection == "none" and self.state_init != "prelude":
             problems.append(f"injection='none' with state_init={self.state_init!r} never reads the input")
         if min(self.vocab_size, self.block_size, self.n_embd, self.n_head, self.n_kv_head) < 1:
@@ -451,6 +454,13 @@ class LoopGPT(nn.Module):
             self.router = nn.Linear(d, cfg.n_loops, bias=False)
         if cfg.exit_gate:  # Ouro: after each loop, the probability of stopping there, per token
             self.exit_gate = nn.Linear(d, 1)
+        if cfg.selective_gate:  # LoopUS: per-token, per-channel step size Δ from the loop's update
+            self.gate_down = nn.Linear(d, math.ceil(d / 16), bias=False)
+            self.gate_up = nn.Linear(math.ceil(d / 16), d)
+            self.gate_A_log = nn.Parameter(torch.zeros(d))
+        if cfg.confidence_head:  # LoopUS: a LayerNorm and a linear read of the loop's update
+            self.confidence_norm = nn.LayerNorm(d)
+            self.confidence = nn.Linear(d, 1)
         if cfg.modulation == "tmlt":  # embeds the loop index i (LoopFormer's TMLT baseline)
             self.time_embed = TimestepEmbedder(d)
         if cfg.modulation == "loopformer":  # embeds the normalised time t and the step size Δ
@@ -526,6 +536,18 @@ class LoopGPT(nn.Module):
                 getattr(self, f"lora_B_{name}").zero_()
         if cfg.routing == "mor":  # N(0, 0.02) as in the MoR code
             nn.init.normal_(self.router.weight, std=0.02)
+        if cfg.selective_gate:
+            # LoopUS code (Mamba's): A_log = log(1..d), so channel i decays at rate i; the step
+            # size starts log-uniform in [0.001, 0.1] per channel (the bias is its softplus⁻¹)
+            r = self.gate_down.out_features
+            nn.init.uniform_(self.gate_down.weight, -cfg.n_embd ** -0.5, cfg.n_embd ** -0.5)
+            nn.init.uniform_(self.gate_up.weight, -r ** -0.5, r ** -0.5)
+            dt = torch.exp(torch.empty(cfg.n_embd).uniform_(math.log(1e-3), math.log(0.1))).clamp_min(1e-4)
+            self.gate_up.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.gate_A_log.copy_(torch.log(torch.arange(1, cfg.n_embd + 1, dtype=torch.float32)))
+        if cfg.confidence_head:
+            nn.init.normal_(self.confidence.weight, std=cfg.n_embd ** -0.5)
+            nn.init.zeros_(self.confidence.bias)
         if cfg.injection == "concat" and cfg.init == "huginn":  # Huginn: a random W_a, N(0, 2/(5d))
             nn.init.normal_(self.adapter.weight, std=small)
         elif cfg.injection == "concat":
@@ -666,6 +688,27 @@ class LoopGPT(nn.Module):
         return {name: (getattr(self, f"lora_A_{name}")[t, j], getattr(self, f"lora_B_{name}")[t, j])
                 for name in lora_shapes(self.config)}
 
+    def selective_update(self, x_new, x):
+        """
+        LoopUS's selective gate (Park et al. 2026, arXiv 2605.11011): the loop's proposal
+        f(h) = x_new is mixed into the previous state x per token and channel,
+            x_t = Ā ⊙ f(h) + (1 - Ā) ⊙ x = x + Ā ⊙ (f(h) - x),
+            Ā = exp(-Δ ⊙ exp(A_log)),  Δ = softplus(W_up W_down (f(h) - x) + b),
+        so 0 < Ā < 1 (a convex step towards the proposal, against hidden-state drift) and the
+        step size depends on the update itself (Mamba's selective Δ, low rank d/16).
+        Without the gate, x_new.
+        """
+        if not self.config.selective_gate:
+            return x_new
+        update = x_new - x
+        dt = F.softplus(self.gate_up(self.gate_down(update)))
+        return x + torch.exp(-dt * torch.exp(self.gate_A_log)) * update
+
+    def confidence_logit(self, update):
+        """LoopUS's confidence head on a loop's update f(h) - x (before the gate): the logit of
+        "this loop's prediction is right", trained by BCE (per_step_loss), read by exit='confidence'."""
+        return self.confidence(self.confidence_norm(update)).squeeze(-1)
+
     def parcae_decay(self):
         """Parcae's (Ā, Δ): Δ = softplus(dt_bias) > 0 and Ā = exp(-Δ ⊙ exp(A_log)) in (0, 1)."""
         dt = F.softplus(self.diag_dt_bias)
@@ -697,12 +740,13 @@ class LoopGPT(nn.Module):
         # step's size; a coarse step can learn to do more than a fine one
         return self.time_embed(torch.tensor(t, device=device)) + self.step_embed(torch.tensor(dt, device=device))
 
-    def trunk(self, idx, steps, cache=None, states=None, depths=None, routes=None):
+    def trunk(self, idx, steps, cache=None, states=None, depths=None, routes=None, updates=None):
         """Everything up to the final norm for the schedule `steps`: returns the coda's
         output (B, T, d). If `states` is a list, each loop's output is appended to it.
         depths (B,): Parcae's per-sequence depth, row b runs depths[b] <= len(steps)
         loops and keeps its state outside them (see the bptt note in the loop). routes: a list that receives MoR's
-        (scores, candidates, selections) per recursion."""
+        (scores, candidates, selections) per recursion. updates: a list that receives each
+        loop's update f(h) - x before the selective gate (the confidence head's input)."""
         cfg = self.config
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
@@ -752,6 +796,9 @@ class LoopGPT(nn.Module):
                     # MoR code: selected tokens take h + g f(h), f the core with its residuals,
                     # i.e. (1 + g) h + g Δ(h); the others keep h
                     x_new = x + (sel * gate).unsqueeze(-1).to(x.dtype) * x_new
+                if updates is not None:
+                    updates.append(x_new - x)
+                x_new = self.selective_update(x_new, x)
             if depths is not None:  # a row outside its loops keeps its state
                 x_new = torch.where(i < n_free if truncated else i - grad_from < n_grad, x_new, x)
             x = x_new
@@ -805,7 +852,8 @@ class LoopGPT(nn.Module):
 
     def forward(self, idx, targets=None, loops=None, cache=None, schedule=None,
                 short=None, lambda_short=0.1, lambda_cons=0.1, depths=None,
-                step_weights=None, gate_stage=0, gate_beta=0.1, gate_k=50.0, gate_gamma=0.005, lambda_router=1e-3):
+                step_weights=None, gate_stage=0, gate_beta=0.1, gate_k=50.0, gate_gamma=0.005, lambda_router=1e-3,
+                lambda_mono=0.0):
         """
         idx (B, T) token ids; targets (B, T) or None (-1 = ignored position);
         loops = budget M (default n_loops, any M >= 1) or schedule = step sizes summing to 1
@@ -835,6 +883,13 @@ class LoopGPT(nn.Module):
 
         routing='mor' adds lambda_router * Σ_i mean BCE(σ(s_i), selected_i) over recursion
         i's candidates (MoR's auxiliary loss: the router's sigmoid learns to say who is kept).
+
+        LoopUS (Park et al. 2026, arXiv 2605.11011) trains a random depth M per step with
+        gradients through its last w = bptt_k loops (its "random deep supervision", here one
+        depth per optimizer step), adding lambda_mono * SiLU(CE_M - sg(CE_{M-w})) (L_Mono:
+        the window must not make the prediction worse; no term when M <= w) and, with
+        confidence_head, BCE(σ(q_M), 1[argmax p_M = y]) per token (L_Q, weight 1): q_M =
+        confidence_logit(f(h) - x) of the last loop learns whether its prediction is right.
         """
         if depths is not None:
             if schedule is not None or short is not None or cache is not None:
@@ -846,18 +901,36 @@ class LoopGPT(nn.Module):
         per_step = targets is not None and (step_weights is not None or gate_stage)
         if per_step and (short is not None or (step_weights is not None and gate_stage)):
             raise ValueError("use one of: a short route, step_weights, gate_stage")
+        if lambda_mono and (per_step or short is not None or depths is not None):
+            raise ValueError("lambda_mono (LoopUS) goes with a plain training forward: no step_weights, gate_stage, "
+                             "short route or per-sequence depths")
         steps = self.steps(loops, schedule)
-        states = [] if isinstance(short, int) or per_step else None
+        states = [] if isinstance(short, int) or per_step or (lambda_mono and targets is not None) else None
         routes = [] if self.config.routing == "mor" and targets is not None else None
+        updates = [] if self.config.confidence_head and targets is not None else None
         with torch.no_grad() if gate_stage == 2 else nullcontext():  # stage 2 trains the gate only
-            h = self.norm_f(self.trunk(idx, steps, cache, states, depths, routes))
+            h = self.norm_f(self.trunk(idx, steps, cache, states, depths, routes, updates))
             logits = self.logits(h)
         if targets is None:
             return logits, None
+        y = targets.reshape(-1)
         if per_step:
-            return logits, self.per_step_loss(states, logits, targets, step_weights, gate_stage, gate_beta,
-                                              gate_k, gate_gamma)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = self.per_step_loss(states, logits, targets, step_weights, gate_stage, gate_beta, gate_k, gate_gamma)
+        else:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1)
+        if updates and gate_stage != 2:  # LoopUS's L_Q: is the last loop's argmax right, per token
+            valid = y != -1
+            right = (logits.detach().argmax(-1).reshape(-1) == y).float()
+            loss = loss + F.binary_cross_entropy_with_logits(self.confidence_logit(updates[-1]).reshape(-1)[valid],
+                                                             right[valid])
+        if lambda_mono and len(steps) > (self.config.bptt_k or 1):
+            with torch.no_grad():  # LoopUS's L_Mono against the state where the gradient window starts
+                start = self.logits(self.norm_f(self.run_coda(states[len(steps) - (self.config.bptt_k or 1) - 1])))
+                ce_start = F.cross_entropy(start.view(-1, start.size(-1)), y, ignore_index=-1)
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1)
+            loss = loss + lambda_mono * F.silu(ce - ce_start)
+        if per_step:
+            return logits, loss
         if short is not None:
             if isinstance(short, int):
                 if not 1 <= short <= len(steps):
@@ -1094,6 +1167,8 @@ class LoopGPT(nn.Module):
         continue_prob = torch.ones(B, device=idx.device)  # gate: Π_{j<t} (1 - λ_j)
         for i, dt in enumerate(steps):
             x_new = self.core_pass(h, e, i, rope, cache, first + i * cfg.n_core, self.conditioning(i, math.fsum(steps[:i]), dt))
+            update = x_new - x
+            x_new = self.selective_update(x_new, x)
             if done.any() and kind != "gate_all":
                 x_new = torch.where(done.view(-1, 1, 1), x, x_new)
                 rows = done.nonzero().flatten()
@@ -1112,6 +1187,8 @@ class LoopGPT(nn.Module):
                 fire = kl < threshold
             elif kind == "latent":
                 fire = ((x - x_prev).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12))[:, -1] < threshold
+            elif kind == "confidence":  # LoopUS: the head is sure enough this loop's prediction is right
+                fire = torch.sigmoid(self.confidence_logit(update))[:, -1] > threshold
             else:  # gate, gate_all: p_t = λ_t Π_{j<t}(1 - λ_j); stop once Σ p_t >= q
                 lam = torch.sigmoid(self.exit_gate(norm(x)))[:, -1, 0]
                 continue_prob = continue_prob * (1 - lam)
@@ -1159,7 +1236,8 @@ class LoopGPT(nn.Module):
         flags = [f"injection={cfg.injection}"] + [f"{k}={getattr(cfg, k)}" for k, default in (
             ("modulation", "none"), ("state_init", "prelude"), ("norm_state", False), ("block_norm", "pre"),
             ("norm_gains", False), ("init", "nanochat"), ("window_pattern", "L"), ("exit_gate", False),
-            ("lora_rank", 0), ("routing", "none"), ("bptt_k", 0)) if getattr(cfg, k) != default]
+            ("lora_rank", 0), ("lora_targets", "q,v"), ("routing", "none"), ("bptt_k", 0), ("selective_gate", False),
+            ("confidence_head", False), ("embed_norm", True), ("qkv_bias", False)) if getattr(cfg, k) != default]
         return (f"LoopGPT {shape} (prelude + core⊗loops + coda), d={cfg.n_embd}, {', '.join(flags)} | "
                 f"{self.num_params() / 1e6:.2f}M unique params | effective depth {self.effective_depth()} | "
                 f"{self.flops_per_token() / 1e6:.1f} MFLOPs/token (train, M={cfg.n_loops})")
@@ -1220,9 +1298,10 @@ def unrolled_blocks(model):
     cfg = model.config
     looped = cfg.n_loops > 1
     if looped and (cfg.injection != "none" or cfg.norm_state or cfg.modulation != "none" or cfg.lora_rank
-                   or cfg.state_init != "prelude" or cfg.routing != "none"):
+                   or cfg.state_init != "prelude" or cfg.routing != "none" or cfg.selective_gate):
         raise ValueError("init_from needs a source that is a plain stack of layers: n_loops=1, or a loop with "
-                         "injection='none' and no norm_state, modulation, lora_rank, state_init or routing")
+                         "injection='none' and no norm_state, modulation, lora_rank, state_init, routing or "
+                         "selective_gate")
     return list(model.prelude) + [block for _ in range(cfg.n_loops) for block in model.core] + list(model.coda)
 
 
@@ -1346,16 +1425,18 @@ def check_schedule(schedule, loops=None, modulation="loopformer"):
 
 
 def check_exit(exit, cfg):
-    kinds = ("kl", "latent", "gate", "gate_all")
+    kinds = ("kl", "latent", "gate", "gate_all", "confidence")
     if not (isinstance(exit, (tuple, list)) and len(exit) == 2 and exit[0] in kinds):
         raise ValueError(f"exit must be (kind, threshold) with kind in {kinds}, got {exit!r}")
-    gate = exit[0].startswith("gate")
+    gate = exit[0].startswith("gate") or exit[0] == "confidence"
     if not (isinstance(exit[1], (int, float)) and exit[1] > 0) or (gate and not exit[1] <= 1):
         raise ValueError(f"exit threshold must be > 0 (and <= 1 for gate), got {exit[1]!r}")
     if cfg.routing == "mor":
         raise ValueError("routing='mor' already chooses each token's depth: no exit criterion on top")
-    if gate and not cfg.exit_gate:
+    if exit[0].startswith("gate") and not cfg.exit_gate:
         raise ValueError("exit=('gate', q) needs a model trained with exit_gate=True")
+    if exit[0] == "confidence" and not cfg.confidence_head:
+        raise ValueError("exit=('confidence', q) needs a model trained with confidence_head=True")
 
 
 def parse_schedule(text, cfg):
@@ -1381,7 +1462,7 @@ def parse_exit(text, cfg):
         exit = (kind, float(value))
         check_exit(exit, cfg)
     except ValueError as e:
-        raise ValueError(f"{e}. Examples: kl:1e-3, latent:0.03, gate:0.9, gate_all:0.9") from None
+        raise ValueError(f"{e}. Examples: kl:1e-3, latent:0.03, gate:0.9, gate_all:0.9, confidence:0.6") from None
     return exit
 
 

@@ -48,7 +48,8 @@ if not (tc.embedding_lr >= 0 and tc.head_lr >= 0 and tc.adam_eps > 0 and tc.muon
 for key, valid in (("lr_schedule", ("cosine", "wsd")), ("optimizer", ("adamw", "muon")),
                    ("objective", ("final", "shortcut", "prefix")),
                    ("loop_sampling", ("fixed", "uniform", "poisson_lognormal", "per_sequence")),
-                   ("step_loss", ("final", "all", "last_third")), ("gate_stage", (0, 1, 2))):
+                   ("step_loss", ("final", "all", "last_third")), ("gate_stage", (0, 1, 2)),
+                   ("recurrence_schedule", ("linear", "1-sqrt"))):
     if getattr(tc, key) not in valid:
         fail(f"{key}={getattr(tc, key)!r} (valid: {', '.join(map(str, valid))})")
 if tc.loop_sampling != "fixed" and tc.objective != "final":
@@ -57,6 +58,12 @@ if (tc.step_loss != "final" or tc.gate_stage) and (tc.objective != "final" or tc
     fail("step_loss / gate_stage go with objective=final and a depth shared by the batch")
 if tc.loop_min < 1 or tc.loop_max < 0 or tc.curriculum_start < 0 or tc.curriculum_rate < 0:
     fail("need loop_min >= 1, loop_max >= 0, curriculum_start >= 0 and curriculum_rate >= 0")
+if not (0 <= tc.recurrence_warmup <= 1 and tc.lambda_mono >= 0):
+    fail(f"need 0 <= recurrence_warmup <= 1 (a fraction of max_iters) and lambda_mono >= 0, got "
+         f"{tc.recurrence_warmup} and {tc.lambda_mono}")
+if tc.lambda_mono and (tc.objective != "final" or tc.step_loss != "final" or tc.gate_stage
+                       or tc.loop_sampling == "per_sequence"):
+    fail("lambda_mono (LoopUS) goes with objective=final, step_loss=final, no gate_stage and a depth shared by the batch")
 if tc.loop_sampling != "fixed" and tc.loop_max and tc.loop_min > tc.loop_max:  # (fixed depth ignores them)
     fail(f"loop_min={tc.loop_min} > loop_max={tc.loop_max}")
 if not (tc.weight_decay >= 0 and tc.grad_clip >= 0 and tc.warmup_iters >= 0 and tc.lr_decay_iters >= 0
@@ -278,6 +285,18 @@ model.to(device)
 if tc.gate_stage == 2:  # Ouro's stage 2: the LM is frozen, only the exit gate learns
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("exit_gate"))
+frozen = tuple(filter(None, tc.freeze.split(",")))
+if frozen:
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [f for f in frozen if not any(n == f or n.startswith(f + ".") or n.startswith(f + "_") for n in names)]
+    if unknown:
+        fail(f"freeze={tc.freeze!r}: no parameter is named {', '.join(unknown)}; names start with "
+             f"{', '.join(sorted({n.split('.')[0] for n in names}))}")
+    for name, p in model.named_parameters():
+        if any(name == f or name.startswith(f + ".") or name.startswith(f + "_") for f in frozen):
+            p.requires_grad_(False)
+    if cfg.tie_embeddings and "wte" in frozen:
+        fail("freeze=wte with tie_embeddings=True would freeze the head too (it is the same matrix)")
 optimizer = model.configure_optimizer(tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), tc.optimizer,
                                       tc.muon_lr, tc.embedding_lr, tc.head_lr, tc.adam_eps)
 if tc.resume and not tc.eval_only:  # (an evaluation needs no optimizer state)
@@ -344,16 +363,27 @@ if master:
           f"{'resuming at step ' + str(iter_num) if tc.resume else 'from ' + tc.init_from if tc.init_from else 'from scratch'}")
 
 
+def recurrence_target(step, L):
+    """The target depth L at this step: L, or during the recurrence curriculum's warmup
+    (McLeish et al. 2025, arXiv 2511.07384) max(1, ceil(L f(step / W)))."""
+    W = tc.recurrence_warmup * tc.max_iters
+    if step >= W:
+        return L
+    u = step / W
+    return max(1, math.ceil(L * (u if tc.recurrence_schedule == "linear" else 1 - math.sqrt(1 - u))))
+
+
 def sample_depth(step, m):
     """Loops for this step: an int, the same on every rank (seeded by the step alone), or
     for per_sequence a (batch_size,) tensor of per-row depths for global micro-step m."""
-    L = cfg.n_loops
+    L = recurrence_target(step, cfg.n_loops)
     rng = np.random.default_rng([tc.seed, 3, step] + ([m] if tc.loop_sampling == "per_sequence" else []))
     size = tc.batch_size if tc.loop_sampling == "per_sequence" else None
     if tc.loop_sampling == "fixed":
         M = np.full(size or (), L)
     elif tc.loop_sampling == "uniform":
-        M = rng.integers(tc.loop_min, (tc.loop_max or L) + 1, size=size)
+        top = recurrence_target(step, tc.loop_max or cfg.n_loops)
+        M = rng.integers(min(tc.loop_min, top), top + 1, size=size)
     elif tc.loop_sampling == "poisson_lognormal":  # Huginn: a log-normal Poisson with mean ~ L, plus one
         tau = rng.normal(math.log(L) - tc.loop_sigma ** 2 / 2, tc.loop_sigma, size=size)
         M = rng.poisson(np.exp(tau)) + 1
@@ -621,7 +651,7 @@ try:
                 extra.update(gate_stage=tc.gate_stage, gate_beta=tc.gate_beta, gate_k=tc.gate_k, gate_gamma=tc.gate_gamma)
             with autocast:
                 _, loss = model(x, targets=y, short=short, lambda_short=tc.lambda_short, lambda_cons=tc.lambda_cons,
-                                **route, **extra)
+                                lambda_mono=tc.lambda_mono, **route, **extra)
             (loss / accum_local).backward()
             loss_sum += loss.detach()
         if ddp:

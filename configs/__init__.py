@@ -70,6 +70,16 @@ class TrainConfig:
     # depth curriculum: the depth is capped at curriculum_start + curriculum_rate * step (0 = off)
     curriculum_start: int = 0
     curriculum_rate: float = 0.0
+    # recurrence curriculum (McLeish et al.'s retrofitting): over the first recurrence_warmup of
+    # max_iters the target depth L (fixed, uniform's top, the Poisson samplers' mean) grows from
+    # 1 to n_loops, L(s) = max(1, ceil(n_loops f(s / W))), f(u) = u (linear) or 1 - sqrt(1 - u)
+    recurrence_warmup: float = 0.0
+    recurrence_schedule: str = "linear"
+    # LoopUS: lambda_mono * SiLU(CE_M - sg(CE_{M - bptt_k})), the gradient window must not hurt
+    lambda_mono: float = 0.0
+    # parameters that do not train: comma-separated name prefixes, e.g. wte,prelude (LoopUS keeps
+    # the pretrained embedding and encoder fixed)
+    freeze: str = ""
     # batch: tokens per step = batch_size * block_size * grad_accum_steps (global)
     batch_size: int = 16          # rows per micro-step per process
     grad_accum_steps: int = 1     # global micro-steps per step, split over processes
