@@ -1305,6 +1305,25 @@ def unrolled_blocks(model):
     return list(model.prelude) + [block for _ in range(cfg.n_loops) for block in model.core] + list(model.coda)
 
 
+@torch.no_grad()
+def layer_similarity(model, idx):
+    """Mean cosine similarity between each layer's input and output over the tokens of idx,
+    for the layers unrolled_blocks lists: the representations' staged dynamics that LoopUS
+    (Park et al. 2026) reads to split a pretrained model. Early and late layers change the
+    state most (low similarity); a middle stretch of small refinements (high similarity) is
+    what loops well. train.py prints it when converting, to help choose n_prelude and n_coda."""
+    T = idx.size(1)
+    rope = (model.rope_cos[:T], model.rope_sin[:T])
+    x = model.wte(idx)
+    x = norm(x) if model.config.embed_norm else x
+    sims = []
+    for block in unrolled_blocks(model):
+        y = block(x, rope)
+        sims.append(F.cosine_similarity(x.float(), y.float(), dim=-1).mean().item())
+        x = y
+    return sims
+
+
 def init_from_source(target, source, init_core="average"):
     """
     Initialise the looped `target` from the pretrained `source` (both LoopGPT), as Relaxed

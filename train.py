@@ -29,8 +29,8 @@ from tqdm import tqdm
 from configs import (TrainConfig, autocast_context, detect_device, fail, get_lr, gpu_peak_flops, make_dir,
                      model_config_defaults, parse_args, print_table, train_config_defaults)
 from loopgpt import (CHECKPOINT_VERSION, INIT_CORES, LoopGPT, LoopGPTConfig, check_fits, compile_blocks,
-                     init_from_source, load_checkpoint, model_from_checkpoint, muon_momentum, parse_exit,
-                     per_sequence_problem, sample_short_route, save_checkpoint, unrolled_blocks)
+                     init_from_source, layer_similarity, load_checkpoint, model_from_checkpoint, muon_momentum,
+                     parse_exit, per_sequence_problem, sample_short_route, save_checkpoint, unrolled_blocks)
 from data.huggingface import load_model as load_hf_model
 from data.tokenizer import load_tokenizer, token_byte_lengths
 
@@ -267,6 +267,11 @@ else:
                   f"({source_depth} layers{trained}): {c.n_prelude} + {c.n_core}⊗{c.n_loops} + {c.n_coda}, core from "
                   f"init_core={tc.init_core}" + "".join(f"; {k} from SVD, mean relative error {sum(v) / len(v):.3g}"
                                                         for k, v in lora_errors.items()))
+            # the staged dynamics LoopUS splits by: how much each source layer turns the state
+            T_sim = min(model_keys["block_size"], source.config.block_size)
+            sims = layer_similarity(source, get_batch("val", np.random.default_rng([tc.seed, 4]), 4, T_sim)[0].cpu())
+            print("source layers' cos(input, output): " + " ".join(f"{s:.2f}" for s in sims) +
+                  " (a middle run of high values loops well)")
         del source
 cfg = model.config
 if cfg.tie_embeddings and tc.embedding_lr:

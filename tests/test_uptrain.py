@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loopgpt import LORA_MATRIX, LoopGPT, LoopGPTConfig, init_from_source  # noqa: E402
+from loopgpt import LORA_MATRIX, LoopGPT, LoopGPTConfig, init_from_source, layer_similarity, norm  # noqa: E402
 
 
 def model(seed=0, **kw):
@@ -119,6 +119,18 @@ def test_full_rank_lora_reproduces_a_source_whose_layers_differ_in_q_and_v_only(
     low = model(seed=5, n_prelude=1, n_core=2, n_coda=1, n_loops=3, lora_rank=2)
     init_from_source(low, source, "average")
     assert not torch.allclose(low(IDX, loops=3)[0], source(IDX)[0], atol=1e-3)  # rank 2 cannot
+
+
+def test_layer_similarity_is_each_layers_input_output_cosine():
+    fresh = LoopGPT(LoopGPTConfig(vocab_size=61, block_size=16, n_embd=32, n_head=4, n_prelude=0, n_core=8,
+                                  n_coda=0, n_loops=1))  # zero output projections: every block is the identity
+    assert layer_similarity(fresh, IDX) == pytest.approx([1.0] * 8)
+    source = model()
+    sims = layer_similarity(source, IDX)
+    x = norm(source.wte(IDX))
+    y = source.core[0](x, (source.rope_cos[:16], source.rope_sin[:16]))
+    cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+    assert len(sims) == 8 and sims[0] == pytest.approx(cos.mean().item(), abs=1e-5) and max(sims) < 0.999
 
 
 @pytest.mark.parametrize("source_kw, target_kw, message", [
