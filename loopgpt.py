@@ -187,6 +187,19 @@ def check_fits(nbytes, what, device="cpu"):
                          f"{torch.device(device).type}")
 
 
+KV_SHARINGS = ("none", "first", "last", "mean", "window:N")
+
+
+def parse_kv_sharing(text):
+    """'none' | 'first' | 'last' | 'mean' | 'window:N' (N >= 1) -> (kind, N), or a ValueError."""
+    kind, _, n = str(text).partition(":")
+    if kind == "window" and n.isdigit() and int(n) >= 1:
+        return kind, int(n)
+    if kind in ("none", "first", "last", "mean") and not n:
+        return kind, 0
+    raise ValueError(f"kv_sharing={text!r} (valid: {', '.join(KV_SHARINGS)})")
+
+
 class KVCache:
     """
     Keys and values for generation, one slot per (loop, layer) visit: prelude layers,
@@ -194,10 +207,28 @@ class KVCache:
     of the *same* loop, so a single cache shared by all loops would not reproduce the
     full forward (FLT's official code caches only the last loop).
     Buffers are preallocated to block_size so decoding never concatenates.
+
+    kv_sharing trades that exactness for memory that does not grow with the loops
+    (`layout` = (n_prelude, n_core, loops, sharing)); core layer j at loop t uses
+      none      slot (t, j): exact, K·M core slots
+      last      one slot per core layer, rewritten every loop: a past token's entry is its
+                last loop's K/V (Ouro's decode-time sharing, Zhu et al. 2025, Table 14)
+      mean      one slot per core layer: a past token's entry is the mean of its loops' K/V
+                (Ouro's other option); within a forward each loop still sees its own
+      first     one slot per core layer, written at loop 1 only: every later loop reads
+                loop 1's K/V, the current tokens' included (Mixture-of-Recursions' recursive
+                KV sharing, Bae et al. 2025; prefill shares too, as MoR trains)
+      window:N  N slots per core layer, loop t in slot t mod N (Huginn's compressed cache,
+                Geiping et al. 2025: a past token's entry is its last loop ≡ t mod N)
+    With last, mean and window, a prefill is still exact (every token of the chunk writes
+    its loop-t K/V before loop t's attention reads them); tokens decoded later see past
+    tokens' shared entries instead of their loop-t ones.
     """
 
-    def __init__(self, n_slots, max_len):
+    def __init__(self, n_slots, max_len, layout=None):
         self.n_slots, self.max_len = n_slots, max_len
+        self.layout = layout  # (n_prelude, n_core, loops, (kind, N)) or None: one slot per visit
+        self.mean_sum = None  # mean: the running sum of the current tokens' K/V per core layer
         self.k = self.v = None
         self.pos = 0  # tokens already in the cache
         self.route_score = self.route_sel = None  # MoR: router scores and selections per recursion
@@ -223,18 +254,44 @@ class KVCache:
             self.masks[window] = mask.view(1, 1, 1, -1)
         return self.masks[window]
 
+    def physical(self, slot):
+        """(slot in the buffers, loop t or None outside the core) of logical slot `slot`, the
+        model's visit index (prelude layers, then core layer j at loop t, then coda)."""
+        if self.layout is None:
+            return slot, None
+        P, K, M, (kind, N) = self.layout
+        if slot < P:
+            return slot, None
+        if slot >= P + K * M:  # the coda, after the core's shared slots
+            return slot - K * M + K * self.core_groups(), None
+        t, j = divmod(slot - P, K)
+        return P + K * (t % N if kind == "window" else t if kind == "none" else 0) + j, t
+
+    def core_groups(self):
+        """How many K-slot groups the core keeps: M without sharing, min(N, M) for a window, 1 else."""
+        P, K, M, (kind, N) = self.layout
+        return M if kind == "none" else min(N, M) if kind == "window" else 1
+
+    def advance(self, T):
+        """The forward over T new tokens is done: mean writes their mean K/V, then pos moves."""
+        if self.mean_sum is not None:
+            P, K = self.layout[0], self.layout[1]
+            end = self.pos + T
+            for j, (ks, vs, n) in enumerate(self.mean_sum):
+                self.k[P + j, :, :, self.pos:end] = ks / n
+                self.v[P + j, :, :, self.pos:end] = vs / n
+            self.mean_sum = None
+        self.pos += T
+
+    def nbytes(self):
+        """Bytes the K/V buffers hold (0 before the first update)."""
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
     def update(self, slot, k, v):
+        if self.layout is not None and self.layout[3][0] != "none":
+            return self.update_shared(slot, k, v)
         if self.k is None:  # allocate on first use
-            # in the dtype attention reads K/V in: under autocast (bf16 on a GPU) that is the
-            # autocast dtype, whatever RoPE and QK-norm produced (fp32), so the cache takes
-            # half the memory and holds exactly what the uncached forward's attention sees
-            device = k.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else k.dtype
-            B, H, _, hd = k.shape
-            check_fits(2 * self.n_slots * B * H * self.max_len * hd * dtype.itemsize,
-                       f"the KV cache ({self.n_slots} (loop, layer) slots x {B} rows x {self.max_len} positions)", k.device)
-            self.k = k.new_zeros(self.n_slots, B, H, self.max_len, hd, dtype=dtype)
-            self.v = torch.zeros_like(self.k)
+            self.allocate(k)
         if self.pos_t is not None:  # static decoding: fixed shapes, whatever the position
             self.k[slot].index_copy_(2, self.pos_t, k.to(self.k.dtype))
             self.v[slot].index_copy_(2, self.pos_t, v.to(self.v.dtype))
@@ -243,6 +300,41 @@ class KVCache:
         self.k[slot, :, :, self.pos:end] = k
         self.v[slot, :, :, self.pos:end] = v
         return self.k[slot, :, :, :end], self.v[slot, :, :, :end]
+
+    def allocate(self, k):
+        # in the dtype attention reads K/V in: under autocast (bf16 on a GPU) that is the
+        # autocast dtype, whatever RoPE and QK-norm produced (fp32), so the cache takes
+        # half the memory and holds exactly what the uncached forward's attention sees
+        device = k.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else k.dtype
+        B, H, _, hd = k.shape
+        n = self.n_slots
+        if self.layout is not None:  # shared core slots: K per group kept, not K per loop
+            P, K, M, _ = self.layout
+            n = self.n_slots - K * M + K * self.core_groups()
+        check_fits(2 * n * B * H * self.max_len * hd * dtype.itemsize,
+                   f"the KV cache ({n} (loop, layer) slots x {B} rows x {self.max_len} positions)", k.device)
+        self.k = k.new_zeros(n, B, H, self.max_len, hd, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def update_shared(self, slot, k, v):
+        """update() under kv_sharing (see the class docstring)."""
+        P, K, M, (kind, N) = self.layout
+        if self.k is None:
+            self.allocate(k)
+        p, t = self.physical(slot)
+        end = self.pos + k.size(2)
+        if kind == "first" and t is not None and t > 0:  # loop 1's K/V serve every later loop
+            return self.k[p, :, :, :end], self.v[p, :, :, :end]
+        self.k[p, :, :, self.pos:end] = k
+        self.v[p, :, :, self.pos:end] = v
+        if kind == "mean" and t is not None:
+            if self.mean_sum is None:
+                self.mean_sum = [None] * K
+            j = p - P
+            ks, vs, n = self.mean_sum[j] or (0.0, 0.0, 0)
+            self.mean_sum[j] = (ks + k.float(), vs + v.float(), n + 1)
+        return self.k[p, :, :, :end], self.v[p, :, :, :end]
 
     def update_route(self, i, n_rec, score, sel=None):
         """MoR: store recursion i's router scores (then its selections) for the new tokens;
@@ -809,7 +901,7 @@ class LoopGPT(nn.Module):
         slot = cfg.n_prelude + cfg.n_core * M  # the coda's slots (a MoR loop may have stopped early)
         x = self.run_coda(x, rope, cache, slot)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         return x
 
     def loop_input(self, idx, rope, cache):
@@ -1013,11 +1105,14 @@ class LoopGPT(nn.Module):
 
     # ---- generation --------------------------------------------------------------------
 
-    def kv_cache_bytes(self, batch, loops, dtype=torch.float32):
-        """What new_cache(loops) will hold for `batch` rows: K and V at every (loop, layer) slot."""
-        cfg = self.config  # (one slot per layer visit: the effective depth)
-        return (2 * self.effective_depth(loops) * batch * cfg.n_kv_head * cfg.block_size * (cfg.n_embd // cfg.n_head)
-                * dtype.itemsize)
+    def kv_cache_bytes(self, batch, loops, dtype=torch.float32, kv_sharing="none"):
+        """What new_cache(loops, kv_sharing) will hold for `batch` rows: K and V at every slot
+        (without sharing one per layer visit, the effective depth)."""
+        cfg = self.config
+        kind, N = parse_kv_sharing(kv_sharing)
+        groups = loops if kind == "none" else min(N, loops) if kind == "window" else 1
+        slots = cfg.n_prelude + cfg.n_core * groups + cfg.n_coda
+        return 2 * slots * batch * cfg.n_kv_head * cfg.block_size * (cfg.n_embd // cfg.n_head) * dtype.itemsize
 
     def activation_bytes(self, batch, seq_len, loops, dtype=torch.float32):
         """A rough estimate of what a training step keeps for backward: per token and block
@@ -1031,14 +1126,20 @@ class LoopGPT(nn.Module):
             return visits * per_visit + grad_loops * batch * seq_len * cfg.n_embd * dtype.itemsize
         return (cfg.n_prelude + cfg.n_core * grad_loops + cfg.n_coda) * per_visit
 
-    def new_cache(self, loops):
+    def new_cache(self, loops, kv_sharing="none"):
+        """An empty KV cache for budget `loops`; kv_sharing (KVCache) shares the core's slots
+        across loops: memory that does not grow with the budget, at the price of exactness."""
         cfg = self.config
-        return KVCache(cfg.n_prelude + cfg.n_core * loops + cfg.n_coda, cfg.block_size)
+        sharing = parse_kv_sharing(kv_sharing)
+        if sharing[0] != "none" and cfg.routing == "mor":
+            raise ValueError("kv_sharing with routing='mor': MoR's cache keeps its own per-recursion selections")
+        layout = None if sharing[0] == "none" else (cfg.n_prelude, cfg.n_core, loops, sharing)
+        return KVCache(cfg.n_prelude + cfg.n_core * loops + cfg.n_coda, cfg.block_size, layout)
 
     @torch.inference_mode()  # no autograd bookkeeping at all: measurably faster than no_grad
     def generate(self, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None,
                  use_cache=True, generator=None, schedule=None, exit=None, min_loops=1, loops_used=None,
-                 cuda_graph=True):
+                 cuda_graph=True, kv_sharing="none"):
         """
         Sample max_new_tokens tokens after idx (B, T) at loop budget `loops` (or with
         the loop schedule `schedule`).
@@ -1066,21 +1167,27 @@ class LoopGPT(nn.Module):
         cuda_graph: on a GPU, each cached step after the prompt is captured once as a CUDA
         graph and replayed (see graph_decode_step): the same arithmetic without launching
         ~2,000 small kernels from Python per token. Not for early exits, MoR or modulation.
+
+        kv_sharing: 'none' (exact), or 'first' | 'last' | 'mean' | 'window:N', a cache whose
+        core slots are shared across loops (KVCache): memory constant in the budget.
         """
         steps = self.steps(loops, schedule)
+        sharing = parse_kv_sharing(kv_sharing)[0]
+        if sharing != "none" and (exit is not None or not use_cache):
+            raise ValueError(f"kv_sharing={kv_sharing} shares the KV cache: it needs use_cache=True and no exit")
         if exit is not None:
             check_exit(exit, self.config)
             if not use_cache:
                 raise ValueError("early exit decodes with the KV cache: use_cache=True")
         bs, cfg = self.config.block_size, self.config
         graphed = (cuda_graph and use_cache and exit is None and idx.is_cuda and cfg.routing != "mor"
-                   and cfg.modulation == "none")
+                   and cfg.modulation == "none" and sharing == "none")
         cache = replay = None
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits, _ = self(idx[:, -bs:], schedule=steps)
             elif cache is None or idx.size(1) > bs:
-                cache = self.new_cache(len(steps))
+                cache = self.new_cache(len(steps), kv_sharing)
                 logits, _ = self(idx[:, -bs:], schedule=steps, cache=cache)
                 replay = None  # a graph holds its cache's buffers: past block_size each step fills a new cache
             elif graphed:
@@ -1142,7 +1249,7 @@ class LoopGPT(nn.Module):
             static_idx.copy_(idx)
             cache.pos_t.fill_(cache.pos)
             graph.replay()
-            cache.pos += 1
+            cache.advance(1)
             return static_logits.clone()
         return replay
 
@@ -1200,7 +1307,7 @@ class LoopGPT(nn.Module):
         if kind == "gate_all" and M > 1:
             x = torch.where(done.view(-1, 1, 1), x_exit, x)
         x = self.run_coda(x, rope, cache, coda_slot)  # every row's final state: the real coda K/V
-        cache.pos += 1
+        cache.advance(1)
         return self.logits(self.norm_f(x)), used
 
     # ---- bookkeeping ------------------------------------------------------------------
