@@ -32,7 +32,10 @@ drawn per item with a generator seeded by the item's index, never the item itsel
 Routes (the columns): every budget in --budgets (uniform steps; one pass to the largest
 budget reads the smaller ones off its loop states where that is exact), every LoopFormer
 schedule in --schedule, and every per-token exit in --exit (run at the largest budget,
-teacher-forced one position at a time through the KV cache; the mean loops used are reported).
+teacher-forced one position at a time through the KV cache; the mean loops used are reported),
+and with --kv_sharing=last,mean,... every budget again, teacher-forced one position at a time
+through a cache whose K/V are shared across loops (what that memory saving costs; `none` is
+the exact cache and reproduces the budget's column).
 
 Output: one table (rows tasks, columns routes), a JSONL record appended to OUT_DIR/eval.jsonl
 and a plot of every metric against the budget (OUT_DIR/eval.png).
@@ -244,6 +247,10 @@ def route_logits(model, idx, routes, where):
     for name, r in routes:
         if "schedule" in r:
             yield name, model(idx, schedule=r["schedule"])[0][where], None
+        elif "kv_sharing" in r:  # teacher-forced decoding, one token at a time through a shared cache
+            cache = model.new_cache(r["loops"], r["kv_sharing"])
+            logits = [model(idx[:, p:p + 1], loops=r["loops"], cache=cache)[0] for p in range(idx.size(1))]
+            yield name, torch.cat(logits, 1)[where], None
         elif "exit" in r:  # teacher-forced: every position decodes as generation would
             steps, cache = model.steps(r["loops"]), model.new_cache(r["loops"])
             logits, used = zip(*(model.decode_with_exit(idx[:, p:p + 1], steps, cache, r["exit"], min_loops=1)
@@ -571,8 +578,9 @@ def plot_runs(run_dirs, metric, path):
 
 # ---- the command line ------------------------------------------------------------------------
 
-def parse_routes(model, budgets, schedules, exits):
-    """Routes from --budgets / --schedule / --exit, checked against the model (one-line errors)."""
+def parse_routes(model, budgets, schedules, exits, kv_sharing=""):
+    """Routes from --budgets / --schedule / --exit / --kv_sharing, checked against the model
+    (one-line errors)."""
     cfg = model.config
     L = cfg.n_loops
     budgets = budgets or tuple(range(1, (L if cfg.routing == "mor" else 2 * L) + 1))
@@ -594,6 +602,12 @@ def parse_routes(model, budgets, schedules, exits):
         except ValueError as e:
             fail(f"--exit={spec}: {e}")
         routes.append((f"{spec}@{max(budgets)}", {"exit": exit, "loops": max(budgets)}))
+    for spec in filter(None, kv_sharing.split(",")):
+        try:
+            model.new_cache(1, spec)
+        except ValueError as e:
+            fail(f"--kv_sharing={spec}: {e}")
+        routes += [(f"kv {spec} M={M}", {"kv_sharing": spec, "loops": M}) for M in budgets]
     return routes
 
 
@@ -604,6 +618,8 @@ def main():
         budgets=(),              # loop budgets M; () = 1..2L (1..L for MoR)
         schedule="",             # LoopFormer schedules in units of 1/L (or fractions), several separated by "/"
         exit="",                 # per-token exits kind:threshold, comma-separated, at the largest budget
+        kv_sharing="",           # K/V shared across loops, comma-separated (last,mean,first,window:N; none =
+                                 # the exact cache): every budget scored by decoding one token at a time
         max_per_task=0,          # items per task, the first N (0 = all)
         max_text_tokens=0,       # tokens of a text task, the first N (0 = all)
         stride=0,                # text tasks: sliding-window stride (0 = block_size / 2)
@@ -671,7 +687,7 @@ def main():
     meta["data_dir"] = tc.get("data_dir") or os.path.join(ROOT, "data", tc.get("dataset", "pydoc"))
     if args["stride"] > model.config.block_size:
         fail(f"--stride={args['stride']}: a window moves by at most its length, block_size={model.config.block_size}")
-    routes = parse_routes(model, args["budgets"], args["schedule"], args["exit"])
+    routes = parse_routes(model, args["budgets"], args["schedule"], args["exit"], args["kv_sharing"])
     deepest = max(len(r.get("schedule", ())) or r["loops"] for _, r in routes)
     try:  # one pass keeps every loop's state of a batch (and an exit route its KV cache)
         check_fits(deepest * args["batch_tokens"] * model.config.n_embd * 4, f"--budgets up to {deepest} "

@@ -8,6 +8,7 @@ Generate text from a trained LoopGPT at several loop budgets, side by side.
     python sample.py --schedule=3,2,2,1           # LoopFormer: 4 steps of 3/8, 2/8, 2/8, 1/8
     python sample.py --budgets=2,8 --schedule=3,2,2,1/0.5,0.5   # several, side by side
     python sample.py --budgets=16 --exit=kl:1e-3  # per-token early exit (also latent:0.03, gate:0.9)
+    python sample.py --budgets=4,16 --kv_sharing=last   # K/V memory constant in the budget (also mean, first, window:N)
 
 Every budget restarts the random generator from the same seed, so the differences
 between budgets come from the loops alone.
@@ -20,7 +21,7 @@ import time
 import torch
 
 from configs import autocast_context, detect_device, fail, parse_args, print_table
-from loopgpt import check_fits, load_checkpoint, model_from_checkpoint, parse_exit, parse_schedule
+from loopgpt import check_fits, load_checkpoint, model_from_checkpoint, parse_exit, parse_kv_sharing, parse_schedule
 from data.tokenizer import load_tokenizer
 
 defaults = dict(
@@ -40,6 +41,7 @@ defaults = dict(
     use_cache=True,
     exit="",                 # per-token early exit, kind:threshold: kl:1e-3, latent:0.03, gate:0.9, gate_all:0.9
     min_loops=1,             # with exit: no token stops before this many loops
+    kv_sharing="none",       # K/V shared across loops: none (exact) | last | mean | first | window:N
 )
 args, _ = parse_args(sys.argv[1:], defaults, allow_config=False)
 for key, ok, need in (("num_samples", args["num_samples"] >= 1, ">= 1"),
@@ -51,6 +53,12 @@ for key, ok, need in (("num_samples", args["num_samples"] >= 1, ">= 1"),
                       ("min_loops", args["min_loops"] >= 1, ">= 1")):
     if not ok:
         fail(f"--{key}={args[key]}: need {key} {need}")
+try:
+    parse_kv_sharing(args["kv_sharing"])
+except ValueError as e:
+    fail(f"--kv_sharing={args['kv_sharing']}: {e}")
+if args["kv_sharing"] != "none" and (args["exit"] or not args["use_cache"]):
+    fail(f"--kv_sharing={args['kv_sharing']} shares the KV cache: it needs --use_cache=True and no --exit")
 if args["min_loops"] > 1 and not args["exit"]:
     fail("--min_loops holds back an early exit: it needs --exit (e.g. --exit=kl:1e-3)")
 if args["threads"]:
@@ -110,8 +118,8 @@ if args["use_cache"]:  # refuse a budget whose KV cache cannot fit before alloca
     for name, route, M in routes:
         try:
             cache_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-            check_fits(model.kv_cache_bytes(1, M, cache_dtype), f"{name}: the KV cache ({model.effective_depth(M)} "
-                       f"(loop, layer) slots x {cfg.block_size} positions)", device)
+            check_fits(model.kv_cache_bytes(1, M, cache_dtype, args["kv_sharing"]), f"{name}: the KV cache "
+                       f"({args['kv_sharing']} sharing, {cfg.block_size} positions)", device)
         except ValueError as e:
             fail(f"{e}; choose a smaller budget")
 
@@ -126,12 +134,14 @@ for name, route, M in routes:
         with autocast:
             y = model.generate(x, args["max_new_tokens"], temperature=args["temperature"],
                                top_k=args["top_k"] or None, use_cache=args["use_cache"], exit=exit,
-                               min_loops=args["min_loops"], loops_used=used, **route)
+                               min_loops=args["min_loops"], loops_used=used, kv_sharing=args["kv_sharing"], **route)
         new = [t for t in y[0, len(start_ids):].tolist() if t < enc.n_vocab]  # drop padded-vocab ids
         texts.append(enc.decode(new))
     dt = time.time() - t0
     tok_s = args["num_samples"] * args["max_new_tokens"] / dt
-    rows.append((name, model.effective_depth(M), f"{tok_s:.1f}"))
+    kv_mb = model.kv_cache_bytes(1, M, torch.bfloat16 if dtype == "bfloat16" else torch.float32,
+                                 args["kv_sharing"]) / 2**20
+    rows.append((name, model.effective_depth(M), f"{tok_s:.1f}", f"{kv_mb:.2f}"))
     print(f"\n━━━ {name} | effective depth {model.effective_depth(M)} | {tok_s:.1f} tokens/s ━━━")
     for i, text in enumerate(texts):
         if i:
@@ -143,4 +153,4 @@ for name, route, M in routes:
         what = "exit " + args["exit"] if exit else "MoR routing"
         print(f"  [{what}] loops per token: mean {sum(flat) / len(flat):.2f} of {M} | histogram (loops:tokens) {hist}")
 print()
-print(print_table(rows, ["route", "depth", "tokens/s"]))
+print(print_table(rows, ["route", "depth", "tokens/s", f"KV MiB ({args['kv_sharing']})"]))

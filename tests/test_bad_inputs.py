@@ -115,6 +115,8 @@ def cases(fx):
             ([ck, "--seed=-1"], "seed in [0, 2^63)"), ([ck, f"--seed={2**64}"], "seed in [0, 2^63)"),
             ([ck, "--temperature=inf"], "finite and >= 0"), ([ck, "--threads=100000"], "cores"),
             ([ck, "--min_loops=0"], "min_loops >= 1"), ([ck, "--min_loops=3"], "it needs --exit"),
+            ([ck, "--kv_sharing=half"], "valid: none, first, last, mean, window:N"),
+            ([ck, "--kv_sharing=last", "--exit=kl:1e-3"], "no --exit"),
             ([ck, "--exit=kl"], ("--exit=kl", "kl:1e-3")), ([ck, "--exit=zz:1"], "kind in"),
             ([ck, "--schedule=3,3"], "--schedule=3,3"), ([ck, "--schedule=a,b"], "not a comma-separated list"),
             ([f"--out_dir={fx / 'trunc'}"], "cannot read checkpoint"), ([f"--out_dir={fx / 'junk'}"], "cannot read checkpoint"),

@@ -283,6 +283,19 @@ def test_cli_schedules_for_loopformer(checkpoint_dir):
     assert not (out / "eval.png").exists()
 
 
+def test_cli_kv_sharing_columns(checkpoint_dir, monkeypatch):
+    # teacher-forced decoding through the exact cache ("none") reproduces each budget's column;
+    # a shared cache is its own column per budget, and at M = 1 sharing changes nothing
+    out = checkpoint_dir / "plain"
+    monkeypatch.setattr(sys, "argv", ["eval.py", f"--out_dir={out}", f"--data_dir={checkpoint_dir}",
+                                      "--tasks=wikitext2", "--budgets=1,3", "--kv_sharing=none,last", "--plot=False"])
+    ev.main()
+    res = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])["results"]["wikitext2"]
+    for M in (1, 3):
+        assert res[f"kv none M={M}"]["bpb"] == pytest.approx(res[f"M={M}"]["bpb"], rel=1e-5)
+    assert res["kv last M=1"]["bpb"] == pytest.approx(res["M=1"]["bpb"], rel=1e-5)
+
+
 def test_cli_under_torchrun_matches_one_process(checkpoint_dir, tmp_path):
     """Items and windows split over 2 processes (gloo), summed: the same numbers as one process."""
     args = [f"--data_dir={checkpoint_dir}", "--tasks=core,bpb", "--budgets=1,2", "--plot=False"]
@@ -306,6 +319,7 @@ def test_cli_under_torchrun_matches_one_process(checkpoint_dir, tmp_path):
     (["--budgets=0"], "--budgets=0"),
     (["--schedule=0.5,0.25"], "--schedule"),
     (["--exit=gate:0.9"], "--exit=gate:0.9"),
+    (["--kv_sharing=half"], "--kv_sharing=half"),
     (["--max_per_task=-1"], "max_per_task"),
     (["--runs=/nonexistent"], "no log.jsonl or eval.jsonl"),
     (["--tasks=wikitext2", "--data_dir=/nonexistent"], "python data/eval/prepare.py"),
