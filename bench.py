@@ -7,7 +7,7 @@ verdict against its target.
     python bench.py --quick=True    # under a minute on a 2-core CPU
     python bench.py --profile=True  # torch.profiler tables of a train step and a decode step
     python bench.py --only=generation,relu2   # some sections: mfu, loop, generation, relu2,
-                                              # compile, routes, memory, eval
+                                              # compile, routes, memory, eval, kv
 
 Measured:
 - training throughput and MFU of a d=512 looped model: on CPU against the matmul throughput
@@ -28,6 +28,8 @@ Measured:
   backprop (bptt_k = 4) and per-loop activation checkpointing should not (target <= 1.3x).
   On CPU each setting runs in a fresh process and the peak is the process's high-water
   RSS during one training step minus its RSS before it; on CUDA, max_memory_allocated.
+- K/V memory per cached position against the budget M for each kv_sharing (measured from the
+  cache's buffers), and decoding speed with each: shared caches should stay constant in M.
 
 The first line says the threads and the OpenMP wait policy it ran with (PASSIVE unless
 OMP_WAIT_POLICY is set: see below).
@@ -54,7 +56,7 @@ import torch.nn.functional as F  # noqa: E402
 from configs import autocast_context, detect_device, fail, gpu_peak_flops, parse_args, print_table  # noqa: E402
 from loopgpt import LoopGPT, LoopGPTConfig, ReLUSquared, compile_blocks, sample_short_route  # noqa: E402
 
-SECTIONS = ("mfu", "loop", "generation", "relu2", "compile", "routes", "memory", "eval")
+SECTIONS = ("mfu", "loop", "generation", "relu2", "compile", "routes", "memory", "eval", "kv")
 args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "memory_probe": "", "profile": False,
                                     "only": ""}, allow_config=False)
 only = [s for s in args["only"].split(",") if s] or list(SECTIONS)
@@ -198,6 +200,45 @@ def bench_generation():
     print(print_table(rows, ["M", "depth", "tokens/s (B=1)", "s/token vs M=1", "depth vs M=1",
                              "ratio (target 0.8..1.2)", "verdict"]))
     return speedup
+
+
+def bench_kv_sharing():
+    """K/V bytes per cached position against the budget M for each kv_sharing, measured from the
+    cache's buffers after a prompt and 32 decoded tokens (on CUDA also as allocator memory),
+    and decoding tokens/s at M = 8: sharing should hold memory constant in M at the same speed."""
+    torch.manual_seed(0)
+    cfg = LoopGPTConfig(vocab_size=2048, block_size=64, n_embd=128, n_head=4, n_prelude=1, n_core=2,
+                        n_coda=1, n_loops=4, injection="add")
+    model = LoopGPT(cfg).to(device).eval()
+    prompt = torch.randint(0, 2048, (1, 16), device=device)
+    budgets, kinds = (1, 2, 4, 8, 16), ("none", "last", "mean", "first", "window:2")
+    rows, constant = [], True
+    for kind in kinds:
+        per_pos = []
+        for M in budgets:
+            cache = model.new_cache(M, kind)
+            with torch.inference_mode():
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                    before = torch.cuda.memory_allocated()
+                model(prompt, loops=M, cache=cache)
+                for _ in range(32):
+                    model(prompt[:, -1:], loops=M, cache=cache)
+                allocated = torch.cuda.memory_allocated() - before if device.startswith("cuda") else None
+            per_pos.append(cache.nbytes() / cfg.block_size)
+            if allocated is not None and allocated < cache.nbytes():
+                print(f"note: {kind} M={M}: the allocator holds {allocated:,} bytes, the cache {cache.nbytes():,}")
+        if kind in ("last", "mean", "first"):
+            constant = constant and per_pos[-1] == per_pos[0]
+        rows.append((kind, *[f"{b / 1024:.1f}" for b in per_pos], f"{per_pos[-1] / per_pos[0]:.1f}x"))
+    print(f"\nKV cache, tiny size (1 + 2⊗M + 1, d=128, fp32): KiB per cached position (all slots), on {device}")
+    print(print_table(rows, ["kv_sharing", *[f"M={M}" for M in budgets], "M=16 / M=1"]))
+    secs = time_steps({k: (lambda k=k: model.generate(prompt, 32, loops=8, temperature=0, kv_sharing=k))
+                       for k in kinds}, rounds=2 if quick else 3, warmup=1)
+    print(print_table([(k, f"{32 / secs[k]:,.1f}", f"{secs['none'] / secs[k]:.2f}x") for k in kinds],
+                      ["kv_sharing", "tok/s at M=8 (B=1)", "speed vs none"]))
+    print(f"memory constant in M for last / mean / first: {verdict(constant)}")
+    return constant
 
 
 def bench_compile():
@@ -387,6 +428,6 @@ elif __name__ == "__main__":
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}{' (quick)' if quick else ''}")
     for name, bench in (("mfu", bench_train_mfu), ("loop", bench_loop_vs_deep), ("generation", bench_generation),
                         ("relu2", bench_relu2), ("compile", bench_compile), ("routes", bench_short_routes),
-                        ("memory", bench_loop_memory), ("eval", bench_eval_budgets)):
+                        ("memory", bench_loop_memory), ("eval", bench_eval_budgets), ("kv", bench_kv_sharing)):
         if name in only and not (name == "compile" and quick and not args["only"]):  # compiling takes a CPU minute
             bench()
