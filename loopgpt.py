@@ -74,6 +74,8 @@ class LoopGPTConfig:
     exit_gate: bool = False    # Ouro's exit gate λ_t = σ(w·norm(h_t) + b) on every loop's state
     selective_gate: bool = False  # LoopUS: x_t = h + Ā ⊙ (f(h) - h), Ā from the loop's own update
     confidence_head: bool = False  # LoopUS: σ(w·LN(f(h) - h) + b), will this loop's prediction be right
+    melt: bool = False         # MELT: the core's K/V from a gated per-layer latent, one cache slot per layer
+    melt_chunk: int = 16       # MELT trains chunk by chunk: later chunks read earlier ones' shared K/V
     lora_rank: int = 0         # per-loop LoRA on the core's matrices (Relaxed Recursive Transformers); 0 = off
     lora_targets: str = "q,v"  # which: some of LORA_TARGETS, or "all" (Relaxed: every linear of the block)
     routing: str = "none"      # one of ROUTINGS: "mor" = Mixture-of-Recursions token routing (see route)
@@ -112,6 +114,10 @@ class LoopGPTConfig:
                                                                                       False, False):
             problems.append("routing='mor' routes a plain loop: it needs injection='none', state_init='prelude', "
                             "modulation='none', and no exit_gate, selective_gate or confidence_head")
+        if self.melt and (self.injection in ("attn_first", "full_attn") or self.modulation != "none"
+                          or self.routing != "none" or self.melt_chunk < 1):
+            problems.append("melt=True takes the core's keys and values from its latent: not with injection "
+                            "attn_first / full_attn, modulation or routing; and melt_chunk >= 1")
         if self.injection == "none" and self.state_init != "prelude":
             problems.append(f"injection='none' with state_init={self.state_init!r} never reads the input")
         if min(self.vocab_size, self.block_size, self.n_embd, self.n_head, self.n_kv_head) < 1:
@@ -352,6 +358,34 @@ class KVCache:
         return self.route_sel[i, :, :end]
 
 
+class MeltCache(KVCache):
+    """MELT's training-time cache (the forward runs chunk by chunk): the same reads as a KVCache
+    with kv_sharing='last' (a past token's K/V are its last loop's), but kept out of place,
+    concatenated chunk after chunk, so gradients flow through the earlier chunks' K/V."""
+
+    def __init__(self, layout):
+        super().__init__(0, 0, layout)
+        self.past, self.new = {}, {}  # buffer slot -> (K, V) of earlier chunks / of this chunk's latest loop
+
+    def update(self, slot, k, v):
+        p, _ = self.physical(slot)
+        self.new[p] = (k, v)
+        if p not in self.past:
+            return k, v
+        past_k, past_v = self.past[p]
+        return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+
+    def advance(self, T):
+        for p, (k, v) in self.new.items():
+            self.past[p] = (k, v) if p not in self.past else (torch.cat([self.past[p][0], k], dim=2),
+                                                              torch.cat([self.past[p][1], v], dim=2))
+        self.new = {}
+        self.pos += T
+
+    def nbytes(self):
+        return sum(k.nbytes + v.nbytes for k, v in self.past.values())
+
+
 def lora_shapes(cfg):
     """{target: (in, out)} of the per-loop LoRA's matrices (lora_targets)."""
     d, kv, hidden = cfg.n_embd, cfg.n_kv_head * (cfg.n_embd // cfg.n_head), round(cfg.mlp_ratio * cfg.n_embd)
@@ -461,8 +495,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, modulated=False, window=0):
+    def __init__(self, cfg, modulated=False, window=0, melt=False):
         super().__init__()
+        if melt:  # MELT's element-wise gate z = σ(W_z x + U_z h + b) over [x; h]
+            self.melt_gate = nn.Linear(2 * cfg.n_embd, cfg.n_embd)
         self.attn = Attention(cfg, window)
         self.mlp = MLP(cfg)
         self.sandwich = cfg.block_norm == "sandwich"
@@ -478,8 +514,22 @@ class Block(nn.Module):
             # identity whatever c is. DiT keeps biases here, and so do we.
             self.modulation = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
 
-    def forward(self, x, rope, cache=None, slot=0, xq=None, c=None, lora=None, key_mask=None):
+    def forward(self, x, rope, cache=None, slot=0, xq=None, c=None, lora=None, key_mask=None, latent=None):
         xq = None if xq is None else norm(xq)
+        if latent is not None:
+            # MELT (arXiv 2605.07721, Eq. 1): the layer keeps a latent per token across loops,
+            # h_t = z ⊙ h_{t-1} + (1 - z) ⊙ x_t, z = σ(W_z x_t + U_z h_{t-1} + b) (h_0 = x_1, so
+            # one loop is the plain block); keys and values come from h_t, queries from x_t.
+            # One K/V row per token and layer then serves every loop (the cache's 'last' slot)
+            store, j = latent
+            xn = self.norm_1(x)
+            h = xn if store[j] is None else store[j]
+            z = torch.sigmoid(self.melt_gate(torch.cat([xn, h], dim=-1)))
+            store[j] = h = z * h + (1 - z) * xn
+            x = x + self.attn(h, rope, cache, slot, xn, lora, key_mask)
+            x = self.norm_3(x) if self.sandwich else x
+            m = self.mlp(self.norm_2(x), lora)
+            return self.norm_4(x + m) if self.sandwich else x + m
         if c is None:
             a = self.attn(self.norm_1(x), rope, cache, slot, xq, lora, key_mask)
             x = self.norm_3(x + a) if self.sandwich else x + a  # Huginn's sandwich norm bounds the stream
@@ -520,7 +570,7 @@ class LoopGPT(nn.Module):
         # pattern, tiled over the core, says S there; the last core layer always sees everything
         pattern, short = cfg.window_pattern, max(1, cfg.block_size // 4)
         windows = [short if pattern[j % len(pattern)] == "S" and j < cfg.n_core - 1 else 0 for j in range(cfg.n_core)]
-        self.core = nn.ModuleList(Block(cfg, modulated, w) for w in windows)  # looped, weight-tied
+        self.core = nn.ModuleList(Block(cfg, modulated, w, cfg.melt) for w in windows)  # looped, weight-tied
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.norm_f = RMSNorm(d, cfg.norm_gains, cfg.norm_eps)  # the final norm, before the head
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
@@ -628,6 +678,13 @@ class LoopGPT(nn.Module):
                 getattr(self, f"lora_B_{name}").zero_()
         if cfg.routing == "mor":  # N(0, 0.02) as in the MoR code
             nn.init.normal_(self.router.weight, std=0.02)
+        if cfg.melt:
+            # MELT: z = σ(-4) ≈ 0.02 whatever the input, so a looped model converted to MELT
+            # starts as itself with each token's last-loop K/V shared (kv_sharing='last'); the
+            # paper gives no init (our choice)
+            for block in self.core:
+                block.melt_gate.weight.zero_()
+                block.melt_gate.bias.fill_(-4.0)
         if cfg.selective_gate:
             # LoopUS code (Mamba's): A_log = log(1..d), so channel i decays at rate i; the step
             # size starts log-uniform in [0.001, 0.1] per channel (the bias is its softplus⁻¹)
@@ -687,7 +744,7 @@ class LoopGPT(nn.Module):
         nn.init.trunc_normal_(x, std=std, a=-3 * std, b=3 * std, generator=generator)
         return x * math.sqrt(d) if self.config.state_init == "randn" else x
 
-    def core_pass(self, h, e, t, rope, cache, slot, c=None, key_mask=None):
+    def core_pass(self, h, e, t, rope, cache, slot, c=None, key_mask=None, latents=None):
         """
         Loop t (0-based) of the core: previous state h = h_{t-1}, loop input e (prelude
         output, i.e. the normed embedding when n_prelude = 0). Returns the core's output.
@@ -733,7 +790,8 @@ class LoopGPT(nn.Module):
                     # FLT: every layer's attention takes its queries from h_{t-1} and its
                     # keys/values from the current stream; LTai does it in layer 1 only
                     xq = h
-            x = block(x, rope, cache, slot + j, xq, c, self.lora(t, j), key_mask)
+            x = block(x, rope, cache, slot + j, xq, c, self.lora(t, j), key_mask,
+                      None if latents is None else (latents, j))
         return x
 
     def route(self, h, i, cand, cache, pos):
@@ -841,6 +899,8 @@ class LoopGPT(nn.Module):
         loop's update f(h) - x before the selective gate (the confidence head's input)."""
         cfg = self.config
         B, T = idx.shape
+        if cfg.melt and (cache is None or T > cfg.melt_chunk):
+            return self.melt_chunks(idx, steps, cache, states, depths, routes, updates)
         pos = cache.pos if cache is not None else 0
         if pos + T > cfg.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds block_size={cfg.block_size}")
@@ -864,6 +924,7 @@ class LoopGPT(nn.Module):
             n_free = depths.view(-1, 1, 1) - n_grad
             grad_from = max(0, M - cfg.bptt_k) if cfg.bptt_k else 0  # the first loop with gradient
         mor = cfg.routing == "mor"  # (steps() has checked M <= n_loops)
+        latents = [None] * cfg.n_core if cfg.melt else None  # MELT: each core layer's latent, across loops
         sel = torch.ones(B, T, dtype=torch.bool, device=idx.device)  # MoR: tokens still in the loop
         for i, dt in enumerate(steps):
             c = self.conditioning(i, math.fsum(steps[:i]), dt)
@@ -883,7 +944,7 @@ class LoopGPT(nn.Module):
                     # keep only each loop's input; recompute the loop's activations in backward
                     x_new = checkpoint(self.core_pass, h, e, i, rope, None, slot, c, key_mask, use_reentrant=False)
                 else:
-                    x_new = self.core_pass(h, e, i, rope, cache, slot, c, key_mask)
+                    x_new = self.core_pass(h, e, i, rope, cache, slot, c, key_mask, latents)
                 if mor:
                     # MoR code: selected tokens take h + g f(h), f the core with its residuals,
                     # i.e. (1 + g) h + g Δ(h); the others keep h
@@ -903,6 +964,29 @@ class LoopGPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         return x
+
+    def melt_chunks(self, idx, steps, cache, states, depths, routes, updates):
+        """
+        MELT's forward, chunk by chunk (its chunk-wise training, melt_chunk tokens at a time):
+        each chunk runs every loop, its tokens attending to each other at the current loop
+        and to the earlier chunks' shared K/V (their last loop's, from their latents), as
+        tokens decoded later will. One chunk of one token at a time is cached decoding itself.
+        """
+        if depths is not None or routes is not None:
+            raise ValueError("melt=True runs chunk by chunk: no per-sequence depths")
+        if cache is None:
+            cache = MeltCache((self.config.n_prelude, self.config.n_core, len(steps), ("last", 0)))
+        outs, chunk_states, chunk_updates = [], [], []
+        for s in range(0, idx.size(1), self.config.melt_chunk):
+            st = [] if states is not None else None
+            up = [] if updates is not None else None
+            outs.append(self.trunk(idx[:, s:s + self.config.melt_chunk], steps, cache, st, None, None, up))
+            chunk_states.append(st)
+            chunk_updates.append(up)
+        for merged, parts in ((states, chunk_states), (updates, chunk_updates)):
+            if merged is not None:
+                merged.extend(torch.cat(loop, dim=1) for loop in zip(*parts))
+        return torch.cat(outs, dim=1)
 
     def loop_input(self, idx, rope, cache):
         """Embedding and prelude: returns the loop input e and the initial state h_0."""
@@ -1086,7 +1170,7 @@ class LoopGPT(nn.Module):
         max(budgets) times fewer loops than one forward per budget (tested equal to those)."""
         budgets = sorted(set(budgets))
         head = lambda h: self.logits(self.norm_f(h) if where is None else self.norm_f(h)[where])  # noqa: E731
-        if self.config.modulation == "loopformer":
+        if self.config.modulation == "loopformer" or self.config.melt:  # (MELT: earlier chunks' K/V depend on M)
             for M in budgets:
                 yield M, head(self.trunk(idx, self.steps(M)))
             return
@@ -1131,6 +1215,10 @@ class LoopGPT(nn.Module):
         across loops: memory that does not grow with the budget, at the price of exactness."""
         cfg = self.config
         sharing = parse_kv_sharing(kv_sharing)
+        if cfg.melt:  # MELT's cache is one slot per core layer, rewritten every loop, by construction
+            if sharing[0] not in ("none", "last"):
+                raise ValueError(f"kv_sharing={kv_sharing}: a melt=True model has its own shared cache")
+            sharing = ("last", 0)
         if sharing[0] != "none" and cfg.routing == "mor":
             raise ValueError("kv_sharing with routing='mor': MoR's cache keeps its own per-recursion selections")
         layout = None if sharing[0] == "none" else (cfg.n_prelude, cfg.n_core, loops, sharing)
@@ -1172,7 +1260,7 @@ class LoopGPT(nn.Module):
         core slots are shared across loops (KVCache): memory constant in the budget.
         """
         steps = self.steps(loops, schedule)
-        sharing = parse_kv_sharing(kv_sharing)[0]
+        sharing = "last" if self.config.melt else parse_kv_sharing(kv_sharing)[0]  # (MELT's cache is shared)
         if sharing != "none" and (exit is not None or not use_cache):
             raise ValueError(f"kv_sharing={kv_sharing} shares the KV cache: it needs use_cache=True and no exit")
         if exit is not None:
@@ -1344,7 +1432,8 @@ class LoopGPT(nn.Module):
             ("modulation", "none"), ("state_init", "prelude"), ("norm_state", False), ("block_norm", "pre"),
             ("norm_gains", False), ("init", "nanochat"), ("window_pattern", "L"), ("exit_gate", False),
             ("lora_rank", 0), ("lora_targets", "q,v"), ("routing", "none"), ("bptt_k", 0), ("selective_gate", False),
-            ("confidence_head", False), ("embed_norm", True), ("qkv_bias", False)) if getattr(cfg, k) != default]
+            ("confidence_head", False), ("embed_norm", True), ("qkv_bias", False), ("melt", False))
+            if getattr(cfg, k) != default]
         return (f"LoopGPT {shape} (prelude + core⊗loops + coda), d={cfg.n_embd}, {', '.join(flags)} | "
                 f"{self.num_params() / 1e6:.2f}M unique params | effective depth {self.effective_depth()} | "
                 f"{self.flops_per_token() / 1e6:.1f} MFLOPs/token (train, M={cfg.n_loops})")
@@ -1451,13 +1540,23 @@ def init_from_source(target, source, init_core="average"):
     matrices start as close to the layer it replaces as rank r allows (exactly, at full
     rank; with lora_targets='all', as Relaxed does, the whole layer but its norm gains).
     The embedding, the final norm and the head are copied; the target's own extra
-    parameters (an injection's adapter, gates) keep their init. Returns the squared
+    parameters (an injection's adapter, gates) keep their init. A looped source of the
+    target's own shape (prelude, core and coda sizes) is copied as it is instead, its new
+    modules (e.g. MELT's gates, melt=True) keeping their init. Returns the squared
     Frobenius error of each LoRA-approximated matrix relative to the matrix it stands for
     ({name: [relative error per (loop, block)]}), empty without LoRA.
     """
     if init_core not in INIT_CORES:
         raise ValueError(f"init_core={init_core!r} (valid: {', '.join(INIT_CORES)})")
-    cfg = target.config
+    cfg, sc = target.config, source.config
+    shape = ("n_prelude", "n_core", "n_coda", "n_embd", "n_head", "n_kv_head", "mlp", "mlp_ratio", "vocab_size")
+    if sc.n_loops > 1 and all(getattr(cfg, k) == getattr(sc, k) for k in shape):
+        # the same loop: its weights as they are, the target's new modules (MELT's gates, an
+        # exit gate, ...) keep their init; parameters the target lacks are an error
+        missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
+        if unexpected:
+            raise ValueError(f"the source has parameters this model lacks ({', '.join(unexpected[:3])}): keep its flags")
+        return {}
     layers = unrolled_blocks(source)
     P, K, C = cfg.n_prelude, cfg.n_core, cfg.n_coda
     middle = layers[P:len(layers) - C]
