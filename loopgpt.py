@@ -281,8 +281,7 @@ class KVCache:
     def advance(self, T):
         """The forward over T new tokens is done: mean writes their mean K/V, then pos moves."""
         if self.mean_sum is not None:
-            P, K = self.layout[0], self.layout[1]
-            end = self.pos + T
+            P, end = self.layout[0], self.pos + T
             for j, (ks, vs, n) in enumerate(self.mean_sum):
                 self.k[P + j, :, :, self.pos:end] = ks / n
                 self.v[P + j, :, :, self.pos:end] = vs / n
@@ -322,6 +321,9 @@ class KVCache:
                    f"the KV cache ({n} (loop, layer) slots x {B} rows x {self.max_len} positions)", k.device)
         self.k = k.new_zeros(n, B, H, self.max_len, hd, dtype=dtype)
         self.v = torch.zeros_like(self.k)
+
+    def update_mixed(self, slot, melt, base, alpha):
+        raise ValueError("MELT's interpolated transition (melt_alpha < 1) is a training mode: set melt_alpha = 1")
 
     def update_shared(self, slot, k, v):
         """update() under kv_sharing (see the class docstring)."""
@@ -366,6 +368,7 @@ class MeltCache(KVCache):
     def __init__(self, layout):
         super().__init__(0, 0, layout)
         self.past, self.new = {}, {}  # buffer slot -> (K, V) of earlier chunks / of this chunk's latest loop
+        self.past_base, self.new_base = {}, {}  # phase 1: logical slot -> the plain loop's own (K, V)
 
     def update(self, slot, k, v):
         p, _ = self.physical(slot)
@@ -375,11 +378,25 @@ class MeltCache(KVCache):
         past_k, past_v = self.past[p]
         return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
 
+    def update_mixed(self, slot, melt, base, alpha):
+        """MELT's interpolated transition: attention reads α (shared MELT K/V) + (1 - α) (the
+        plain loop's own K/V at this loop), for the past chunks and the current tokens alike."""
+        p, _ = self.physical(slot)
+        self.new[p] = melt
+        self.new_base[slot] = base
+        k, v = (alpha * m + (1 - alpha) * b for m, b in zip(melt, base))
+        if p not in self.past:
+            return k, v
+        (pk, pv), (bk, bv) = self.past[p], self.past_base[slot]
+        return (torch.cat([alpha * pk + (1 - alpha) * bk, k], dim=2),
+                torch.cat([alpha * pv + (1 - alpha) * bv, v], dim=2))
+
     def advance(self, T):
-        for p, (k, v) in self.new.items():
-            self.past[p] = (k, v) if p not in self.past else (torch.cat([self.past[p][0], k], dim=2),
-                                                              torch.cat([self.past[p][1], v], dim=2))
-        self.new = {}
+        for store, new in ((self.past, self.new), (self.past_base, self.new_base)):
+            for p, (k, v) in new.items():
+                store[p] = (k, v) if p not in store else (torch.cat([store[p][0], k], dim=2),
+                                                          torch.cat([store[p][1], v], dim=2))
+            new.clear()
         self.pos += T
 
     def nbytes(self):
@@ -414,8 +431,9 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
         self.v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.record = None  # a dict {slot: [outputs]} while recording (record_attention)
 
-    def forward(self, x, rope, cache=None, slot=0, xq=None, lora=None, key_mask=None):
+    def forward(self, x, rope, cache=None, slot=0, xq=None, lora=None, key_mask=None, kv_base=None, alpha=1.0):
         # xq: where the queries come from (default x). FLT / LTai take them from the
         # previous loop's state while keys and values come from the current stream.
         # lora: this loop's low-rank deltas {target: (A, B)} on the shared matrices
@@ -431,12 +449,18 @@ class Attention(nn.Module):
         qk = apply_rotary(qk.transpose(1, 2), cos, sin)
         q, k = (norm(qk) if self.qk_norm else qk).split([self.n_head, self.n_kv_head], dim=1)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if cache is not None:
+        if kv_base is not None:  # MELT's transition: mix with the K/V the plain layer makes of kv_base
+            k_b = lora_linear(self.k, kv_base, lora, "k").view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+            k_b = apply_rotary(k_b, cos, sin)
+            k_b = norm(k_b) if self.qk_norm else k_b
+            v_b = lora_linear(self.v, kv_base, lora, "v").view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+            k, v = cache.update_mixed(slot, (k, v), (k_b, v_b), alpha)
+        elif cache is not None:
             k, v = cache.update(slot, k, v)
         gqa = self.n_head != self.n_kv_head
         if cache is not None and cache.pos_t is not None:  # static decoding: the whole buffer, masked
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.static_mask(self.window), enable_gqa=gqa)
-            return lora_linear(self.proj, y.transpose(1, 2).reshape(B, T, C), lora, "o")
+            return self.recorded(slot, lora_linear(self.proj, y.transpose(1, 2).reshape(B, T, C), lora, "o"))
         if self.window and q.size(2) == 1 and key_mask is None:  # decoding: the window is the last keys
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
         Tq, Tk = q.size(2), k.size(2)
@@ -455,7 +479,13 @@ class Attention(nn.Module):
         else:  # a chunk after a cached prefix: causal, offset by the prefix length
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return lora_linear(self.proj, y.transpose(1, 2).reshape(B, T, C), lora, "o")
+        return self.recorded(slot, lora_linear(self.proj, y.transpose(1, 2).reshape(B, T, C), lora, "o"))
+
+    def recorded(self, slot, out):
+        """out, also kept in self.record[slot] when recording (MELT's attention-aligned distillation)."""
+        if self.record is not None:
+            self.record.setdefault(slot, []).append(out)
+        return out
 
 
 class ReLUSquared(torch.autograd.Function):
@@ -521,12 +551,14 @@ class Block(nn.Module):
             # h_t = z ⊙ h_{t-1} + (1 - z) ⊙ x_t, z = σ(W_z x_t + U_z h_{t-1} + b) (h_0 = x_1, so
             # one loop is the plain block); keys and values come from h_t, queries from x_t.
             # One K/V row per token and layer then serves every loop (the cache's 'last' slot)
-            store, j = latent
+            store, j, alpha = latent
             xn = self.norm_1(x)
             h = xn if store[j] is None else store[j]
             z = torch.sigmoid(self.melt_gate(torch.cat([xn, h], dim=-1)))
             store[j] = h = z * h + (1 - z) * xn
-            x = x + self.attn(h, rope, cache, slot, xn, lora, key_mask)
+            # alpha < 1: MELT's interpolated transition (phase 1), K/V = α KV(h) + (1 - α) KV(x)
+            x = x + self.attn(h, rope, cache, slot, xn, lora, key_mask, kv_base=xn if alpha < 1 else None,
+                              alpha=alpha)
             x = self.norm_3(x) if self.sandwich else x
             m = self.mlp(self.norm_2(x), lora)
             return self.norm_4(x + m) if self.sandwich else x + m
@@ -620,6 +652,7 @@ class LoopGPT(nn.Module):
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        self.melt_alpha = 1.0  # MELT's phase-1 interpolation (train.py sets it; 1 = MELT itself)
 
     @torch.no_grad()
     def init_weights(self):
@@ -791,7 +824,7 @@ class LoopGPT(nn.Module):
                     # keys/values from the current stream; LTai does it in layer 1 only
                     xq = h
             x = block(x, rope, cache, slot + j, xq, c, self.lora(t, j), key_mask,
-                      None if latents is None else (latents, j))
+                      None if latents is None else (latents, j, self.melt_alpha))
         return x
 
     def route(self, h, i, cand, cache, pos):
@@ -972,7 +1005,7 @@ class LoopGPT(nn.Module):
         and to the earlier chunks' shared K/V (their last loop's, from their latents), as
         tokens decoded later will. One chunk of one token at a time is cached decoding itself.
         """
-        if depths is not None or routes is not None:
+        if depths is not None:  # (routes: MoR's, which melt=True excludes, so they stay empty)
             raise ValueError("melt=True runs chunk by chunk: no per-sequence depths")
         if cache is None:
             cache = MeltCache((self.config.n_prelude, self.config.n_core, len(steps), ("last", 0)))
@@ -1478,6 +1511,35 @@ class LoopGPT(nn.Module):
         # CPU result in the README would move in its last digits, so CPUs keep foreach.)
         fused = all(p.is_cuda for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+
+# ---- MELT's post-training: distillation from the looped model it was converted from ----------
+
+def melt_distill_loss(student, teacher, idx, loops, lambda_attn=0.1, forward=None):
+    """
+    MELT's phase 2, attention-aligned distillation (arXiv 2605.07721): the frozen looped
+    model it was converted from teaches it, L = KL(p_teacher || p_student) + lambda_attn *
+    mean over every (layer, loop) visit of MSE(o_student, sg(o_teacher)), o the attention
+    output (after its projection). The paper's weight is 0.1; the form of its KD term is not
+    given: here the token-mean KL at temperature 1, and the MSE a mean over elements.
+    forward: the student's forward (train.py passes its DDP wrapper), default student.
+    """
+    attention = lambda m: [a for a in m.modules() if isinstance(a, Attention)]  # noqa: E731
+    pairs = list(zip(attention(student), attention(teacher)))
+    for s, t in pairs:
+        s.record, t.record = {}, {}
+    try:
+        with torch.no_grad():
+            t_logits, _ = teacher(idx, loops=loops)
+        s_logits, _ = (forward or student)(idx, loops=loops)
+        kd = F.kl_div(F.log_softmax(s_logits, -1).flatten(0, 1), F.log_softmax(t_logits, -1).flatten(0, 1),
+                      log_target=True, reduction="batchmean")
+        mse = [F.mse_loss(torch.cat(s.record[slot], dim=1), torch.cat(t.record[slot], dim=1))
+               for s, t in pairs for slot in s.record]
+    finally:
+        for s, t in pairs:
+            s.record = t.record = None
+    return kd + lambda_attn * torch.stack(mse).mean()
 
 
 # ---- uptraining: a looped model initialised from a plain one -----------------------------------

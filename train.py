@@ -29,8 +29,9 @@ from tqdm import tqdm
 from configs import (TrainConfig, autocast_context, detect_device, fail, get_lr, gpu_peak_flops, make_dir,
                      model_config_defaults, parse_args, print_table, train_config_defaults)
 from loopgpt import (CHECKPOINT_VERSION, INIT_CORES, LoopGPT, LoopGPTConfig, check_fits, compile_blocks,
-                     init_from_source, layer_similarity, load_checkpoint, model_from_checkpoint, muon_momentum,
-                     parse_exit, per_sequence_problem, sample_short_route, save_checkpoint, unrolled_blocks)
+                     init_from_source, layer_similarity, load_checkpoint, melt_distill_loss, model_from_checkpoint,
+                     muon_momentum, parse_exit, per_sequence_problem, sample_short_route, save_checkpoint,
+                     unrolled_blocks)
 from data.huggingface import load_model as load_hf_model
 from data.tokenizer import load_tokenizer, token_byte_lengths
 
@@ -192,6 +193,10 @@ def get_batch(split, rng, B, T):
 
 # ---- model, optimizer, resume -----------------------------------------------------------
 
+def cfg_shape(c):
+    return f"{c.n_prelude} + {c.n_core}⊗{c.n_loops} + {c.n_coda}"
+
+
 ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
 model_keys = {k: args[k] for k in model_defaults}
 source = None  # uptraining: the pretrained model this run starts from
@@ -208,7 +213,10 @@ if tc.init_from and not tc.resume:
         else:
             source_ckpt = load_checkpoint(os.path.join(tc.init_from, "ckpt.pt"))
             source = model_from_checkpoint(source_ckpt)
-        source_depth = len(unrolled_blocks(source))
+        try:
+            source_depth = len(unrolled_blocks(source))
+        except ValueError:
+            source_depth = None  # a loop with injection etc.: only a model of its own shape starts from it
     except (ValueError, SystemExit) as e:  # (SystemExit: a download that failed, in one line)
         fail(f"init_from={tc.init_from}: {str(e).removeprefix('error: ')}")
     if source_ckpt["data_meta"].get("tokenizer") != meta["tokenizer"]:
@@ -220,7 +228,7 @@ if tc.init_from and not tc.resume:
     named = any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:])
     given = {k for k, src in explicit.items() if src == "command line" or named}
     model_keys.update({k: v for k, v in source_ckpt["model_config"].items() if k not in given})
-    if "n_loops" not in given:
+    if "n_loops" not in given and source_depth is not None:
         replaced = source_depth - model_keys["n_prelude"] - model_keys["n_coda"]
         model_keys["n_loops"] = max(1, replaced // max(1, model_keys["n_core"]))
 if "vocab_size" not in explicit and source is None:  # from the data, padded to a multiple of 64 for fast matmuls
@@ -260,7 +268,12 @@ else:
             lora_errors = init_from_source(model, source, tc.init_core)
         except ValueError as e:
             fail(f"init_from={tc.init_from}: {e}")
-        if master:
+        if master and source_depth is None:  # the same loop, copied as it is
+            new = sorted({n.split(".")[0] if not n.startswith("core.") else n.split(".")[2]
+                          for n in model.state_dict() if n not in source.state_dict()})
+            print(f"initialised from {tc.init_from}/ckpt.pt (trained {source_ckpt['iter_num']} steps): the same "
+                  f"{cfg_shape(model.config)} loop, copied; new parameters keep their init: {', '.join(new) or 'none'}")
+        elif master:
             c = model.config
             trained = "" if source_ckpt["iter_num"] is None else f", trained {source_ckpt['iter_num']} steps"
             print(f"initialised from {tc.init_from}{'' if tc.init_from.startswith('hf:') else '/ckpt.pt'} "
@@ -286,6 +299,23 @@ for spec in filter(None, tc.sweep_exits.split(",")):
         fail(f"sweep_exits: '{spec}': {e}")
 if tc.gate_stage and not cfg.exit_gate:
     fail("gate_stage trains Ouro's exit gate: the model needs exit_gate=True")
+teacher = None  # MELT's phase 2: the looped model this one was converted from, frozen
+if (tc.melt_transition or tc.melt_distill) and not cfg.melt:
+    fail("melt_transition / melt_distill post-train a MELT model: it needs melt=True")
+if tc.melt_transition < 0 or tc.lambda_attn < 0:
+    fail("need melt_transition >= 0 and lambda_attn >= 0")
+if tc.melt_distill:
+    if not tc.init_from or tc.init_from.startswith("hf:"):
+        fail("melt_distill distills from the looped model this one was converted from: give its --init_from=OUT_DIR")
+    if tc.objective != "final" or tc.step_loss != "final" or tc.gate_stage or tc.loop_sampling == "per_sequence":
+        fail("melt_distill has its own loss: objective=final, step_loss=final, no gate_stage, a depth shared by the batch")
+    try:
+        teacher = model_from_checkpoint(load_checkpoint(os.path.join(tc.init_from, "ckpt.pt")))
+    except ValueError as e:
+        fail(f"init_from={tc.init_from}: {e}")
+    if teacher.config.melt or any(getattr(teacher.config, k) != getattr(cfg, k) for k in ("n_prelude", "n_core", "n_coda")):
+        fail(f"melt_distill: init_from={tc.init_from} must be the looped model of this shape this one was converted from")
+    teacher.to(device).eval().requires_grad_(False)
 model.to(device)
 if tc.gate_stage == 2:  # Ouro's stage 2: the LM is frozen, only the exit gate learns
     for name, p in model.named_parameters():
@@ -654,9 +684,14 @@ try:
                 extra["step_weights"] = [1.0 if tc.step_loss == "all" or t >= 2 * M // 3 else 0.0 for t in range(M)]
             if tc.gate_stage:
                 extra.update(gate_stage=tc.gate_stage, gate_beta=tc.gate_beta, gate_k=tc.gate_k, gate_gamma=tc.gate_gamma)
+            if cfg.melt:  # MELT's phase 1: α from 0 to 1 over melt_transition steps
+                raw_model.melt_alpha = min(1.0, iter_num / tc.melt_transition) if tc.melt_transition else 1.0
             with autocast:
-                _, loss = model(x, targets=y, short=short, lambda_short=tc.lambda_short, lambda_cons=tc.lambda_cons,
-                                lambda_mono=tc.lambda_mono, **route, **extra)
+                if teacher is not None and iter_num >= tc.melt_transition:  # MELT's phase 2
+                    loss = melt_distill_loss(raw_model, teacher, x, route["loops"], tc.lambda_attn, forward=model)
+                else:
+                    _, loss = model(x, targets=y, short=short, lambda_short=tc.lambda_short,
+                                    lambda_cons=tc.lambda_cons, lambda_mono=tc.lambda_mono, **route, **extra)
             (loss / accum_local).backward()
             loss_sum += loss.detach()
         if ddp:

@@ -80,6 +80,13 @@ class TrainConfig:
     # parameters that do not train: comma-separated name prefixes, e.g. wte,prelude (LoopUS keeps
     # the pretrained embedding and encoder fixed)
     freeze: str = ""
+    # MELT's post-training of a looped model converted with melt=True (init_from=its checkpoint):
+    # phase 1 over the first melt_transition steps attends to α MELT K/V + (1 - α) the loop's own,
+    # α = step / melt_transition; phase 2 (melt_distill) then distills from the init_from model:
+    # KL(teacher || student) + lambda_attn * MSE of every attention output
+    melt_transition: int = 0
+    melt_distill: bool = False
+    lambda_attn: float = 0.1
     # batch: tokens per step = batch_size * block_size * grad_accum_steps (global)
     batch_size: int = 16          # rows per micro-step per process
     grad_accum_steps: int = 1     # global micro-steps per step, split over processes

@@ -298,7 +298,7 @@ def test_tokenizers_loopgpt_cannot_reproduce_say_why(tmp_path):
 
 # ---- through the scripts, as a user runs them ---------------------------------------------------
 
-from test_train import SMALL, records, run  # noqa: E402
+from test_train import records, run  # noqa: E402
 from test_train import data_dir  # noqa: E402,F401  (the module-scoped prepared corpus)
 
 

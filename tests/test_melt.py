@@ -4,8 +4,9 @@ equations say they meet, and cached decoding against MELT's own forward."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from loopgpt import LoopGPT, LoopGPTConfig, init_from_source
+from loopgpt import LoopGPT, LoopGPTConfig, init_from_source, melt_distill_loss
 from test_kv_sharing import decode, random_model
 
 
@@ -28,13 +29,13 @@ def test_the_gate_and_the_latent_by_hand():
     x1, x2 = torch.randn(2, 12, 32), torch.randn(2, 12, 32)
     store = [None, None]
     with torch.no_grad():
-        y1 = block(x1, rope, latent=(store, 0))
+        y1 = block(x1, rope, latent=(store, 0, 1.0))
         torch.testing.assert_close(store[0], block.norm_1(x1))  # h_0 = x_1: one loop is the plain block
         plain = LoopGPT(model.config.__class__(**{**model.config.to_dict(), "melt": False})).core[0]
         plain.load_state_dict(block.state_dict(), strict=False)
         torch.testing.assert_close(y1, plain(x1, rope))
         h1 = store[0]
-        block(x2, rope, latent=(store, 0))
+        block(x2, rope, latent=(store, 0, 1.0))
         xn = block.norm_1(x2)
         z = torch.sigmoid(torch.cat([xn, h1], -1) @ block.melt_gate.weight.T + block.melt_gate.bias)
         torch.testing.assert_close(store[0], z * h1 + (1 - z) * xn)
@@ -114,3 +115,54 @@ def test_what_melt_cannot_go_with():
         model.new_cache(3, "mean")
     with pytest.raises(ValueError, match="no exit"):
         model.generate(IDX[:, :3], 2, exit=("kl", 1e-3))
+
+
+def test_phase_one_at_alpha_zero_is_the_looped_model_itself():
+    # α = 0: every attention reads the plain loop's own K/V (past chunks' at this loop, too)
+    melt = melt_model(chunk=4).train()
+    plain = random_model(injection="add")
+    plain.load_state_dict(melt.state_dict(), strict=False)
+    melt.melt_alpha = 0.0
+    for M in (1, 3, 5):
+        torch.testing.assert_close(melt(IDX, loops=M)[0], plain(IDX, loops=M)[0], atol=1e-5, rtol=1e-5)
+    melt.melt_alpha = 0.5  # in between: neither
+    assert not torch.allclose(melt(IDX, loops=3)[0], plain(IDX, loops=3)[0], atol=1e-3)
+    melt.melt_alpha = 1.0
+    with pytest.raises(ValueError, match="training mode"):
+        melt.melt_alpha = 0.5
+        melt.generate(IDX[:, :3], 2, loops=3)
+
+
+def test_distillation_loss_by_hand():
+    teacher = random_model(injection="add").requires_grad_(False)
+    student = melt_model(chunk=4).train()
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    student.melt_alpha = 0.0  # the student computes what the teacher does: nothing to distill
+    assert melt_distill_loss(student, teacher, IDX, 3).item() == pytest.approx(0.0, abs=1e-6)
+    student.melt_alpha = 1.0
+    kd = melt_distill_loss(student, teacher, IDX, 3, lambda_attn=0.0)
+    p_t = F.softmax(teacher(IDX, loops=3)[0], -1)
+    log_s = F.log_softmax(student(IDX, loops=3)[0], -1)
+    torch.testing.assert_close(kd, (p_t * (p_t.log() - log_s)).sum(-1).mean(), atol=1e-6, rtol=1e-5)
+    loss = melt_distill_loss(student, teacher, IDX, 3)
+    assert loss > kd > 0
+    loss.backward()
+    assert student.core[0].melt_gate.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(m.record is None for m in student.modules() if hasattr(m, "record"))
+
+
+def test_train_melt_post_training_end_to_end(tmp_path):
+    from test_train import SMALL, records, run
+    d = tmp_path / "data"  # (train.py prepares the built-in corpus there)
+    run("train.py", f"--data_dir={d}", f"--out_dir={tmp_path / 'src'}", "--max_iters=4", "--eval_interval=4", *SMALL,
+        "--n_loops=3")
+    common = [f"--data_dir={d}", f"--init_from={tmp_path / 'src'}", "--melt=True", "--max_iters=4",
+              "--eval_interval=4", *SMALL, "--n_loops=3"]
+    p = run("train.py", *common, "--melt_transition=2", "--melt_distill=True", f"--out_dir={tmp_path / 'melt'}")
+    assert "copied; new parameters keep their init: melt_gate" in p.stdout and "melt=True" in p.stdout
+    assert [e["step"] for e in records(tmp_path / "melt", "eval")] == [0, 4]
+    for bad, message in ((["--melt=False", "--melt_distill=True"], "it needs melt=True"),
+                         (["--init_from=", "--melt_distill=True"], "give its --init_from")):
+        p = run("train.py", *common, *bad, f"--out_dir={tmp_path / 'bad'}", ok=False)
+        assert message in p.stderr
