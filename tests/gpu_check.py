@@ -29,7 +29,7 @@ with enough of time_limit left is skipped, and a run still going at the deadline
    step's loss must stay within BF16_TOLERANCE of the fp32 one.
 
 Prints a table last; DIR/gpu_check.log keeps every run's output. --only=decode,... runs
-only the named steps of STEPS (decode and eval speed bring the flt_small run they need).
+only the named steps of STEPS (decode, kv sharing and eval speed bring the flt_small run they need).
 """
 
 import json
@@ -56,8 +56,8 @@ from loopgpt import LoopGPT, LoopGPTConfig, load_checkpoint, model_from_checkpoi
 
 BF16_TOLERANCE = 0.01  # |loss_bf16 - loss_fp32| <= 1% of loss_fp32 at every step
 RUNS = ("flt_small compiled", "flt_small eager", "plain compiled", "plain eager", "huginn_small compiled")
-STEPS = ("flt_small compiled", "flt_small eager", "plain", "step breakdown", "decode", "eval speed", "bf16 vs fp32",
-         "huginn_small compiled")
+STEPS = ("flt_small compiled", "flt_small eager", "plain", "step breakdown", "decode", "kv sharing", "eval speed",
+         "bf16 vs fp32", "huginn_small compiled")
 
 args, _ = parse_args(sys.argv[1:], {
     "out_dir": "",        # where gpu_check.json and gpu_check.log go
@@ -75,7 +75,7 @@ if args["steps"] < 0 or args["time_limit"] <= 0:
 only = {s for s in args["only"].split(",") if s}
 if only - set(STEPS):
     fail(f"--only={args['only']}: the steps are {', '.join(STEPS)}")
-if only & {"decode", "eval speed"} and not only & {"flt_small compiled", "flt_small eager"}:
+if only & {"decode", "kv sharing", "eval speed"} and not only & {"flt_small compiled", "flt_small eager"}:
     only.add("flt_small eager")  # they decode and score with the flt_small that run trains
 device = detect_device(args["device"])
 gpu = device.startswith("cuda")
@@ -335,6 +335,39 @@ def decode():
     return out
 
 
+def kv_sharing():
+    """Decoding with the KV cache shared across loops (kv_sharing='last') against the exact
+    one, eagerly (sharing has no CUDA graph), B=8, bf16, at the train budget and twice it: the
+    cache's bytes, the allocator's peak during generation, and tokens/s."""
+    run = next((results[k] for k in ("flt_small compiled", "flt_small eager") if "checkpoint" in results.get(k, {})),
+               None)
+    if run is None:
+        raise RuntimeError("no flt_small run finished: nothing trained to decode with")
+    model = model_from_checkpoint(load_checkpoint(run["checkpoint"])).to(device).eval()
+    L, n_new, P, B = model.config.n_loops, (64 if gpu else 4), 16, 8
+    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    prompt = torch.from_numpy(val[:B * P].astype(np.int64)).view(B, P).to(device)
+    bf16, _ = autocast_context(device, "bfloat16")
+    out = {"batch": B, "new_tokens": n_new}
+    for M in (L, 2 * L):
+        for sharing in ("none", "last"):
+            with bf16, torch.inference_mode():
+                model.generate(prompt, 2, loops=M, temperature=0, cuda_graph=False, kv_sharing=sharing)  # warm-up
+                if gpu:
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                sync()
+                t0 = time.perf_counter()
+                model.generate(prompt, n_new, loops=M, temperature=0, cuda_graph=False, kv_sharing=sharing)
+                sync()
+                tag = f"M{M}_{sharing}"
+                out[f"{tag}_tok_s"] = B * n_new / (time.perf_counter() - t0)
+                out[f"{tag}_cache_mib"] = model.kv_cache_bytes(B, M, torch.bfloat16, sharing) / 2**20
+                if gpu:
+                    out[f"{tag}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return out
+
+
 # ---- 3b. evaluation speed ---------------------------------------------------------------------
 
 # CORE's 204,534 scored sequences (91,037 items) hold about 125M tokens once its 10-shot
@@ -397,6 +430,7 @@ else:
     step("plain eager", lambda: train("plain eager", "flt_small", "--compile=False", *plain), need_s=40)
 step("step breakdown", step_breakdown, need_s=60)
 step("decode", decode, need_s=30)
+step("kv sharing", kv_sharing, need_s=30)
 step("eval speed", eval_speed, need_s=30)
 step("bf16 vs fp32", bf16_vs_fp32, need_s=60)
 if args["compile"]:
@@ -452,6 +486,13 @@ for B in (1, 8):
         if f"B{B}_graph_tok_s" in d:
             check(f"decode B={B}: CUDA graph / eager cache", f"{d[f'B{B}_graph_tok_s'] / d[f'B{B}_cache_tok_s']:.1f}x "
                   f"({d[f'B{B}_cache_tok_s']:,.0f} tok/s eager)")
+k = results.get("kv sharing", {})
+for M in sorted({int(key[1:].split("_")[0]) for key in k if key.startswith("M")}):
+    check(f"kv_sharing=last vs none, B=8, M={M}: cache MiB, tok/s",
+          f"{k[f'M{M}_last_cache_mib']:.0f} vs {k[f'M{M}_none_cache_mib']:.0f} MiB; "
+          f"{k[f'M{M}_last_tok_s']:,.0f} vs {k[f'M{M}_none_tok_s']:,.0f} tok/s" +
+          (f"; peak {k[f'M{M}_last_peak_mib']:.0f} vs {k[f'M{M}_none_peak_mib']:.0f} MiB" if f"M{M}_last_peak_mib" in k
+           else ""))
 b = results.get("step breakdown", {})
 if "plain_over_looped_fwd_bwd" in b:
     ratio = b["plain_over_looped_fwd_bwd"]
@@ -475,7 +516,7 @@ e = results.get("eval speed", {})
 if "tok_s" in e:
     check("eval.py at budgets 1,3,6,9,12 (one pass), bf16", f"{e['tok_s']:,.0f} tok/s; CORE ~{e['core_estimate_s'] / 60:.0f}"
           f" min (estimate)")
-for name in ("step breakdown", "decode", "eval speed", "bf16 vs fp32"):
+for name in ("step breakdown", "decode", "kv sharing", "eval speed", "bf16 vs fp32"):
     if "error" in results.get(name, {}) or "skipped" in results.get(name, {}):
         check(name, results[name].get("error") or results[name]["skipped"], ok=False)
 save()

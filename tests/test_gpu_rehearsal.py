@@ -179,6 +179,9 @@ def test_gpu_check_rehearsal(tmp_path):
     b = result["step breakdown"]  # forward + backward and the optimizer timed apart, looped and plain
     assert (b["looped_muon_matrices"], b["plain_muon_matrices"]) == (36, 432) and b["plain_over_looped_fwd_bwd"] > 0
     assert result["eval speed"]["tok_s"] > 0 and result["eval speed"]["sequences"] == 8
+    k = result["kv sharing"]  # the shared cache: constant in M, a twelfth of the exact one's core at M = 12
+    assert k["M12_last_cache_mib"] == k["M24_last_cache_mib"] < k["M12_none_cache_mib"] < k["M24_none_cache_mib"]
+    assert k["M12_last_tok_s"] > 0
     assert "decode B=1, M=12, bf16: cache / no cache" in p.stdout and "Traceback" not in p.stderr
     p = run("tests/gpu_check.py", ok=False)
     assert "--out_dir=DIR" in p.stderr
