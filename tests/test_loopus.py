@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from loopgpt import LoopGPT, LoopGPTConfig
+from test_kv_sharing import decode
 from test_model import random_model
 from test_train import SMALL, data_dir, records, run  # noqa: F401  (data_dir: the prepared corpus)
 
@@ -51,10 +52,7 @@ def test_cached_decoding_with_the_gate_equals_the_full_forward(M):
     model = loopus_model()
     idx = torch.randint(0, 61, (2, 14))
     full, _ = model(idx, loops=M)
-    cache = model.new_cache(M)
-    steps = [model(idx[:, :6], loops=M, cache=cache)[0]]
-    steps += [model(idx[:, t:t + 1], loops=M, cache=cache)[0] for t in range(6, 14)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode(model, idx, M, prefill=6)[0], full, atol=1e-5, rtol=1e-5)
     plain = random_model(injection="none")  # the same weights without the gate compute something else
     plain.load_state_dict(model.state_dict(), strict=False)
     assert not torch.allclose(plain(idx, loops=M)[0], full, atol=1e-3)
