@@ -1226,7 +1226,7 @@ class LoopGPT(nn.Module):
         """What new_cache(loops, kv_sharing) will hold for `batch` rows: K and V at every slot
         (without sharing one per layer visit, the effective depth)."""
         cfg = self.config
-        kind, N = parse_kv_sharing(kv_sharing)
+        kind, N = ("last", 0) if cfg.melt else parse_kv_sharing(kv_sharing)  # (MELT's cache is always shared)
         groups = loops if kind == "none" else min(N, loops) if kind == "window" else 1
         slots = cfg.n_prelude + cfg.n_core * groups + cfg.n_coda
         return 2 * slots * batch * cfg.n_kv_head * cfg.block_size * (cfg.n_embd // cfg.n_head) * dtype.itemsize

@@ -80,6 +80,7 @@ def test_memory_is_one_slot_per_layer_whatever_the_budget():
         cache = model.new_cache(M)
         model(IDX, loops=M, cache=cache)
         used[M] = cache.nbytes()
+        assert used[M] == model.kv_cache_bytes(2, M)  # what sample.py reports
     assert used[1] == used[4] == used[8] == 2 * 4 * 2 * 2 * 24 * 8 * 4  # K and V, 4 slots, B=2, 2 kv heads of 8, 24 positions
     assert model.num_params() - random_model(injection="add").num_params() == 2 * (2 * 32 * 32 + 32)
 
