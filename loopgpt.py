@@ -557,13 +557,10 @@ class Block(nn.Module):
             z = torch.sigmoid(self.melt_gate(torch.cat([xn, h], dim=-1)))
             store[j] = h = z * h + (1 - z) * xn
             # alpha < 1: MELT's interpolated transition (phase 1), K/V = α KV(h) + (1 - α) KV(x)
-            x = x + self.attn(h, rope, cache, slot, xn, lora, key_mask, kv_base=xn if alpha < 1 else None,
-                              alpha=alpha)
-            x = self.norm_3(x) if self.sandwich else x
-            m = self.mlp(self.norm_2(x), lora)
-            return self.norm_4(x + m) if self.sandwich else x + m
-        if c is None:
+            a = self.attn(h, rope, cache, slot, xn, lora, key_mask, kv_base=xn if alpha < 1 else None, alpha=alpha)
+        elif c is None:
             a = self.attn(self.norm_1(x), rope, cache, slot, xq, lora, key_mask)
+        if c is None:
             x = self.norm_3(x + a) if self.sandwich else x + a  # Huginn's sandwich norm bounds the stream
             m = self.mlp(self.norm_2(x), lora)
             return self.norm_4(x + m) if self.sandwich else x + m

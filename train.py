@@ -200,6 +200,7 @@ def cfg_shape(c):
 ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
 model_keys = {k: args[k] for k in model_defaults}
 source = None  # uptraining: the pretrained model this run starts from
+teacher = None  # MELT's phase 2: the looped model this one was converted from, frozen
 if tc.init_from and not tc.resume:
     if tc.init_core not in INIT_CORES:
         fail(f"init_core={tc.init_core!r} (valid: {', '.join(INIT_CORES)})")
@@ -277,7 +278,7 @@ else:
             c = model.config
             trained = "" if source_ckpt["iter_num"] is None else f", trained {source_ckpt['iter_num']} steps"
             print(f"initialised from {tc.init_from}{'' if tc.init_from.startswith('hf:') else '/ckpt.pt'} "
-                  f"({source_depth} layers{trained}): {c.n_prelude} + {c.n_core}⊗{c.n_loops} + {c.n_coda}, core from "
+                  f"({source_depth} layers{trained}): {cfg_shape(c)}, core from "
                   f"init_core={tc.init_core}" + "".join(f"; {k} from SVD, mean relative error {sum(v) / len(v):.3g}"
                                                         for k, v in lora_errors.items()))
             # the staged dynamics LoopUS splits by: how much each source layer turns the state
@@ -285,6 +286,7 @@ else:
             sims = layer_similarity(source, get_batch("val", np.random.default_rng([tc.seed, 4]), 4, T_sim)[0].cpu())
             print("source layers' cos(input, output): " + " ".join(f"{s:.2f}" for s in sims) +
                   " (a middle run of high values loops well)")
+        teacher = source if tc.melt_distill else None  # MELT's phase 2 distills from the source
         del source
 cfg = model.config
 if cfg.tie_embeddings and tc.embedding_lr:
@@ -299,7 +301,6 @@ for spec in filter(None, tc.sweep_exits.split(",")):
         fail(f"sweep_exits: '{spec}': {e}")
 if tc.gate_stage and not cfg.exit_gate:
     fail("gate_stage trains Ouro's exit gate: the model needs exit_gate=True")
-teacher = None  # MELT's phase 2: the looped model this one was converted from, frozen
 if (tc.melt_transition or tc.melt_distill) and not cfg.melt:
     fail("melt_transition / melt_distill post-train a MELT model: it needs melt=True")
 if tc.melt_transition < 0 or tc.lambda_attn < 0:
@@ -309,8 +310,8 @@ if tc.melt_distill:
         fail("melt_distill distills from the looped model this one was converted from: give its --init_from=OUT_DIR")
     if tc.objective != "final" or tc.step_loss != "final" or tc.gate_stage or tc.loop_sampling == "per_sequence":
         fail("melt_distill has its own loss: objective=final, step_loss=final, no gate_stage, a depth shared by the batch")
-    try:
-        teacher = model_from_checkpoint(load_checkpoint(os.path.join(tc.init_from, "ckpt.pt")))
+    try:  # (loaded above as the conversion's source, except on resume)
+        teacher = teacher or model_from_checkpoint(load_checkpoint(os.path.join(tc.init_from, "ckpt.pt")))
     except ValueError as e:
         fail(f"init_from={tc.init_from}: {e}")
     if teacher.config.melt or any(getattr(teacher.config, k) != getattr(cfg, k) for k in ("n_prelude", "n_core", "n_coda")):
@@ -323,12 +324,13 @@ if tc.gate_stage == 2:  # Ouro's stage 2: the LM is frozen, only the exit gate l
 frozen = tuple(filter(None, tc.freeze.split(",")))
 if frozen:
     names = [name for name, _ in model.named_parameters()]
-    unknown = [f for f in frozen if not any(n == f or n.startswith(f + ".") or n.startswith(f + "_") for n in names)]
+    under = lambda name, f: name == f or name.startswith((f + ".", f + "_"))  # noqa: E731
+    unknown = [f for f in frozen if not any(under(n, f) for n in names)]
     if unknown:
         fail(f"freeze={tc.freeze!r}: no parameter is named {', '.join(unknown)}; names start with "
              f"{', '.join(sorted({n.split('.')[0] for n in names}))}")
     for name, p in model.named_parameters():
-        if any(name == f or name.startswith(f + ".") or name.startswith(f + "_") for f in frozen):
+        if any(under(name, f) for f in frozen):
             p.requires_grad_(False)
     if cfg.tie_embeddings and "wte" in frozen:
         fail("freeze=wte with tie_embeddings=True would freeze the head too (it is the same matrix)")
