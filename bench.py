@@ -54,7 +54,10 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from configs import autocast_context, detect_device, fail, gpu_peak_flops, parse_args, print_table  # noqa: E402
-from loopgpt import LoopGPT, LoopGPTConfig, ReLUSquared, compile_blocks, sample_short_route  # noqa: E402
+from loopgpt import (LoopGPT, LoopGPTConfig, ReLUSquared, compile_blocks, configure_optimizer,  # noqa: E402
+                     flops_per_token)
+from sample import generate, new_cache  # noqa: E402
+from train import Objective, sample_short_route  # noqa: E402
 
 SECTIONS = ("mfu", "loop", "generation", "relu2", "compile", "routes", "memory", "eval", "kv")
 args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "memory_probe": "", "profile": False,
@@ -90,10 +93,11 @@ def time_steps(variants, rounds, warmup=2):
 
 def train_step_fn(model, opt, batch, short_fn=None):
     x, y = batch
+    objective = Objective(model)  # train.py's loss around the model (the short routes live there)
 
     def step():
         with autocast:
-            _, loss = model(x, y, short=short_fn() if short_fn else None)
+            loss = objective(x, y, short=short_fn() if short_fn else None)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -124,12 +128,12 @@ def bench_train_mfu():
     cfg = LoopGPTConfig(vocab_size=2048, block_size=T, n_embd=d, n_head=d // 64, n_prelude=1, n_core=2,
                         n_coda=1, n_loops=4, injection="add")
     model = LoopGPT(cfg).to(device)
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
+    opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95))
     batch = tuple(torch.randint(0, 2048, (B, T), device=device) for _ in range(2))
     step = train_step_fn(model, opt, batch)
     secs = time_steps({"step": step}, rounds=3 if quick else 10)["step"]
     peak, what = matmul_peak()
-    achieved = model.flops_per_token() * B * T / secs
+    achieved = flops_per_token(model) * B * T / secs
     mfu = achieved / peak if peak else float("nan")
     print(f"\ntraining step, 1 + 2⊗4 + 1, d={d}, T={T}, B={B} on {device}: {B * T / secs:,.0f} tokens/s, "
           f"{achieved / 1e9:.1f} GFLOP/s")
@@ -147,7 +151,7 @@ def bench_loop_vs_deep():
         cfg = LoopGPTConfig(vocab_size=2048, block_size=T, n_embd=d, n_head=d // 64, n_prelude=0, n_core=n_core,
                             n_coda=0, n_loops=L)
         model = LoopGPT(cfg).to(device)
-        opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
+        opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95))
         batch = tuple(torch.randint(0, 2048, (B, T), device=device) for _ in range(2))
         variants[name] = train_step_fn(model, opt, batch)
     secs = time_steps(variants, rounds=8 if quick else 30)
@@ -216,7 +220,7 @@ def bench_kv_sharing():
     for kind in kinds:
         per_pos = []
         for M in budgets:
-            cache = model.new_cache(M, kind)
+            cache = new_cache(model, M, kind)
             with torch.inference_mode():
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
@@ -233,7 +237,7 @@ def bench_kv_sharing():
         rows.append((kind, *[f"{b / 1024:.1f}" for b in per_pos], f"{per_pos[-1] / per_pos[0]:.1f}x"))
     print(f"\nKV cache, tiny size (1 + 2⊗M + 1, d=128, fp32): KiB per cached position (all slots), on {device}")
     print(print_table(rows, ["kv_sharing", *[f"M={M}" for M in budgets], "M=16 / M=1"]))
-    secs = time_steps({k: (lambda k=k: model.generate(prompt, 32, loops=8, temperature=0, kv_sharing=k))
+    secs = time_steps({k: (lambda k=k: generate(model, prompt, 32, loops=8, temperature=0, kv_sharing=k))
                        for k in kinds}, rounds=2 if quick else 3, warmup=1)
     print(print_table([(k, f"{32 / secs[k]:,.1f}", f"{secs['none'] / secs[k]:.2f}x") for k in kinds],
                       ["kv_sharing", "tok/s at M=8 (B=1)", "speed vs none"]))
@@ -253,7 +257,7 @@ def bench_compile():
         model = LoopGPT(cfg).to(device)
         if name == "compiled":
             compile_blocks(model)
-        variants[name] = train_step_fn(model, model.configure_optimizer(0.1, 1e-3, (0.9, 0.95)), batch)
+        variants[name] = train_step_fn(model, configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95)), batch)
     variants["compiled"]()  # the compilation itself, timed apart
     compile_s = time.time() - t0
     secs = time_steps(variants, rounds=5 if quick else 20)
@@ -299,7 +303,7 @@ def bench_short_routes():
         cfg = LoopGPTConfig(vocab_size=2048, block_size=T, n_embd=d, n_head=d // 64, n_prelude=0, n_core=3,
                             n_coda=0, n_loops=L, modulation=modulation, mlp="gelu", tie_embeddings=True)
         model = LoopGPT(cfg).to(device)
-        opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
+        opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95))
         variants[name] = train_step_fn(model, opt, batch, short_fn)
     secs = time_steps(variants, rounds=8 if quick else 30)
     base = secs["Base-Loop 3⊗8 (final loss only)"]
@@ -403,7 +407,7 @@ def profile():
     cfg = LoopGPTConfig(vocab_size=2048, block_size=128, n_embd=128, n_head=4, n_prelude=1, n_core=2, n_coda=1,
                         n_loops=4, injection="add")
     model = LoopGPT(cfg).to(device)
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
+    opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95))
     step = train_step_fn(model, opt, tuple(torch.randint(0, 2048, (8, 128), device=device) for _ in range(2)))
     prompt = torch.randint(0, 2048, (1, 16), device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])

@@ -10,22 +10,31 @@ n_prelude + k*M + n_coda at loop budget M, and the parameter count never depends
 (per-loop LoRA is the one deliberate exception). A model trained at L = n_loops may be run
 at any budget M >= 1, including M > L, or with a LoopFormer schedule of step sizes.
 
-Read in this order (README.md has the variant table with the papers, docs/model.md the
-equations):
-- LoopGPTConfig: every model flag.
-- Attention, MLP, Block: the nanochat block: pre-norm, parameter-free RMSNorm, RoPE,
-  QK-norm, optional GQA, ReLU² MLP, no biases, zero-initialised output projections;
-  optional sandwich norm, norm gains, sliding windows, SwiGLU, queries from another
-  stream (FLT), LoRA deltas, adaLN gates. init_weights: nanochat's or a paper's init.
-- LoopGPT.core_pass: one loop; every `injection` is one branch there, found by
-  searching its flag value, e.g. `inj == "full_attn"`.
-- LoopGPT.conditioning: `modulation`, TMLT's loop index or LoopFormer's (t, Δ).
-- LoopGPT.trunk / forward: the loop over a schedule, truncated backprop, checkpointing,
-  per-sequence depth, and the training objectives that read it. Every paper's loss lives
-  here (forward's docstring, per_step_loss), not in train.py: each reads loop states that
-  only the trunk has, and one place keeps each equation beside its citation.
-- generate / decode_with_exit: KV-cached generation and per-token early exit.
-- configure_optimizer and, at the end, Muon; the checkpoint format (save / load).
+Read it in this order (README.md has the variant table with the papers, docs/model.md
+the equations):
+
+Part 1, a complete looped GPT, top to bottom:
+- LoopGPTConfig: the model's flags (the extensions' flags last, each explained in its section).
+- norm, RoPE, the exact KV cache (one slot per (loop, layer) visit) and `visible`, which
+  says what attention may see (causal, sliding windows, a cached prefix).
+- Attention, MLP, Block (pre-norm or Huginn's sandwich), ModulatedBlock (adaLN gates):
+  the nanochat block: parameter-free RMSNorm, RoPE, QK-norm, optional GQA, ReLU² MLP, no
+  biases, zero-initialised output projections.
+- LoopGPT: core_pass is one loop, with every `injection` as one branch (search its flag
+  value, e.g. `inj == "full_attn"`); conditioning is the `modulation`; trunk runs the loop
+  over a schedule (truncated backprop, checkpointing); forward(idx, targets) returns the
+  logits and the cross-entropy; logits_at_budgets; generate with the exact KV cache.
+
+Part 2, one section per paper's extension, each opening with its citation, its flags and
+the hook in Part 1 it uses: Huginn, Parcae, Ouro, Mixture-of-Recursions, Relaxed Recursive
+Transformers (per-loop LoRA, conversion from a plain model), LoopUS, MELT.
+
+Appendix: FLOPs and summary, the optimizer (AdamW, Muon), the checkpoint format.
+
+What lives elsewhere: the training objectives (per-step supervision, Ouro's gate losses,
+LoopFormer's shortcut route, LoopUS's terms, MoR's auxiliary loss, MELT's distillation) in
+train.py; the decoding engine (KV sharing across loops, the static cache and CUDA-graph
+replay, per-token early exits) in sample.py; every evaluation sweep in eval.py.
 """
 
 import math
@@ -37,6 +46,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+# ================================================================================================
+# Part 1: a looped GPT
+# ================================================================================================
 
 INJECTIONS = ("none", "add", "concat", "diag", "attn_first", "full_res", "full_attn")
 STATE_INITS = ("prelude", "randn", "randn_small", "zero")
@@ -71,15 +84,6 @@ class LoopGPTConfig:
     window_pattern: str = "L"  # FLT's sliding windows: per core layer, tiled, L = full, S = block_size // 4
     init: str = "nanochat"     # one of INITS: the weights' initial scales (see init_weights)
     modulation: str = "none"   # one of MODULATIONS: condition each loop on its index or on (t, Δ)
-    exit_gate: bool = False    # Ouro's exit gate λ_t = σ(w·norm(h_t) + b) on every loop's state
-    selective_gate: bool = False  # LoopUS: x_t = h + Ā ⊙ (f(h) - h), Ā from the loop's own update
-    confidence_head: bool = False  # LoopUS: σ(w·LN(f(h) - h) + b), will this loop's prediction be right
-    melt: bool = False         # MELT: the core's K/V from a gated per-layer latent, one cache slot per layer
-    melt_chunk: int = 16       # MELT trains chunk by chunk: later chunks read earlier ones' shared K/V
-    lora_rank: int = 0         # per-loop LoRA on the core's matrices (Relaxed Recursive Transformers); 0 = off
-    lora_targets: str = "q,v"  # which: some of LORA_TARGETS, or "all" (Relaxed: every linear of the block)
-    routing: str = "none"      # one of ROUTINGS: "mor" = Mixture-of-Recursions token routing (see route)
-    router_scale: float = 0.1  # MoR's gate g = router_scale * σ(score)
     bptt_k: int = 0            # truncated backprop: only the last k loops get gradients; 0 = all
     checkpoint_loops: bool = False  # recompute each loop's activations in backward (memory)
     mlp: str = "relu2"         # one of MLPS
@@ -87,6 +91,16 @@ class LoopGPTConfig:
     tie_embeddings: bool = False
     softcap: float = 15.0      # logits = c * tanh(logits / c); 0 turns it off
     rope_base: float = 10000.0
+    # the extensions' flags (Part 2), each explained in its paper's section
+    exit_gate: bool = False    # Ouro: the exit gate λ_t = σ(w·norm(h_t) + b) on every loop's state
+    routing: str = "none"      # one of ROUTINGS: "mor" = Mixture-of-Recursions token routing
+    router_scale: float = 0.1  # MoR's gate g = router_scale * σ(score)
+    lora_rank: int = 0         # Relaxed Recursive: per-loop LoRA on the core's matrices; 0 = off
+    lora_targets: str = "q,v"  # which: some of LORA_TARGETS, or "all" (Relaxed: every linear of the block)
+    selective_gate: bool = False  # LoopUS: x_t = h + Ā ⊙ (f(h) - h), Ā from the loop's own update
+    confidence_head: bool = False  # LoopUS: σ(w·LN(f(h) - h) + b), will this loop's prediction be right
+    melt: bool = False         # MELT: the core's K/V from a gated per-layer latent, one cache slot per layer
+    melt_chunk: int = 16       # MELT trains chunk by chunk: later chunks read earlier ones' shared K/V
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -173,6 +187,27 @@ def apply_rotary(x, cos, sin):
     return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
 
+def causal_mask(Tq, Tk, window, device):
+    """(Tq, Tk) bool: the last Tq of Tk positions each see themselves and the keys before
+    them (a cached prefix of Tk - Tq keys included), within `window` keys if window > 0."""
+    q_pos = torch.arange(Tk - Tq, Tk, device=device).view(-1, 1)
+    k_pos = torch.arange(Tk, device=device).view(1, -1)
+    mask = k_pos <= q_pos
+    return mask & (q_pos - k_pos < window) if window else mask
+
+
+def visible(k, v, Tq, window):
+    """What Tq new queries attend to: (keys, values, mask). The mask is None where
+    scaled_dot_product_attention's own causal flag says it all (training or a prefill:
+    Tq = Tk) or nothing is hidden (one new token, no window); a decoded token's window is
+    the last `window` keys."""
+    if window and Tq == 1:
+        return k[:, :, -window:], v[:, :, -window:], None
+    if not window and Tq in (1, k.size(2)):
+        return k, v, None
+    return k, v, causal_mask(Tq, k.size(2), window, k.device)
+
+
 def available_memory(device):
     """Bytes that can still be allocated on `device` (free GPU memory, or the OS's
     MemAvailable), or None where that cannot be read."""
@@ -193,114 +228,33 @@ def check_fits(nbytes, what, device="cpu"):
                          f"{torch.device(device).type}")
 
 
-KV_SHARINGS = ("none", "first", "last", "mean", "window:N")
-
-
-def parse_kv_sharing(text):
-    """'none' | 'first' | 'last' | 'mean' | 'window:N' (N >= 1) -> (kind, N), or a ValueError."""
-    kind, _, n = str(text).partition(":")
-    if kind == "window" and n.isdigit() and int(n) >= 1:
-        return kind, int(n)
-    if kind in ("none", "first", "last", "mean") and not n:
-        return kind, 0
-    raise ValueError(f"kv_sharing={text!r} (valid: {', '.join(KV_SHARINGS)})")
-
-
 class KVCache:
     """
     Keys and values for generation, one slot per (loop, layer) visit: prelude layers,
-    then core layer j at loop t, then coda layers. Each loop's attention reads the keys
-    of the *same* loop, so a single cache shared by all loops would not reproduce the
-    full forward (FLT's official code caches only the last loop).
-    Buffers are preallocated to block_size so decoding never concatenates.
-
-    kv_sharing trades that exactness for memory that does not grow with the loops
-    (`layout` = (n_prelude, n_core, loops, sharing)); core layer j at loop t uses
-      none      slot (t, j): exact, K·M core slots
-      last      one slot per core layer, rewritten every loop: a past token's entry is its
-                last loop's K/V (Ouro's decode-time sharing, Zhu et al. 2025, Table 14)
-      mean      one slot per core layer: a past token's entry is the mean of its loops' K/V
-                (Ouro's other option); within a forward each loop still sees its own
-      first     one slot per core layer, written at loop 1 only: every later loop reads
-                loop 1's K/V, the current tokens' included (Mixture-of-Recursions' recursive
-                KV sharing, Bae et al. 2025; prefill shares too, as MoR trains)
-      window:N  N slots per core layer, loop t in slot t mod N (Huginn's compressed cache,
-                Geiping et al. 2025: a past token's entry is its last loop ≡ t mod N)
-    With last, mean and window, a prefill is still exact (every token of the chunk writes
-    its loop-t K/V before loop t's attention reads them); tokens decoded later see past
-    tokens' shared entries instead of their loop-t ones.
+    then core layer j at loop t (slot n_prelude + t * n_core + j), then coda layers. Each
+    loop's attention reads the keys of the *same* loop, so a single cache shared by all
+    loops would not reproduce the full forward (FLT's official code caches only the last
+    loop). Buffers are preallocated to block_size so decoding never concatenates. (The
+    decoding engine in sample.py adds caches that share slots across loops.)
     """
 
-    def __init__(self, n_slots, max_len, layout=None):
+    def __init__(self, n_slots, max_len):
         self.n_slots, self.max_len = n_slots, max_len
-        self.layout = layout  # (n_prelude, n_core, loops, (kind, N)) or None: one slot per visit
-        self.mean_sum = None  # mean: the running sum of the current tokens' K/V per core layer
         self.k = self.v = None
         self.pos = 0  # tokens already in the cache
-        self.route_score = self.route_sel = None  # MoR: router scores and selections per recursion
-        # static decoding (a CUDA graph replays one token's step): the position lives in a
-        # device tensor, each token is written at it and attends to the whole buffer, masked
-        self.pos_t = None
-        self.masks = {}  # static decoding: this step's key mask per attention window
 
     def rows(self, table, T):
         """The rows of a per-position table (RoPE, a fixed state noise) for the next T tokens."""
-        if self.pos_t is not None:
-            return table.index_select(0, self.pos_t)
         return table[self.pos:self.pos + T]
 
-    def static_mask(self, window):
-        """Static decoding: which of the max_len keys the token at pos_t sees (itself, the
-        tokens before it, within the window if any), shaped (1, 1, 1, max_len)."""
-        if window not in self.masks:
-            k_pos = torch.arange(self.max_len, device=self.pos_t.device)
-            mask = k_pos <= self.pos_t
-            if window:
-                mask = mask & (self.pos_t - k_pos < window)
-            self.masks[window] = mask.view(1, 1, 1, -1)
-        return self.masks[window]
+    def update(self, slot, k, v, window=0):
+        """Store the new tokens' K/V at `slot`; returns what attention reads (see visible)."""
+        return visible(*self.store(slot, k, v), k.size(2), window)
 
-    def physical(self, slot):
-        """(slot in the buffers, loop t or None outside the core) of logical slot `slot`, the
-        model's visit index (prelude layers, then core layer j at loop t, then coda)."""
-        if self.layout is None:
-            return slot, None
-        P, K, M, (kind, N) = self.layout
-        if slot < P:
-            return slot, None
-        if slot >= P + K * M:  # the coda, after the core's shared slots
-            return slot - K * M + K * self.core_groups(), None
-        t, j = divmod(slot - P, K)
-        return P + K * (t % N if kind == "window" else t if kind == "none" else 0) + j, t
-
-    def core_groups(self):
-        """How many K-slot groups the core keeps: M without sharing, min(N, M) for a window, 1 else."""
-        P, K, M, (kind, N) = self.layout
-        return M if kind == "none" else min(N, M) if kind == "window" else 1
-
-    def advance(self, T):
-        """The forward over T new tokens is done: mean writes their mean K/V, then pos moves."""
-        if self.mean_sum is not None:
-            P, end = self.layout[0], self.pos + T
-            for j, (ks, vs, n) in enumerate(self.mean_sum):
-                self.k[P + j, :, :, self.pos:end] = ks / n
-                self.v[P + j, :, :, self.pos:end] = vs / n
-            self.mean_sum = None
-        self.pos += T
-
-    def nbytes(self):
-        """Bytes the K/V buffers hold (0 before the first update)."""
-        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
-
-    def update(self, slot, k, v):
-        if self.layout is not None and self.layout[3][0] != "none":
-            return self.update_shared(slot, k, v)
+    def store(self, slot, k, v):
+        """Write K/V (B, H, T, hd) at the cache's position; returns all the slot holds so far."""
         if self.k is None:  # allocate on first use
             self.allocate(k)
-        if self.pos_t is not None:  # static decoding: fixed shapes, whatever the position
-            self.k[slot].index_copy_(2, self.pos_t, k.to(self.k.dtype))
-            self.v[slot].index_copy_(2, self.pos_t, v.to(self.v.dtype))
-            return self.k[slot], self.v[slot]
         end = self.pos + k.size(2)
         self.k[slot, :, :, self.pos:end] = k
         self.v[slot, :, :, self.pos:end] = v
@@ -314,111 +268,18 @@ class KVCache:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else k.dtype
         B, H, _, hd = k.shape
         n = self.n_slots
-        if self.layout is not None:  # shared core slots: K per group kept, not K per loop
-            P, K, M, _ = self.layout
-            n = self.n_slots - K * M + K * self.core_groups()
         check_fits(2 * n * B * H * self.max_len * hd * dtype.itemsize,
                    f"the KV cache ({n} (loop, layer) slots x {B} rows x {self.max_len} positions)", k.device)
         self.k = k.new_zeros(n, B, H, self.max_len, hd, dtype=dtype)
         self.v = torch.zeros_like(self.k)
 
-    def update_mixed(self, slot, melt, base, alpha):
-        raise ValueError("MELT's interpolated transition (melt_alpha < 1) is a training mode: set melt_alpha = 1")
-
-    def update_shared(self, slot, k, v):
-        """update() under kv_sharing (see the class docstring)."""
-        P, K, M, (kind, N) = self.layout
-        if self.k is None:
-            self.allocate(k)
-        p, t = self.physical(slot)
-        end = self.pos + k.size(2)
-        if kind == "first" and t is not None and t > 0:  # loop 1's K/V serve every later loop
-            return self.k[p, :, :, :end], self.v[p, :, :, :end]
-        self.k[p, :, :, self.pos:end] = k
-        self.v[p, :, :, self.pos:end] = v
-        if kind == "mean" and t is not None:
-            if self.mean_sum is None:
-                self.mean_sum = [None] * K
-            j = p - P
-            ks, vs, n = self.mean_sum[j] or (0.0, 0.0, 0)
-            self.mean_sum[j] = (ks + k.float(), vs + v.float(), n + 1)
-        return self.k[p, :, :, :end], self.v[p, :, :, :end]
-
-    def update_route(self, i, n_rec, score, sel=None):
-        """MoR: store recursion i's router scores (then its selections) for the new tokens;
-        returns everything stored so far for recursion i. Unwritten selections stay False:
-        a token that left the loop is never selected again."""
-        if self.route_score is None:
-            B = score.size(0)
-            self.route_score = score.new_zeros(n_rec, B, self.max_len)
-            self.route_sel = torch.zeros(n_rec, B, self.max_len, dtype=torch.bool, device=score.device)
-        end = self.pos + score.size(1)
-        if sel is None:
-            self.route_score[i, :, self.pos:end] = score
-            return self.route_score[i, :, :end]
-        self.route_sel[i, :, self.pos:end] = sel
-        return self.route_sel[i, :, :end]
-
-
-class MeltCache(KVCache):
-    """MELT's training-time cache (the forward runs chunk by chunk): the same reads as a KVCache
-    with kv_sharing='last' (a past token's K/V are its last loop's), but kept out of place,
-    concatenated chunk after chunk, so gradients flow through the earlier chunks' K/V."""
-
-    def __init__(self, layout):
-        super().__init__(0, 0, layout)
-        self.past, self.new = {}, {}  # buffer slot -> (K, V) of earlier chunks / of this chunk's latest loop
-        self.past_base, self.new_base = {}, {}  # phase 1: logical slot -> the plain loop's own (K, V)
-
-    def update(self, slot, k, v):
-        p, _ = self.physical(slot)
-        self.new[p] = (k, v)
-        if p not in self.past:
-            return k, v
-        past_k, past_v = self.past[p]
-        return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-
-    def update_mixed(self, slot, melt, base, alpha):
-        """MELT's interpolated transition: attention reads α (shared MELT K/V) + (1 - α) (the
-        plain loop's own K/V at this loop), for the past chunks and the current tokens alike."""
-        p, _ = self.physical(slot)
-        self.new[p] = melt
-        self.new_base[slot] = base
-        k, v = (alpha * m + (1 - alpha) * b for m, b in zip(melt, base))
-        if p not in self.past:
-            return k, v
-        (pk, pv), (bk, bv) = self.past[p], self.past_base[slot]
-        return (torch.cat([alpha * pk + (1 - alpha) * bk, k], dim=2),
-                torch.cat([alpha * pv + (1 - alpha) * bv, v], dim=2))
-
     def advance(self, T):
-        for store, new in ((self.past, self.new), (self.past_base, self.new_base)):
-            for p, (k, v) in new.items():
-                store[p] = (k, v) if p not in store else (torch.cat([store[p][0], k], dim=2),
-                                                          torch.cat([store[p][1], v], dim=2))
-            new.clear()
+        """The forward over T new tokens is done."""
         self.pos += T
 
     def nbytes(self):
-        return sum(k.nbytes + v.nbytes for k, v in self.past.values())
-
-
-def lora_shapes(cfg):
-    """{target: (in, out)} of the per-loop LoRA's matrices (lora_targets)."""
-    d, kv, hidden = cfg.n_embd, cfg.n_kv_head * (cfg.n_embd // cfg.n_head), round(cfg.mlp_ratio * cfg.n_embd)
-    shapes = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d),
-              "fc": (d, (2 if cfg.mlp == "swiglu" else 1) * hidden), "down": (hidden, d)}
-    names = LORA_TARGETS if cfg.lora_targets == "all" else cfg.lora_targets.split(",")
-    return {name: shapes[name] for name in LORA_TARGETS if name in names}
-
-
-def lora_linear(linear, x, lora, name):
-    """linear(x), plus this loop's low-rank delta B A x where lora has one for `name`."""
-    y = linear(x)
-    if lora is not None and name in lora:
-        A, B = lora[name]
-        y = y + (x @ A.T) @ B.T
-    return y
+        """Bytes the K/V buffers hold (0 before the first update)."""
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
 
 
 class Attention(nn.Module):
@@ -431,61 +292,24 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
         self.v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
-        self.record = None  # a dict {slot: [outputs]} while recording (record_attention)
 
-    def forward(self, x, rope, cache=None, slot=0, xq=None, lora=None, key_mask=None, kv_base=None, alpha=1.0):
+    def forward(self, x, rope, cache=None, slot=0, xq=None):
         # xq: where the queries come from (default x). FLT / LTai take them from the
         # previous loop's state while keys and values come from the current stream.
-        # lora: this loop's low-rank deltas {target: (A, B)} on the shared matrices
-        # key_mask (B, Tk) bool: MoR, only the tokens selected at this recursion are keys
         B, T, C = x.shape
-        xq = x if xq is None else xq
-        q, k, v = lora_linear(self.q, xq, lora, "q"), lora_linear(self.k, x, lora, "k"), lora_linear(self.v, x, lora, "v")
+        q, k, v = self.q(x if xq is None else xq), self.k(x), self.v(x)
         # q and k go through RoPE and QK-norm together: one rotation and one norm, not two
         # (half the small ops, which is what a decoding step's time goes to on a CPU)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         qk = torch.cat([q.view(B, T, self.n_head, self.head_dim), k], dim=2)
-        cos, sin = rope
-        qk = apply_rotary(qk.transpose(1, 2), cos, sin)
+        qk = apply_rotary(qk.transpose(1, 2), *rope)
         q, k = (norm(qk) if self.qk_norm else qk).split([self.n_head, self.n_kv_head], dim=1)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if kv_base is not None:  # MELT's transition: mix with the K/V the plain layer makes of kv_base
-            k_b = lora_linear(self.k, kv_base, lora, "k").view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-            k_b = apply_rotary(k_b, cos, sin)
-            k_b = norm(k_b) if self.qk_norm else k_b
-            v_b = lora_linear(self.v, kv_base, lora, "v").view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-            k, v = cache.update_mixed(slot, (k, v), (k_b, v_b), alpha)
-        elif cache is not None:
-            k, v = cache.update(slot, k, v)
-        gqa = self.n_head != self.n_kv_head
-        if cache is not None and cache.pos_t is not None:  # static decoding: the whole buffer, masked
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.static_mask(self.window), enable_gqa=gqa)
-            return self.recorded(slot, lora_linear(self.proj, y.transpose(1, 2).reshape(B, T, C), lora, "o"))
-        if self.window and q.size(2) == 1 and key_mask is None:  # decoding: the window is the last keys
-            k, v = k[:, :, -self.window:], v[:, :, -self.window:]
-        Tq, Tk = q.size(2), k.size(2)
-        if key_mask is not None or (self.window and Tq > 1):
-            # causal; within the window; over MoR's selected keys (a query always sees itself)
-            q_pos = torch.arange(Tk - Tq, Tk, device=q.device).view(-1, 1)
-            k_pos = torch.arange(Tk, device=q.device).view(1, -1)
-            mask = (k_pos <= q_pos) & ((q_pos - k_pos < self.window) if self.window else True)
-            if key_mask is not None:
-                mask = mask & (key_mask[:, None, :] | (k_pos == q_pos))  # (B, Tq, Tk)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(-1, 1, Tq, Tk), enable_gqa=gqa)
-        elif Tq == Tk:  # training, or prefilling an empty cache
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif Tq == 1:  # one new token attends to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:  # a chunk after a cached prefix: causal, offset by the prefix length
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.recorded(slot, lora_linear(self.proj, y.transpose(1, 2).reshape(B, T, C), lora, "o"))
-
-    def recorded(self, slot, out):
-        """out, also kept in self.record[slot] when recording (MELT's attention-aligned distillation)."""
-        if self.record is not None:
-            self.record.setdefault(slot, []).append(out)
-        return out
+        # the cache stores the new keys and hands back every key this step sees, and the mask
+        k, v, mask = visible(k, v, T, self.window) if cache is None else cache.update(slot, k, v, self.window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T == k.size(2),
+                                           enable_gqa=self.n_head != self.n_kv_head)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class ReLUSquared(torch.autograd.Function):
@@ -514,61 +338,59 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=False)
         self.act = cfg.mlp
 
-    def forward(self, x, lora=None):
-        x = lora_linear(self.fc, x, lora, "fc")
+    def forward(self, x):
+        x = self.fc(x)
         if self.act == "swiglu":
             gate, value = x.chunk(2, dim=-1)
             x = F.silu(gate) * value
         else:
             x = ReLUSquared.apply(x) if self.act == "relu2" else F.gelu(x)
-        return lora_linear(self.proj, x, lora, "down")
+        return self.proj(x)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, modulated=False, window=0, melt=False):
+    def __init__(self, cfg, window=0):
         super().__init__()
-        if melt:  # MELT's element-wise gate z = σ(W_z x + U_z h + b) over [x; h]
-            self.melt_gate = nn.Linear(2 * cfg.n_embd, cfg.n_embd)
         self.attn = Attention(cfg, window)
         self.mlp = MLP(cfg)
-        self.sandwich = cfg.block_norm == "sandwich"
         # pre-norm: norm_1 before attention, norm_2 before the MLP; sandwich (Huginn) also
         # norms the stream after each residual add: norm_3 after attention, norm_4 after the MLP
         d, gain, eps = cfg.n_embd, cfg.norm_gains, cfg.norm_eps
         self.norm_1, self.norm_2 = RMSNorm(d, gain, eps), RMSNorm(d, gain, eps)
-        if self.sandwich:
-            self.norm_3, self.norm_4 = RMSNorm(d, gain, eps), RMSNorm(d, gain, eps)
-        if modulated:
-            # adaLN-Zero without shift (LoopFormer): SiLU(c) -> gates and norm scales for
-            # both sub-layers. Zero-initialised (init_weights), so at init the block is the
-            # identity whatever c is. DiT keeps biases here, and so do we.
-            self.modulation = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        sandwich = cfg.block_norm == "sandwich"
+        self.norm_3, self.norm_4 = (RMSNorm(d, gain, eps), RMSNorm(d, gain, eps)) if sandwich else (nn.Identity(),) * 2
 
-    def forward(self, x, rope, cache=None, slot=0, xq=None, c=None, lora=None, key_mask=None, latent=None):
-        xq = None if xq is None else norm(xq)
-        if latent is not None:
-            # MELT (arXiv 2605.07721, Eq. 1): the layer keeps a latent per token across loops,
-            # h_t = z ⊙ h_{t-1} + (1 - z) ⊙ x_t, z = σ(W_z x_t + U_z h_{t-1} + b) (h_0 = x_1, so
-            # one loop is the plain block); keys and values come from h_t, queries from x_t.
-            # One K/V row per token and layer then serves every loop (the cache's 'last' slot)
-            store, j, alpha = latent
-            xn = self.norm_1(x)
-            h = xn if store[j] is None else store[j]
-            z = torch.sigmoid(self.melt_gate(torch.cat([xn, h], dim=-1)))
-            store[j] = h = z * h + (1 - z) * xn
-            # alpha < 1: MELT's interpolated transition (phase 1), K/V = α KV(h) + (1 - α) KV(x)
-            a = self.attn(h, rope, cache, slot, xn, lora, key_mask, kv_base=xn if alpha < 1 else None, alpha=alpha)
-        elif c is None:
-            a = self.attn(self.norm_1(x), rope, cache, slot, xq, lora, key_mask)
-        if c is None:
-            x = self.norm_3(x + a) if self.sandwich else x + a  # Huginn's sandwich norm bounds the stream
-            m = self.mlp(self.norm_2(x), lora)
-            return self.norm_4(x + m) if self.sandwich else x + m
+    def forward(self, x, rope, cache=None, slot=0, xq=None, c=None):
+        # xq: the queries' stream (FLT), normed like the block's own input; c: the loop's
+        # conditioning, which only ModulatedBlock reads
+        a = self.attn(self.norm_1(x), rope, cache, slot, None if xq is None else norm(xq))
+        return self.tail(x, a)
+
+    def tail(self, x, a):
+        """The block after attention's output a: residual add, MLP, residual add (Huginn's
+        sandwich norm bounds the stream after each add)."""
+        x = self.norm_3(x + a)
+        return self.norm_4(x + self.mlp(self.norm_2(x)))
+
+
+class ModulatedBlock(Block):
+    """
+    A core block conditioned on its loop (modulation='tmlt' or 'loopformer'): adaLN-Zero
+    without shift (LoopFormer, Jeddi et al. 2025): gate_attn, gate_mlp, scale_attn,
+    scale_mlp = Linear(d, 4d)(SiLU(c)); x += gate_attn * Attn(norm(x) * (1 + scale_attn)),
+    then the same for the MLP. Zero-initialised (init_weights), so at init the block is the
+    identity whatever c is. DiT keeps biases here, and so do we.
+    """
+
+    def __init__(self, cfg, window=0):
+        super().__init__(cfg, window)
+        self.modulation = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+
+    def forward(self, x, rope, cache=None, slot=0, xq=None, c=None):
         gate_attn, gate_mlp, scale_attn, scale_mlp = self.modulation(F.silu(c)).chunk(4, dim=-1)
-        a = gate_attn * self.attn(self.norm_1(x) * (1 + scale_attn), rope, cache, slot, xq, lora)
-        x = self.norm_3(x + a) if self.sandwich else x + a
-        m = gate_mlp * self.mlp(self.norm_2(x) * (1 + scale_mlp), lora)
-        return self.norm_4(x + m) if self.sandwich else x + m
+        xq = None if xq is None else norm(xq)
+        x = self.norm_3(x + gate_attn * self.attn(self.norm_1(x) * (1 + scale_attn), rope, cache, slot, xq))
+        return self.norm_4(x + gate_mlp * self.mlp(self.norm_2(x) * (1 + scale_mlp)))
 
 
 class TimestepEmbedder(nn.Module):
@@ -594,12 +416,12 @@ class LoopGPT(nn.Module):
         d = cfg.n_embd
         self.wte = nn.Embedding(cfg.vocab_size, d)
         self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
-        modulated = cfg.modulation != "none"
         # FLT's sliding windows: core layer j is short (a quarter of the context) if the
         # pattern, tiled over the core, says S there; the last core layer always sees everything
         pattern, short = cfg.window_pattern, max(1, cfg.block_size // 4)
         windows = [short if pattern[j % len(pattern)] == "S" and j < cfg.n_core - 1 else 0 for j in range(cfg.n_core)]
-        self.core = nn.ModuleList(Block(cfg, modulated, w, cfg.melt) for w in windows)  # looped, weight-tied
+        core_block = MeltBlock if cfg.melt else ModulatedBlock if cfg.modulation != "none" else Block
+        self.core = nn.ModuleList(core_block(cfg, w) for w in windows)  # looped, weight-tied
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.norm_f = RMSNorm(d, cfg.norm_gains, cfg.norm_eps)  # the final norm, before the head
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
@@ -613,25 +435,7 @@ class LoopGPT(nn.Module):
             self.diag_B = nn.Linear(d, d, bias=False)
             self.diag_norm = RMSNorm(d, cfg.norm_gains)
             self.diag_C = nn.Linear(d, d, bias=False)
-        if cfg.lora_rank:
-            # Relaxed Recursive Transformers: loop t's core block j adds B A x to each target
-            # matrix W x (W: out x in; A: r x in, B: out x r), one (A, B) pair per loop, block
-            # and target; B starts at zero, so at init every loop is the shared block. These
-            # are the only parameters that grow with n_loops.
-            for name, (n_in, n_out) in lora_shapes(cfg).items():
-                setattr(self, f"lora_A_{name}", nn.Parameter(torch.empty(cfg.n_loops, cfg.n_core, cfg.lora_rank, n_in)))
-                setattr(self, f"lora_B_{name}", nn.Parameter(torch.zeros(cfg.n_loops, cfg.n_core, n_out, cfg.lora_rank)))
-        if cfg.routing == "mor":  # Mixture-of-Recursions: one router score per recursion, per token
-            self.router = nn.Linear(d, cfg.n_loops, bias=False)
-        if cfg.exit_gate:  # Ouro: after each loop, the probability of stopping there, per token
-            self.exit_gate = nn.Linear(d, 1)
-        if cfg.selective_gate:  # LoopUS: per-token, per-channel step size Δ from the loop's update
-            self.gate_down = nn.Linear(d, math.ceil(d / 16), bias=False)
-            self.gate_up = nn.Linear(math.ceil(d / 16), d)
-            self.gate_A_log = nn.Parameter(torch.zeros(d))
-        if cfg.confidence_head:  # LoopUS: a LayerNorm and a linear read of the loop's update
-            self.confidence_norm = nn.LayerNorm(d)
-            self.confidence = nn.Linear(d, 1)
+        add_extensions(self)  # Part 2: LoRA, MoR's router, Ouro's gate, LoopUS's gate and head
         if cfg.modulation == "tmlt":  # embeds the loop index i (LoopFormer's TMLT baseline)
             self.time_embed = TimestepEmbedder(d)
         if cfg.modulation == "loopformer":  # embeds the normalised time t and the step size Δ
@@ -649,7 +453,6 @@ class LoopGPT(nn.Module):
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.melt_alpha = 1.0  # MELT's phase-1 interpolation (train.py sets it; 1 = MELT itself)
 
     @torch.no_grad()
     def init_weights(self):
@@ -661,6 +464,7 @@ class LoopGPT(nn.Module):
         and a random adapter. init='parcae': N(0, 2/(5d)) everywhere (the embedding too),
         zero output projections. init='loopformer' (nanoGPT's): N(0, 0.02²), output projections
         divided by sqrt(2 x blocks), the adaLN modulation too (its code re-initialises it).
+        The extensions' parameters are initialised in their sections (init_extensions).
         """
         cfg = self.config
         small = math.sqrt(2 / (5 * cfg.n_embd))
@@ -702,31 +506,7 @@ class LoopGPT(nn.Module):
             for lin in (block.attn.q, block.attn.k, block.attn.v):
                 if lin.bias is not None:
                     lin.bias.zero_()
-        if cfg.lora_rank:
-            for name, (n_in, _) in lora_shapes(cfg).items():
-                nn.init.normal_(getattr(self, f"lora_A_{name}"), std=n_in ** -0.5)
-                getattr(self, f"lora_B_{name}").zero_()
-        if cfg.routing == "mor":  # N(0, 0.02) as in the MoR code
-            nn.init.normal_(self.router.weight, std=0.02)
-        if cfg.melt:
-            # MELT: z = σ(-4) ≈ 0.02 whatever the input, so a looped model converted to MELT
-            # starts as itself with each token's last-loop K/V shared (kv_sharing='last'); the
-            # paper gives no init (our choice)
-            for block in self.core:
-                block.melt_gate.weight.zero_()
-                block.melt_gate.bias.fill_(-4.0)
-        if cfg.selective_gate:
-            # LoopUS code (Mamba's): A_log = log(1..d), so channel i decays at rate i; the step
-            # size starts log-uniform in [0.001, 0.1] per channel (the bias is its softplus⁻¹)
-            r = self.gate_down.out_features
-            nn.init.uniform_(self.gate_down.weight, -cfg.n_embd ** -0.5, cfg.n_embd ** -0.5)
-            nn.init.uniform_(self.gate_up.weight, -r ** -0.5, r ** -0.5)
-            dt = torch.exp(torch.empty(cfg.n_embd).uniform_(math.log(1e-3), math.log(0.1))).clamp_min(1e-4)
-            self.gate_up.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            self.gate_A_log.copy_(torch.log(torch.arange(1, cfg.n_embd + 1, dtype=torch.float32)))
-        if cfg.confidence_head:
-            nn.init.normal_(self.confidence.weight, std=cfg.n_embd ** -0.5)
-            nn.init.zeros_(self.confidence.bias)
+        init_extensions(self)
         if cfg.injection == "concat" and cfg.init == "huginn":  # Huginn: a random W_a, N(0, 2/(5d))
             nn.init.normal_(self.adapter.weight, std=small)
         elif cfg.injection == "concat":
@@ -745,6 +525,15 @@ class LoopGPT(nn.Module):
                 nn.init.normal_(self.diag_C.weight, std=small)
             else:
                 self.diag_C.weight.copy_(torch.eye(cfg.n_embd))
+
+    def num_params(self):
+        """Unique parameters (shared core weights and a tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def effective_depth(self, loops=None):
+        cfg = self.config
+        M = cfg.n_loops if loops is None else loops
+        return cfg.n_prelude + cfg.n_core * M + cfg.n_coda
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -774,7 +563,21 @@ class LoopGPT(nn.Module):
         nn.init.trunc_normal_(x, std=std, a=-3 * std, b=3 * std, generator=generator)
         return x * math.sqrt(d) if self.config.state_init == "randn" else x
 
-    def core_pass(self, h, e, t, rope, cache, slot, c=None, key_mask=None, latents=None):
+    def loop_input(self, idx, rope, cache):
+        """Embedding and prelude: returns the loop input e and the initial state h_0."""
+        emb = self.wte(idx)
+        x = norm(emb) if self.config.embed_norm else emb
+        for slot, block in enumerate(self.prelude):
+            x = block(x, rope, cache, slot)
+        if not self.config.norm_state:
+            return x, self.initial_state(x, cache)
+        # the FLT code's convention: every state that enters a loop is normed, h_0 included,
+        # and the input is the raw embedding (with no prelude), so LTi's
+        # x = norm(e + h_{t-1}) adds a learned-scale embedding to a unit-RMS state
+        e = emb if not self.prelude else x
+        return e, norm(self.initial_state(e, cache))
+
+    def core_pass(self, h, e, t, rope, cache, slot, c=None):
         """
         Loop t (0-based) of the core: previous state h = h_{t-1}, loop input e (prelude
         output, i.e. the normed embedding when n_prelude = 0). Returns the core's output.
@@ -820,92 +623,21 @@ class LoopGPT(nn.Module):
                     # FLT: every layer's attention takes its queries from h_{t-1} and its
                     # keys/values from the current stream; LTai does it in layer 1 only
                     xq = h
-            x = block(x, rope, cache, slot + j, xq, c, self.lora(t, j), key_mask,
-                      None if latents is None else (latents, j, self.melt_alpha))
+            x = block(x, rope, cache, slot + j, xq, c)
         return x
-
-    def route(self, h, i, cand, cache, pos):
-        """
-        Mixture-of-Recursions (Bae et al. 2025), expert-choice routing for recursion i of
-        N = n_loops. Recursion i keeps a fraction (N-i)/N of the tokens, chosen
-        among those recursion i-1 kept (cand, (B, T) bool), so a token's depth is the
-        number of recursions before it is dropped. Router score s_i = w_i · h, on the raw
-        state (MoR code).
-
-        MoR picks the top-k scores over the whole sequence, which lets a token's depth
-        depend on tokens after it. We keep the capacity but make the choice causal: token
-        t is kept if the number of candidates at positions <= t that score higher than it,
-        plus 1/2, is below keep * n_t, with n_t the number of those candidates and
-        keep = (N-i)/(N-i+1) the fraction of candidates to keep. For exchangeable scores
-        that keeps the same fraction in expectation, training and generation make the
-        same choice, and generation only needs the scores and
-        selections of earlier tokens, which the KV cache stores per recursion.
-        Returns (sel (B, T) bool, gate g = router_scale * σ(s) (B, T), scores s, key mask
-        (B, pos+T): the tokens selected at recursion i, the only keys attention sees).
-        """
-        N = self.config.n_loops
-        s = self.router(h)[..., i].float()
-        T = s.size(1)
-        s_all, cand_all = s, cand
-        if cache is not None:
-            s_all = cache.update_route(i, N, s)
-            cand_all = cache.route_sel[i - 1, :, :pos + T] if i > 0 else torch.ones_like(s_all, dtype=torch.bool)
-        q_pos = torch.arange(pos, pos + T, device=s.device).view(-1, 1)
-        earlier = torch.arange(pos + T, device=s.device).view(1, -1) < q_pos  # (T, pos+T)
-        beaten_by = (cand_all[:, None, :] & earlier & (s_all[:, None, :] > s[:, :, None])).sum(-1)
-        n_cand = cand_all.cumsum(-1)[:, pos:]  # candidates at positions <= t
-        keep = (N - i) / (N - i + 1) if i > 0 else 1.0  # capacities 1, (N-1)/N, ..., 1/N of all tokens
-        sel = cand & (beaten_by + 0.5 < keep * n_cand)  # rank r stands for the middle of its 1/n slice: unbiased
-        key_mask = sel if cache is None else cache.update_route(i, N, s, sel)
-        return sel, self.config.router_scale * torch.sigmoid(s), s, key_mask
-
-    def lora(self, t, j):
-        """Loop t's LoRA factors for core block j, {target: (A, B)}; loops past n_loops reuse
-        the last loop's."""
-        if not self.config.lora_rank:
-            return None
-        t = min(t, self.config.n_loops - 1)
-        return {name: (getattr(self, f"lora_A_{name}")[t, j], getattr(self, f"lora_B_{name}")[t, j])
-                for name in lora_shapes(self.config)}
-
-    def selective_update(self, x_new, x):
-        """
-        LoopUS's selective gate (Park et al. 2026, arXiv 2605.11011): the loop's proposal
-        f(h) = x_new is mixed into the previous state x per token and channel,
-            x_t = Ā ⊙ f(h) + (1 - Ā) ⊙ x = x + Ā ⊙ (f(h) - x),
-            Ā = exp(-Δ ⊙ exp(A_log)),  Δ = softplus(W_up W_down (f(h) - x) + b),
-        so 0 < Ā < 1 (a convex step towards the proposal, against hidden-state drift) and the
-        step size depends on the update itself (Mamba's selective Δ, low rank d/16).
-        Without the gate, x_new.
-        """
-        if not self.config.selective_gate:
-            return x_new
-        update = x_new - x
-        dt = F.softplus(self.gate_up(self.gate_down(update)))
-        return x + torch.exp(-dt * torch.exp(self.gate_A_log)) * update
-
-    def confidence_logit(self, update):
-        """LoopUS's confidence head on a loop's update f(h) - x (before the gate): the logit of
-        "this loop's prediction is right", trained by BCE (per_step_loss), read by exit='confidence'."""
-        return self.confidence(self.confidence_norm(update)).squeeze(-1)
 
     def parcae_decay(self):
         """Parcae's (Ā, Δ): Δ = softplus(dt_bias) > 0 and Ā = exp(-Δ ⊙ exp(A_log)) in (0, 1)."""
         dt = F.softplus(self.diag_dt_bias)
         return torch.exp(-dt * torch.exp(self.diag_A_log)), dt
 
-    def steps(self, loops=None, schedule=None):
-        """The loop schedule as step sizes Δ_1..Δ_M that sum to 1: `schedule` if given,
-        else M = `loops` (default n_loops) uniform steps of 1/M."""
-        if schedule is None:
-            M = check_loops(self.config.n_loops if loops is None else loops)
-            steps = [1.0 / M] * M
-        else:
-            steps = check_schedule(schedule, loops, self.config.modulation)
-        if self.config.routing == "mor" and len(steps) > self.config.n_loops:
-            raise ValueError(f"routing='mor' has a capacity for each of its n_loops={self.config.n_loops} "
-                             f"recursions: budget {len(steps)} is too many")
-        return steps
+    def next_state(self, x):
+        """h_t, what loop t+1 reads of loop t's output x_t: the raw stream (Saunshi et al.,
+        LoopFormer's Base-Loop), or norm(x_t) (FLT code: always for its FLT / FLTres / LTai,
+        with norm_state for LT and LTi)."""
+        if self.config.norm_state or self.config.injection in ("attn_first", "full_res", "full_attn"):
+            return norm(x)
+        return x
 
     def conditioning(self, i, t, dt):
         """The vector c that modulates loop i (0-based), which starts at time t with step dt."""
@@ -920,128 +652,76 @@ class LoopGPT(nn.Module):
         # step's size; a coarse step can learn to do more than a fine one
         return self.time_embed(torch.tensor(t, device=device)) + self.step_embed(torch.tensor(dt, device=device))
 
-    def trunk(self, idx, steps, cache=None, states=None, depths=None, routes=None, updates=None):
-        """Everything up to the final norm for the schedule `steps`: returns the coda's
-        output (B, T, d). If `states` is a list, each loop's output is appended to it.
-        depths (B,): Parcae's per-sequence depth, row b runs depths[b] <= len(steps)
-        loops and keeps its state outside them (see the bptt note in the loop). routes: a list that receives MoR's
-        (scores, candidates, selections) per recursion. updates: a list that receives each
-        loop's update f(h) - x before the selective gate (the confidence head's input)."""
+    def steps(self, loops=None, schedule=None):
+        """The loop schedule as step sizes Δ_1..Δ_M that sum to 1: `schedule` if given,
+        else M = `loops` (default n_loops) uniform steps of 1/M."""
+        if schedule is None:
+            M = check_loops(self.config.n_loops if loops is None else loops)
+            steps = [1.0 / M] * M
+        else:
+            steps = check_schedule(schedule, loops, self.config.modulation)
+        if self.config.routing == "mor" and len(steps) > self.config.n_loops:
+            raise ValueError(f"routing='mor' has a capacity for each of its n_loops={self.config.n_loops} "
+                             f"recursions: budget {len(steps)} is too many")
+        return steps
+
+    def trunk(self, idx, steps, cache=None, record=None, depths=None):
+        """
+        Everything up to the final norm for the schedule `steps`: returns the coda's output
+        (B, T, d). record, a dict, receives what the training objectives and diagnostics read
+        of the loop: record["states"], each loop's output (and, per extension, MoR's routes,
+        LoopUS's updates). depths (B,): Parcae's per-sequence depth (see its section).
+        """
         cfg = self.config
         B, T = idx.shape
-        if cfg.melt and (cache is None or T > cfg.melt_chunk):
-            return self.melt_chunks(idx, steps, cache, states, depths, routes, updates)
-        pos = cache.pos if cache is not None else 0
+        if cfg.melt and (cache is None or T > cfg.melt_chunk):  # MELT runs chunk by chunk (its section)
+            return melt_chunks(self, idx, steps, cache, record)
+        pos = 0 if cache is None else cache.pos
         if pos + T > cfg.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds block_size={cfg.block_size}")
-        if cache is None:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])
-        else:
-            rope = (cache.rows(self.rope_cos, T), cache.rows(self.rope_sin, T))
-            cache.masks = {}  # static decoding: one mask per window for this step, shared by the layers
-
+        rope = (self.rope_cos[:T], self.rope_sin[:T]) if cache is None else \
+            (cache.rows(self.rope_cos, T), cache.rows(self.rope_sin, T))
         e, h = self.loop_input(idx, rope, cache)
         x = h  # the last loop's output; h_0 before the first
         slot = cfg.n_prelude  # KV-cache slot of the next (loop, layer) visit
         M = len(steps)
-        if depths is not None:
-            # Parcae's per-sequence depth with truncated backprop (Parcae code): row b runs
-            # n_b = d_b - min(d_b, k) loops without gradient, then min(d_b, k) with, so
-            # every row sends gradient through the core, however shallow. The batch runs
-            # max(n_b) gradient-free loops, then max min(d_b, k) with gradient; a row takes
-            # part in the first n_b of the one and the first min(d_b, k) of the other
-            n_grad = depths.clamp(max=cfg.bptt_k or M).view(-1, 1, 1)
-            n_free = depths.view(-1, 1, 1) - n_grad
-            grad_from = max(0, M - cfg.bptt_k) if cfg.bptt_k else 0  # the first loop with gradient
-        mor = cfg.routing == "mor"  # (steps() has checked M <= n_loops)
-        latents = [None] * cfg.n_core if cfg.melt else None  # MELT: each core layer's latent, across loops
-        sel = torch.ones(B, T, dtype=torch.bool, device=idx.device)  # MoR: tokens still in the loop
+        router = Router(self, cache, pos, record) if cfg.routing == "mor" else None  # MoR (its section)
+        depth = SequenceDepths(depths, M, cfg.bptt_k) if depths is not None else None  # Parcae (its section)
         for i, dt in enumerate(steps):
             c = self.conditioning(i, math.fsum(steps[:i]), dt)
             # truncated backprop through depth (Huginn): loops before the last bptt_k run
             # without a graph; e still gets gradients through the later loops' injection
             truncated = cfg.bptt_k > 0 and i < M - cfg.bptt_k
             with torch.no_grad() if truncated else nullcontext():
-                key_mask = None
-                if mor:
-                    cand = sel
-                    sel, gate, score, key_mask = self.route(x, i, cand, cache, pos)
-                    if routes is not None:
-                        routes.append((score, cand, sel))
-                    if not sel.any():  # nobody left: deeper recursions change nothing (and are masked)
-                        break
-                if cfg.checkpoint_loops and torch.is_grad_enabled() and cache is None:
-                    # keep only each loop's input; recompute the loop's activations in backward
-                    x_new = checkpoint(self.core_pass, h, e, i, rope, None, slot, c, key_mask, use_reentrant=False)
-                else:
-                    x_new = self.core_pass(h, e, i, rope, cache, slot, c, key_mask, latents)
-                if mor:
-                    # MoR code: selected tokens take h + g f(h), f the core with its residuals,
-                    # i.e. (1 + g) h + g Δ(h); the others keep h
-                    x_new = x + (sel * gate).unsqueeze(-1).to(x.dtype) * x_new
-                if updates is not None:
-                    updates.append(x_new - x)
-                x_new = self.selective_update(x_new, x)
-            if depths is not None:  # a row outside its loops keeps its state
-                x_new = torch.where(i < n_free if truncated else i - grad_from < n_grad, x_new, x)
+                if router is None:
+                    x_new = self.run_core(h, e, i, rope, cache, slot, c)
+                else:  # MoR: the router's tokens run the loop
+                    x_new = router.recursion(x, h, e, i, rope, slot)
+                    if x_new is None:
+                        break  # no token is left in the loop
+                if cfg.selective_gate or cfg.confidence_head:  # LoopUS (its section)
+                    x_new = loopus_update(self, x_new, x, record)
+            if depth is not None:
+                x_new = depth.keep(i, truncated, x_new, x)
             x = x_new
             slot += cfg.n_core
-            if states is not None:
-                states.append(x)
+            if record is not None:
+                record.setdefault("states", []).append(x)
             h = self.next_state(x)
-        slot = cfg.n_prelude + cfg.n_core * M  # the coda's slots (a MoR loop may have stopped early)
-        x = self.run_coda(x, rope, cache, slot)
+        x = self.run_coda(x, rope, cache, cfg.n_prelude + cfg.n_core * M)  # (a MoR loop may have stopped early)
         if cache is not None:
             cache.advance(T)
         return x
 
-    def melt_chunks(self, idx, steps, cache, states, depths, routes, updates):
-        """
-        MELT's forward, chunk by chunk (its chunk-wise training, melt_chunk tokens at a time):
-        each chunk runs every loop, its tokens attending to each other at the current loop
-        and to the earlier chunks' shared K/V (their last loop's, from their latents), as
-        tokens decoded later will. One chunk of one token at a time is cached decoding itself.
-        """
-        if depths is not None:  # (routes: MoR's, which melt=True excludes, so they stay empty)
-            raise ValueError("melt=True runs chunk by chunk: no per-sequence depths")
-        if cache is None:
-            cache = MeltCache((self.config.n_prelude, self.config.n_core, len(steps), ("last", 0)))
-        outs, chunk_states, chunk_updates = [], [], []
-        for s in range(0, idx.size(1), self.config.melt_chunk):
-            st = [] if states is not None else None
-            up = [] if updates is not None else None
-            outs.append(self.trunk(idx[:, s:s + self.config.melt_chunk], steps, cache, st, None, None, up))
-            chunk_states.append(st)
-            chunk_updates.append(up)
-        for merged, parts in ((states, chunk_states), (updates, chunk_updates)):
-            if merged is not None:
-                merged.extend(torch.cat(loop, dim=1) for loop in zip(*parts))
-        return torch.cat(outs, dim=1)
-
-    def loop_input(self, idx, rope, cache):
-        """Embedding and prelude: returns the loop input e and the initial state h_0."""
-        emb = self.wte(idx)
-        x = norm(emb) if self.config.embed_norm else emb
-        for slot, block in enumerate(self.prelude):
-            x = block(x, rope, cache, slot)
-        if not self.config.norm_state:
-            return x, self.initial_state(x, cache)
-        # the FLT code's convention: every state that enters a loop is normed, h_0 included,
-        # and the input is the raw embedding (with no prelude), so LTi's
-        # x = norm(e + h_{t-1}) adds a learned-scale embedding to a unit-RMS state
-        e = emb if not self.prelude else x
-        return e, norm(self.initial_state(e, cache))
-
-    def next_state(self, x):
-        """h_t, what loop t+1 reads of loop t's output x_t: the raw stream (Saunshi et al.,
-        LoopFormer's Base-Loop), or norm(x_t) (FLT code: always for its FLT / FLTres / LTai,
-        with norm_state for LT and LTi)."""
-        if self.config.norm_state or self.config.injection in ("attn_first", "full_res", "full_attn"):
-            return norm(x)
-        return x
+    def run_core(self, h, e, t, rope, cache, slot, c):
+        """core_pass; in training with checkpoint_loops only each loop's input is kept, and
+        the loop's activations are recomputed in backward (a KV cache is for inference)."""
+        if self.config.checkpoint_loops and torch.is_grad_enabled() and not isinstance(cache, KVCache):
+            return checkpoint(self.core_pass, h, e, t, rope, cache, slot, c, use_reentrant=False)
+        return self.core_pass(h, e, t, rope, cache, slot, c)
 
     def run_coda(self, x, rope=None, cache=None, slot=0):
-        if rope is None:  # a prefix route in training: positions start at 0
+        if rope is None:  # another loop's state in training: positions start at 0
             rope = (self.rope_cos[:x.size(1)], self.rope_sin[:x.size(1)])
         if self.config.injection == "diag":  # Parcae: C maps the recurrent state back to the stream
             x = self.diag_C(x)
@@ -1056,138 +736,18 @@ class LoopGPT(nn.Module):
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         return logits
 
-    def forward(self, idx, targets=None, loops=None, cache=None, schedule=None,
-                short=None, lambda_short=0.1, lambda_cons=0.1, depths=None,
-                step_weights=None, gate_stage=0, gate_beta=0.1, gate_k=50.0, gate_gamma=0.005, lambda_router=1e-3,
-                lambda_mono=0.0):
+    def forward(self, idx, targets=None, loops=None, schedule=None, cache=None):
         """
-        idx (B, T) token ids; targets (B, T) or None (-1 = ignored position);
-        loops = budget M (default n_loops, any M >= 1) or schedule = step sizes summing to 1
-        (modulation='loopformer'); cache = KVCache for generation.
-        Returns (logits (B, T, V) in float32, loss or None).
-
-        depths (B,) ints (training, Parcae's per-sequence depth): row b runs depths[b]
-        loops, the batch max(depths); with bptt_k = k the last min(depths[b], k) of them
-        get gradients. A row's loops are not aligned with the batch's, so the loops must
-        not depend on their index: no modulation, no per-loop LoRA, and a first loop that
-        is not special (state_init other than 'prelude', or injection='none').
-
-        step_weights (training): per-step supervision, loss = Σ_t w_t CE_t / Σ_t w_t with
-        CE_t the loss of the shared coda and head on loop t's state (FLT's STEP / FEW).
-        gate_stage (training, needs exit_gate): Ouro's gate (Zhu et al. 2025, arXiv
-        2510.25741). Stage 1 (Eq. 4): loss = Σ_t p_t CE_t - gate_beta * H(p),
-        p_t = λ_t Π_{j<t}(1-λ_j), the last loop takes the rest. Stage 2 (Eq. 5-6, the LM
-        frozen): (1/T) Σ_{t=2..T} BCE(1 - λ_t, σ(gate_k (I_t - gate_gamma))) with
-        I_t = max(0, CE_{t-1} - CE_t) detached: continue after loops that still helped.
-
-        short (training): an auxiliary short route. A schedule (list) is
-        LoopFormer's shortcut route, run as a second forward; an int S is the prefix route
-        of the early-exit baselines, the first S loops of the full route read off its
-        intermediate state (no second forward). The loss is then
-        CE(full) + lambda_short * CE(short) + lambda_cons * MSE(sg(h_full), h_short),
-        h = the hidden state after the final norm.
-
-        routing='mor' adds lambda_router * Σ_i mean BCE(σ(s_i), selected_i) over recursion
-        i's candidates (MoR's auxiliary loss: the router's sigmoid learns to say who is kept).
-
-        LoopUS (Park et al. 2026, arXiv 2605.11011) trains a random depth M per step with
-        gradients through its last w = bptt_k loops (its "random deep supervision", here one
-        depth per optimizer step), adding lambda_mono * SiLU(CE_M - sg(CE_{M-w})) (L_Mono:
-        the window must not make the prediction worse; no term when M <= w) and, with
-        confidence_head, BCE(σ(q_M), 1[argmax p_M = y]) per token (L_Q, weight 1): q_M =
-        confidence_logit(f(h) - x) of the last loop learns whether its prediction is right.
+        idx (B, T) token ids; targets (B, T) or None (-1 = ignored position); loops = budget
+        M (default n_loops, any M >= 1) or schedule = step sizes summing to 1
+        (modulation='loopformer'); cache = a KVCache (new_cache) for generation.
+        Returns (logits (B, T, V) in float32, the cross-entropy or None). The papers' other
+        training losses read the loop's states through trunk: see train.py's objectives.
         """
-        if depths is not None:
-            if schedule is not None or short is not None or cache is not None:
-                raise ValueError("per-sequence depths go with loops only (no schedule, short route or cache)")
-            loops = int(depths.max())
-            problem = per_sequence_problem(self.config)
-            if problem:
-                raise ValueError(problem)
-        per_step = targets is not None and (step_weights is not None or gate_stage)
-        if per_step and (short is not None or (step_weights is not None and gate_stage)):
-            raise ValueError("use one of: a short route, step_weights, gate_stage")
-        if lambda_mono and (per_step or short is not None or depths is not None):
-            raise ValueError("lambda_mono (LoopUS) goes with a plain training forward: no step_weights, gate_stage, "
-                             "short route or per-sequence depths")
-        steps = self.steps(loops, schedule)
-        states = [] if isinstance(short, int) or per_step or (lambda_mono and targets is not None) else None
-        routes = [] if self.config.routing == "mor" and targets is not None else None
-        updates = [] if self.config.confidence_head and targets is not None else None
-        with torch.no_grad() if gate_stage == 2 else nullcontext():  # stage 2 trains the gate only
-            h = self.norm_f(self.trunk(idx, steps, cache, states, depths, routes, updates))
-            logits = self.logits(h)
+        logits = self.logits(self.norm_f(self.trunk(idx, self.steps(loops, schedule), cache)))
         if targets is None:
             return logits, None
-        y = targets.reshape(-1)
-        if per_step:
-            loss = self.per_step_loss(states, logits, targets, step_weights, gate_stage, gate_beta, gate_k, gate_gamma)
-        else:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1)
-        if updates and gate_stage != 2:  # LoopUS's L_Q: is the last loop's argmax right, per token
-            valid = y != -1
-            right = (logits.detach().argmax(-1).reshape(-1) == y).float()
-            loss = loss + F.binary_cross_entropy_with_logits(self.confidence_logit(updates[-1]).reshape(-1)[valid],
-                                                             right[valid])
-        if lambda_mono and len(steps) > (self.config.bptt_k or 1):
-            with torch.no_grad():  # LoopUS's L_Mono against the state where the gradient window starts
-                start = self.logits(self.norm_f(self.run_coda(states[len(steps) - (self.config.bptt_k or 1) - 1])))
-                ce_start = F.cross_entropy(start.view(-1, start.size(-1)), y, ignore_index=-1)
-            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1)
-            loss = loss + lambda_mono * F.silu(ce - ce_start)
-        if per_step:
-            return logits, loss
-        if short is not None:
-            if isinstance(short, int):
-                if not 1 <= short <= len(steps):
-                    raise ValueError(f"prefix route of {short} loops in a route of {len(steps)}")
-                h_short = self.norm_f(self.run_coda(states[short - 1]))
-            else:
-                h_short = self.norm_f(self.trunk(idx, self.steps(None, short)))
-            ce_short = F.cross_entropy(self.logits(h_short).view(-1, logits.size(-1)), targets.reshape(-1),
-                                       ignore_index=-1)
-            # stop-gradient on the full route: the short route learns to match it, not vice versa
-            loss = loss + lambda_short * ce_short + lambda_cons * F.mse_loss(h_short, h.detach())
-        if routes:  # MoR code: Σ over recursions of the mean BCE over that recursion's candidates
-            loss = loss + lambda_router * sum(F.binary_cross_entropy_with_logits(s[c], k[c].float())
-                                              for s, c, k in routes)
-        return logits, loss
-
-    def per_step_loss(self, states, logits, targets, step_weights, gate_stage, beta, k, gamma):
-        """Losses that read every loop's state (see forward): per-step supervision, Ouro's gate."""
-        M, V = len(states), logits.size(-1)
-        if gate_stage and not self.config.exit_gate:
-            raise ValueError("gate_stage needs a model with exit_gate=True")
-        if gate_stage == 2 and M < 2:
-            raise ValueError("gate stage 2 compares consecutive loops: it needs at least 2")
-        y = targets.reshape(-1)
-        valid = (y != -1).float()
-
-        def ce(lg):  # per-token cross-entropy, (B*T,)
-            return F.cross_entropy(lg.view(-1, V), y, ignore_index=-1, reduction="none")
-
-        with torch.no_grad() if gate_stage == 2 else nullcontext():
-            # the last loop's logits are the forward's; earlier loops go through the coda and head
-            ce_t = torch.stack([ce(self.logits(self.norm_f(self.run_coda(s)))) for s in states[:-1]] + [ce(logits)])
-        if step_weights is not None:
-            w = torch.as_tensor(step_weights, dtype=ce_t.dtype, device=ce_t.device)
-            if w.numel() != M or (w < 0).any() or w.sum() <= 0:
-                raise ValueError(f"step_weights needs {M} weights >= 0 with a positive sum, got {step_weights}")
-            return (w @ (ce_t * valid).sum(1)) / (w.sum() * valid.sum())
-        lam = torch.sigmoid(self.exit_gate(norm(torch.stack(states).detach() if gate_stage == 2 else torch.stack(states))))
-        lam = lam.view(M, -1)  # λ_t per token
-        if gate_stage == 1:
-            survive = torch.cumprod(torch.cat([torch.ones_like(lam[:1]), 1 - lam[:-1]]), dim=0)  # Π_{j<t}(1-λ_j)
-            p = torch.cat([lam[:-1] * survive[:-1], survive[-1:]])  # the last loop takes the rest
-            entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(0)
-            return (((p * ce_t).sum(0) - beta * entropy) * valid).sum() / valid.sum()
-        # Ouro Eq. 5-6: I_t = max(0, CE_{t-1} - CE_t), what loop t gained, detached; the
-        # gate after loop t learns to continue (1 - λ_t) where that gain was large:
-        # (1/T) Σ_{t=2..T} mean_tokens BCE(1 - λ_t, σ(k (I_t - γ))), divided by T, not T-1, as written
-        improve = (ce_t[:-1] - ce_t[1:]).clamp_min(0)
-        target = torch.sigmoid(k * (improve - gamma))
-        bce = F.binary_cross_entropy(1 - lam[1:], target, reduction="none")
-        return (bce * valid).sum() / (valid.sum() * M)
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     @torch.no_grad()
     def logits_at_budgets(self, idx, budgets, where=None):
@@ -1204,346 +764,374 @@ class LoopGPT(nn.Module):
             for M in budgets:
                 yield M, head(self.trunk(idx, self.steps(M)))
             return
-        states = []
-        h_last = self.trunk(idx, self.steps(budgets[-1]), states=states)
+        record = {}
+        h_last = self.trunk(idx, self.steps(budgets[-1]), record=record)
+        states = record["states"]
         for M in budgets:  # (MoR stops once no token is left in the loop: later budgets end in its last state)
             yield M, head(h_last if M == budgets[-1] else self.run_coda(states[min(M, len(states)) - 1]))
 
-    @torch.no_grad()
-    def residual_rms(self, idx, loops=None, routes=None):
-        """FLT's stability diagnostic: RMS over features of each loop's output h_t,
-        averaged over batch and sequence; one float per loop t = 1..M. routes: as in trunk."""
-        states = []
-        self.trunk(idx, self.steps(loops), states=states, routes=routes)
-        return [s.float().pow(2).mean(-1).sqrt().mean().item() for s in states]
-
     # ---- generation --------------------------------------------------------------------
 
-    def kv_cache_bytes(self, batch, loops, dtype=torch.float32, kv_sharing="none"):
-        """What new_cache(loops, kv_sharing) will hold for `batch` rows: K and V at every slot
-        (without sharing one per layer visit, the effective depth)."""
+    def new_cache(self, loops):
+        """An empty exact KV cache for budget `loops`: one slot per (loop, layer) visit
+        (MoR's also keeps its routing, MELT's is one slot per core layer: their sections)."""
         cfg = self.config
-        kind, N = ("last", 0) if cfg.melt else parse_kv_sharing(kv_sharing)  # (MELT's cache is always shared)
-        groups = loops if kind == "none" else min(N, loops) if kind == "window" else 1
-        slots = cfg.n_prelude + cfg.n_core * groups + cfg.n_coda
-        return 2 * slots * batch * cfg.n_kv_head * cfg.block_size * (cfg.n_embd // cfg.n_head) * dtype.itemsize
-
-    def activation_bytes(self, batch, seq_len, loops, dtype=torch.float32):
-        """A rough estimate of what a training step keeps for backward: per token and block
-        visit ~12 d-wide tensors and 3 of the MLP's width; truncated backprop keeps the last
-        bptt_k loops, activation checkpointing one loop plus every loop's input."""
-        cfg = self.config
-        per_visit = batch * seq_len * (12 * cfg.n_embd + 3 * int(cfg.mlp_ratio * cfg.n_embd)) * dtype.itemsize
-        grad_loops = min(loops, cfg.bptt_k) if cfg.bptt_k else loops
-        if cfg.checkpoint_loops:
-            visits = cfg.n_prelude + cfg.n_core + cfg.n_coda
-            return visits * per_visit + grad_loops * batch * seq_len * cfg.n_embd * dtype.itemsize
-        return (cfg.n_prelude + cfg.n_core * grad_loops + cfg.n_coda) * per_visit
-
-    def new_cache(self, loops, kv_sharing="none"):
-        """An empty KV cache for budget `loops`; kv_sharing (KVCache) shares the core's slots
-        across loops: memory that does not grow with the budget, at the price of exactness."""
-        cfg = self.config
-        sharing = parse_kv_sharing(kv_sharing)
-        if cfg.melt:  # MELT's cache is one slot per core layer, rewritten every loop, by construction
-            if sharing[0] not in ("none", "last"):
-                raise ValueError(f"kv_sharing={kv_sharing}: a melt=True model has its own shared cache")
-            sharing = ("last", 0)
-        if sharing[0] != "none" and cfg.routing == "mor":
-            raise ValueError("kv_sharing with routing='mor': MoR's cache keeps its own per-recursion selections")
-        layout = None if sharing[0] == "none" else (cfg.n_prelude, cfg.n_core, loops, sharing)
-        return KVCache(cfg.n_prelude + cfg.n_core * loops + cfg.n_coda, cfg.block_size, layout)
+        if cfg.melt:
+            return melt_cache(self, loops)
+        return (MoRCache if cfg.routing == "mor" else KVCache)(self.effective_depth(loops), cfg.block_size)
 
     @torch.inference_mode()  # no autograd bookkeeping at all: measurably faster than no_grad
-    def generate(self, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None,
-                 use_cache=True, generator=None, schedule=None, exit=None, min_loops=1, loops_used=None,
-                 cuda_graph=True, kv_sharing="none"):
+    def generate(self, idx, max_new_tokens, loops=None, schedule=None, temperature=1.0, top_k=None,
+                 use_cache=True, generator=None):
         """
-        Sample max_new_tokens tokens after idx (B, T) at loop budget `loops` (or with
-        the loop schedule `schedule`).
-        temperature 0 means greedy. The context is cropped to the last block_size
-        tokens. With use_cache the prompt is prefilled once and each new token runs one
-        position through every (loop, layer); once the text outgrows block_size, each
-        step rebuilds the cache from the cropped window (every position's K/V depends on
-        the window it saw), so cached and uncached decoding stay identical.
-
-        exit: per-token early exit while decoding, loops = the maximum:
-        ("kl", 1e-3): KL(p_{t-1} || p_t) of the next-token distributions < threshold (Huginn);
-        ("latent", 0.03): relative change ||h_t - h_{t-1}|| / ||h_t|| < threshold (Huginn);
-        ("gate", 0.9): Ouro's gate, stop once the exit CDF reaches q (needs exit_gate);
-        ("gate_all", 0.9): the same choice as Ouro's released code makes it: every loop
-        runs (no compute saved, every K/V real), the exit picks which state reaches the head.
-        No token stops before min_loops. The prompt runs at the full budget. loops_used, a
-        list, receives the loops each decoded token ran (a list per step, one per row).
-
-        routing='mor': each token's depth is its router's choice (see route). The cache
-        keeps every recursion's router scores and selections, so a new token is ranked
-        against the earlier tokens exactly as in the full forward, attends only to the
-        tokens kept at each recursion, and leaves the loop (skipping the compute) once
-        it is dropped; loops_used then receives the recursions each token got.
-
-        cuda_graph: on a GPU, each cached step after the prompt is captured once as a CUDA
-        graph and replayed (see graph_decode_step): the same arithmetic without launching
-        ~2,000 small kernels from Python per token. Not for early exits, MoR or modulation.
-
-        kv_sharing: 'none' (exact), or 'first' | 'last' | 'mean' | 'window:N', a cache whose
-        core slots are shared across loops (KVCache): memory constant in the budget.
+        Sample max_new_tokens tokens after idx (B, T) at loop budget `loops` (or with the
+        schedule `schedule`); temperature 0 means greedy. The context is cropped to the last
+        block_size tokens. With use_cache the prompt is prefilled once and each new token
+        runs one position through every (loop, layer); once the text outgrows block_size,
+        each step rebuilds the cache from the cropped window (every position's K/V depends
+        on the window it saw), so cached and uncached decoding stay identical. (sample.py's
+        engine adds early exits, KV sharing across loops and CUDA graphs.)
         """
-        steps = self.steps(loops, schedule)
-        sharing = "last" if self.config.melt else parse_kv_sharing(kv_sharing)[0]  # (MELT's cache is shared)
-        if sharing != "none" and (exit is not None or not use_cache):
-            raise ValueError(f"kv_sharing={kv_sharing} shares the KV cache: it needs use_cache=True and no exit")
-        if exit is not None:
-            check_exit(exit, self.config)
-            if not use_cache:
-                raise ValueError("early exit decodes with the KV cache: use_cache=True")
-        bs, cfg = self.config.block_size, self.config
-        graphed = (cuda_graph and use_cache and exit is None and idx.is_cuda and cfg.routing != "mor"
-                   and cfg.modulation == "none" and sharing == "none")
-        cache = replay = None
+        steps, bs = self.steps(loops, schedule), self.config.block_size
+        cache = None
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits, _ = self(idx[:, -bs:], schedule=steps)
             elif cache is None or idx.size(1) > bs:
-                cache = self.new_cache(len(steps), kv_sharing)
+                cache = self.new_cache(len(steps))
                 logits, _ = self(idx[:, -bs:], schedule=steps, cache=cache)
-                replay = None  # a graph holds its cache's buffers: past block_size each step fills a new cache
-            elif graphed:
-                replay = replay or self.graph_decode_step(steps, cache, idx[:, -1:])
-                logits = replay(idx[:, -1:])
-            elif exit is None:
+            else:
                 logits, _ = self(idx[:, -1:], schedule=steps, cache=cache)
-                if loops_used is not None and cache.route_sel is not None:  # MoR: recursions this token got
-                    loops_used.append(cache.route_sel[:, :, cache.pos - 1].sum(0).tolist())
-            else:
-                logits, used = self.decode_with_exit(idx[:, -1:], steps, cache, exit, min_loops)
-                if loops_used is not None:
-                    loops_used.append(used.tolist())
-            logits = logits[:, -1, :]
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits, dim=-1)
-                idx_next = torch.multinomial(probs, 1, generator=generator)
-            idx = torch.cat((idx, idx_next), dim=1)
+            idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k, generator)), dim=1)
         return idx
 
-    def graph_decode_step(self, steps, cache, idx):
-        """
-        One decoding step (B, 1 tokens through every (loop, layer) of the schedule into the
-        cache) captured as a CUDA graph; returns replay(idx) -> logits (B, 1, V). A looped
-        model's step is the same few kernels over and over (72 block visits at M = 12 on 6
-        layers), each too small to keep a GPU busy: launched one by one from Python, the
-        launches are the time. Capture needs shapes that do not change, so the cache
-        switches to static decoding: the position is a device tensor, each token is written
-        at it and attends to the whole preallocated buffer under a mask. The same arithmetic
-        as the eager step (tested on the CPU, where the static cache runs without a graph).
-        """
-        device, pos = idx.device, cache.pos
-        static_idx = idx.clone()
-        cache.pos_t = torch.tensor([pos], device=device)
-        # autocast's weight-cast cache must stay off while capturing: a cast cached before
-        # the capture would be freed after it while the graph still reads it
-        dtype, enabled = torch.get_autocast_dtype("cuda"), torch.is_autocast_enabled("cuda")
-        def autocast():
-            return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), autocast():  # warm-up off the graph (library handles, workspaces)
-            for _ in range(2):
-                self(static_idx, schedule=steps, cache=cache)  # writes this token's K/V at pos: harmless
-                cache.pos = pos
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), autocast():
-            static_logits, _ = self(static_idx, schedule=steps, cache=cache)
-        cache.pos = pos
 
-        def replay(idx):
-            static_idx.copy_(idx)
-            cache.pos_t.fill_(cache.pos)
-            graph.replay()
-            cache.advance(1)
-            return static_logits.clone()
-        return replay
-
-    def decode_with_exit(self, idx, steps, cache, exit, min_loops):
-        """
-        One new token (B, 1) through the model, each row stopping after the first loop
-        whose exit criterion fires. A row that stopped keeps its state, and the K/V of
-        the loops it skipped are filled from its last computed loop for the same layer
-        (Huginn's latest-m4), so later tokens attending to it find an entry in every
-        (loop, layer) slot. exit kind 'gate_all' runs every loop instead and sends each
-        row's exit state to the coda and head. Returns (logits (B, 1, V), loops used per row).
-        """
-        cfg, kind, threshold = self.config, exit[0], exit[1]
-        B, pos, M = idx.size(0), cache.pos, len(steps)
-        rope = (cache.rows(self.rope_cos, 1), cache.rows(self.rope_sin, 1))
-        e, h = self.loop_input(idx, rope, cache)
-        x = h  # the latent exit compares loop 1 with h_0 (Huginn code)
-        first, coda_slot = cfg.n_prelude, cfg.n_prelude + cfg.n_core * M
-        used = torch.full((B,), M, device=idx.device)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        logp_prev = torch.full((B, cfg.vocab_size), -math.log(cfg.vocab_size), device=idx.device)  # p_0 uniform
-        continue_prob = torch.ones(B, device=idx.device)  # gate: Π_{j<t} (1 - λ_j)
-        for i, dt in enumerate(steps):
-            x_new = self.core_pass(h, e, i, rope, cache, first + i * cfg.n_core, self.conditioning(i, math.fsum(steps[:i]), dt))
-            update = x_new - x
-            x_new = self.selective_update(x_new, x)
-            if done.any() and kind != "gate_all":
-                x_new = torch.where(done.view(-1, 1, 1), x, x_new)
-                rows = done.nonzero().flatten()
-                src = first + (used[rows] - 1) * cfg.n_core  # each stopped row's last computed loop
-                for j in range(cfg.n_core):
-                    cache.k[first + i * cfg.n_core + j, rows, :, pos] = cache.k[src + j, rows, :, pos]
-                    cache.v[first + i * cfg.n_core + j, rows, :, pos] = cache.v[src + j, rows, :, pos]
-            x_prev, x = x, x_new
-            h = self.next_state(x)
-            if i == M - 1:
-                break
-            if kind == "kl":  # the next-token distribution after this loop, through coda and head
-                logp = F.log_softmax(self.logits(self.norm_f(self.run_coda(x, rope, cache, coda_slot)))[:, -1], dim=-1)
-                kl = (logp_prev.exp() * (logp_prev - logp)).sum(-1)  # KL(p_{t-1} || p_t)
-                logp_prev = logp
-                fire = kl < threshold
-            elif kind == "latent":
-                fire = ((x - x_prev).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12))[:, -1] < threshold
-            elif kind == "confidence":  # LoopUS: the head is sure enough this loop's prediction is right
-                fire = torch.sigmoid(self.confidence_logit(update))[:, -1] > threshold
-            else:  # gate, gate_all: p_t = λ_t Π_{j<t}(1 - λ_j); stop once Σ p_t >= q
-                lam = torch.sigmoid(self.exit_gate(norm(x)))[:, -1, 0]
-                continue_prob = continue_prob * (1 - lam)
-                fire = 1 - continue_prob >= threshold
-            newly = fire & ~done & (i + 1 >= min_loops)
-            used = torch.where(newly, torch.full_like(used, i + 1), used)
-            done = done | newly
-            x_exit = torch.where(newly.view(-1, 1, 1), x, x if i == 0 else x_exit)  # gate_all: the chosen state
-        if kind == "gate_all" and M > 1:
-            x = torch.where(done.view(-1, 1, 1), x_exit, x)
-        x = self.run_coda(x, rope, cache, coda_slot)  # every row's final state: the real coda K/V
-        cache.advance(1)
-        return self.logits(self.norm_f(x)), used
-
-    # ---- bookkeeping ------------------------------------------------------------------
-
-    def num_params(self):
-        """Unique parameters (shared core weights and a tied head counted once)."""
-        return sum(p.numel() for p in self.parameters())
-
-    def effective_depth(self, loops=None):
-        cfg = self.config
-        M = cfg.n_loops if loops is None else loops
-        return cfg.n_prelude + cfg.n_core * M + cfg.n_coda
-
-    def flops_per_token(self, loops=None):
-        """
-        Training FLOPs per token (forward + backward) at budget M, PaLM-style:
-        6 * (matmul weights visited per token) + 12 * depth * d * T for attention.
-        A looped core counts once per loop: compute grows with M, parameters do not.
-        With truncated backprop (bptt_k) the loops before the last k run forward only:
-        2 FLOPs per weight instead of 6.
-        """
-        cfg = self.config
-        M = cfg.n_loops if loops is None else loops
-        per_block = sum(p.numel() for p in self.core[0].parameters())
-        forward = 2 * per_block + 4 * cfg.n_embd * cfg.block_size  # one block's forward, per token
-        no_grad_loops = max(0, M - cfg.bptt_k) if cfg.bptt_k else 0  # their backward is skipped
-        return (3 * forward * self.effective_depth(M) - 2 * forward * cfg.n_core * no_grad_loops
-                + 6 * cfg.n_embd * cfg.vocab_size)  # + lm_head
-
-    def summary(self):
-        cfg = self.config
-        shape = f"{cfg.n_prelude} + {cfg.n_core}⊗{cfg.n_loops} + {cfg.n_coda}"
-        flags = [f"injection={cfg.injection}"] + [f"{k}={getattr(cfg, k)}" for k, default in (
-            ("modulation", "none"), ("state_init", "prelude"), ("norm_state", False), ("block_norm", "pre"),
-            ("norm_gains", False), ("init", "nanochat"), ("window_pattern", "L"), ("exit_gate", False),
-            ("lora_rank", 0), ("lora_targets", "q,v"), ("routing", "none"), ("bptt_k", 0), ("selective_gate", False),
-            ("confidence_head", False), ("embed_norm", True), ("qkv_bias", False), ("melt", False))
-            if getattr(cfg, k) != default]
-        return (f"LoopGPT {shape} (prelude + core⊗loops + coda), d={cfg.n_embd}, {', '.join(flags)} | "
-                f"{self.num_params() / 1e6:.2f}M unique params | effective depth {self.effective_depth()} | "
-                f"{self.flops_per_token() / 1e6:.1f} MFLOPs/token (train, M={cfg.n_loops})")
-
-    def configure_optimizer(self, weight_decay, learning_rate, betas, optimizer="adamw", muon_lr=0.02,
-                            embedding_lr=0.0, head_lr=0.0, eps=1e-8):
-        """
-        AdamW, or optimizer='muon': Muon (MuonAdamW, at the end of this file) for the blocks' weight matrices (and
-        Huginn's adapter), AdamW for embeddings, head, vectors and small side matrices, as
-        nanochat and FLT train. embedding_lr / head_lr > 0 give wte / lm_head AdamW groups of
-        their own at those rates (FLT's recipe); a tied matrix is the head, at head_lr. Every
-        group has lr_scale: its peak lr over learning_rate, so one schedule drives them all.
-        """
-        # weight decay on matrices (linear layers, embeddings) only, never on vectors;
-        # Parcae's recurrence parameters (A_log, dt_bias, B) are not decayed either:
-        # decaying B towards 0 would cut the input out of the loop
-        hidden, decay, no_decay, embedding, head = [], [], [], [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if p is self.lm_head.weight and head_lr:  # checked first: a tied wte is this matrix
-                head.append(p)
-            elif name == "wte.weight" and embedding_lr and p is not self.lm_head.weight:
-                embedding.append(p)
-            elif optimizer == "muon" and p.dim() == 2 and name.split(".")[0] in ("prelude", "core", "coda", "adapter"):
-                hidden.append(p)
-            else:
-                (decay if p.dim() >= 2 and not name.startswith("diag_") else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-                  {"params": embedding, "weight_decay": weight_decay, "lr_scale": embedding_lr / learning_rate},
-                  {"params": head, "weight_decay": weight_decay, "lr_scale": head_lr / learning_rate}]
-        if optimizer == "muon":
-            groups.append({"params": hidden, "weight_decay": weight_decay, "use_muon": True,
-                           "lr_scale": muon_lr / learning_rate})
-        groups = [dict(g, lr=learning_rate * g["lr_scale"]) for g in groups if g["params"]]
-        if optimizer == "muon":
-            return MuonAdamW(groups, betas=betas, eps=eps)  # (defined at the end of this file)
-        # the fused kernel (one launch for all tensors) where the parameters are on a GPU,
-        # decided from where they are, so it is never asked for where it does not exist. (A
-        # CPU has one too, 6x faster than foreach here, but it rounds differently: every
-        # CPU result in the README would move in its last digits, so CPUs keep foreach.)
-        fused = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """The next token (B, 1) from the last position's logits (B, V): greedy at temperature
+    0, else a draw from softmax(logits / temperature), restricted to the top_k if given."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
-# ---- MELT's post-training: distillation from the looped model it was converted from ----------
+def check_loops(M):
+    if isinstance(M, bool) or not isinstance(M, int) or M < 1:
+        raise ValueError(f"loop budget must be an integer >= 1, got {M!r}")
+    return M
 
-def melt_distill_loss(student, teacher, idx, loops, lambda_attn=0.1, forward=None):
-    """
-    MELT's phase 2, attention-aligned distillation (arXiv 2605.07721): the frozen looped
-    model it was converted from teaches it, L = KL(p_teacher || p_student) + lambda_attn *
-    mean over every (layer, loop) visit of MSE(o_student, sg(o_teacher)), o the attention
-    output (after its projection). The paper's weight is 0.1; the form of its KD term is not
-    given: here the token-mean KL at temperature 1, and the MSE a mean over elements.
-    forward: the student's forward (train.py passes its DDP wrapper), default student.
-    """
-    attention = lambda m: [a for a in m.modules() if isinstance(a, Attention)]  # noqa: E731
-    pairs = list(zip(attention(student), attention(teacher)))
-    for s, t in pairs:
-        s.record, t.record = {}, {}
+
+def check_schedule(schedule, loops=None, modulation="loopformer"):
+    """A schedule is a non-empty list of positive step sizes that sum to 1 (± 1e-6)."""
     try:
-        with torch.no_grad():
-            t_logits, _ = teacher(idx, loops=loops)
-        s_logits, _ = (forward or student)(idx, loops=loops)
-        kd = F.kl_div(F.log_softmax(s_logits, -1).flatten(0, 1), F.log_softmax(t_logits, -1).flatten(0, 1),
-                      log_target=True, reduction="batchmean")
-        mse = [F.mse_loss(torch.cat(s.record[slot], dim=1), torch.cat(t.record[slot], dim=1))
-               for s, t in pairs for slot in s.record]
-    finally:
-        for s, t in pairs:
-            s.record = t.record = None
-    return kd + lambda_attn * torch.stack(mse).mean()
+        steps = [float(s) for s in schedule]
+    except (TypeError, ValueError):
+        raise ValueError(f"a schedule is a list of step sizes, got {schedule!r}") from None
+    if not steps or any(not (0 < s <= 1) for s in steps) or abs(math.fsum(steps) - 1) > 1e-6:
+        raise ValueError(f"a schedule needs step sizes in (0, 1] that sum to 1, got {steps} (sum {math.fsum(steps)})")
+    if loops is not None and loops != len(steps):
+        raise ValueError(f"loops={loops} but the schedule has {len(steps)} steps")
+    if modulation != "loopformer" and max(steps) - min(steps) > 1e-9:
+        raise ValueError(f"a schedule with unequal steps needs modulation='loopformer' "
+                         f"(this model has modulation={modulation!r}); use loops=M")
+    return steps
 
 
-# ---- uptraining: a looped model initialised from a plain one -----------------------------------
+# ================================================================================================
+# Part 2: the papers' extensions. Each section opens with its citation, its flags and the hook
+# in Part 1 it uses. Their parameters are made and initialised here, in this order (the order
+# of the random draws, so a seed gives the same model as it always has):
+# ================================================================================================
 
-INIT_CORES = ("lower", "stepwise", "average")
+def add_extensions(model):
+    """LoopGPT.__init__'s hook: the extensions' parameters (MELT's gates live in its blocks)."""
+    cfg, d = model.config, model.config.n_embd
+    if cfg.lora_rank:  # Relaxed Recursive Transformers: per-loop LoRA inside the core's blocks
+        add_lora(model)
+    if cfg.routing == "mor":  # Mixture-of-Recursions: one router score per recursion, per token
+        model.router = nn.Linear(d, cfg.n_loops, bias=False)
+    if cfg.exit_gate:  # Ouro: after each loop, the probability of stopping there, per token
+        model.exit_gate = nn.Linear(d, 1)
+    if cfg.selective_gate:  # LoopUS: per-token, per-channel step size Δ from the loop's update
+        model.gate_down = nn.Linear(d, math.ceil(d / 16), bias=False)
+        model.gate_up = nn.Linear(math.ceil(d / 16), d)
+        model.gate_A_log = nn.Parameter(torch.zeros(d))
+    if cfg.confidence_head:  # LoopUS: a LayerNorm and a linear read of the loop's update
+        model.confidence_norm = nn.LayerNorm(d)
+        model.confidence = nn.Linear(d, 1)
+    if cfg.melt:
+        model.melt_alpha = 1.0  # MELT's phase-1 interpolation (train.py sets it; 1 = MELT itself)
+
+
+@torch.no_grad()
+def init_extensions(model):
+    """init_weights' hook: the extensions' initial values."""
+    cfg = model.config
+    if cfg.lora_rank:
+        init_lora(model)
+    if cfg.routing == "mor":  # N(0, 0.02) as in the MoR code
+        nn.init.normal_(model.router.weight, std=0.02)
+    if cfg.melt:
+        # MELT: z = σ(-4) ≈ 0.02 whatever the input, so a looped model converted to MELT
+        # starts as itself with each token's last-loop K/V shared (as sample.py's
+        # kv_sharing='last'); the paper gives no init (our choice)
+        for block in model.core:
+            block.melt_gate.weight.zero_()
+            block.melt_gate.bias.fill_(-4.0)
+    if cfg.selective_gate:
+        # LoopUS code (Mamba's): A_log = log(1..d), so channel i decays at rate i; the step
+        # size starts log-uniform in [0.001, 0.1] per channel (the bias is its softplus⁻¹)
+        r = model.gate_down.out_features
+        nn.init.uniform_(model.gate_down.weight, -cfg.n_embd ** -0.5, cfg.n_embd ** -0.5)
+        nn.init.uniform_(model.gate_up.weight, -r ** -0.5, r ** -0.5)
+        dt = torch.exp(torch.empty(cfg.n_embd).uniform_(math.log(1e-3), math.log(0.1))).clamp_min(1e-4)
+        model.gate_up.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        model.gate_A_log.copy_(torch.log(torch.arange(1, cfg.n_embd + 1, dtype=torch.float32)))
+    if cfg.confidence_head:
+        nn.init.normal_(model.confidence.weight, std=cfg.n_embd ** -0.5)
+        nn.init.zeros_(model.confidence.bias)
+
+
+# ---- Huginn (Geiping et al. 2025, arXiv 2502.05171) --------------------------------------------
+# "Scaling up test-time compute with latent reasoning": a 2 + 4⊗r̄ + 2 model whose loop input
+# is an adapter W_a [h_{t-1}; e] (injection='concat', a branch of core_pass), sandwich blocks
+# (block_norm='sandwich', Block.tail), a random initial state (state_init='randn',
+# initial_state) and Takase's small init (init='huginn'). It needs no hook of its own: its
+# training samples the depth per step, Poisson(e^τ) + 1 with truncated backprop (train.py's
+# loop_sampling='poisson_lognormal', bptt_k in trunk), and its per-token exits (KL between
+# consecutive loops' predictions, the latent's relative change) are sample.py's
+# decode_with_exit, with its compressed cache (kv_sharing='window:N').
+
+
+# ---- Parcae (Prairie et al. 2026, arXiv 2604.12946) --------------------------------------------
+# The stable diagonal recurrence around the core is injection='diag' (core_pass, run_coda's C).
+# This section is its per-sequence depth (train.py's loop_sampling='per_sequence'): every row
+# of a batch runs its own number of loops. Hook: trunk(depths=...).
+
+class SequenceDepths:
+    """
+    Parcae's per-sequence depth with truncated backprop (Parcae code): row b runs
+    n_b = d_b - min(d_b, k) loops without gradient, then min(d_b, k) with, so every row
+    sends gradient through the core, however shallow. The batch runs max(n_b) gradient-free
+    loops, then max min(d_b, k) with gradient; a row takes part in the first n_b of the one
+    and the first min(d_b, k) of the other, and keeps its state outside them.
+    """
+
+    def __init__(self, depths, M, bptt_k):
+        self.n_grad = depths.clamp(max=bptt_k or M).view(-1, 1, 1)
+        self.n_free = depths.view(-1, 1, 1) - self.n_grad
+        self.grad_from = max(0, M - bptt_k) if bptt_k else 0  # the first loop with gradient
+
+    def keep(self, i, truncated, x_new, x):
+        """Loop i's output for the rows inside their loops, the previous state for the others."""
+        inside = i < self.n_free if truncated else i - self.grad_from < self.n_grad
+        return torch.where(inside, x_new, x)
+
+
+def per_sequence_problem(cfg):
+    """Why per-sequence depths cannot run on this model, or None. A row's loops are not
+    aligned with the batch's, so the loops must not depend on their index."""
+    if cfg.routing == "mor":
+        return "routing='mor' chooses each token's depth itself: no per-sequence depths"
+    if cfg.melt:
+        return "melt=True runs chunk by chunk: no per-sequence depths"
+    if cfg.modulation != "none" or cfg.lora_rank or (cfg.state_init == "prelude" and cfg.injection != "none"):
+        return ("per-sequence depths need loops that do not depend on their index: no modulation or lora_rank, "
+                "and a random or zero state_init unless injection='none'")
+    return None
+
+
+# ---- Ouro (Zhu et al. 2025, arXiv 2510.25741) --------------------------------------------------
+# "Scaling latent reasoning via looped language models". Flag exit_gate=True: after every
+# loop a gate reads the state, λ_t = σ(w · norm(h_t) + b), the probability of stopping there;
+# p_t = λ_t Π_{j<t}(1 - λ_j). Its official model also norms every loop's output with the
+# final norm and feeds that on (norm_state=True). The gate's two training stages are
+# train.py's gate_stage; the exits at decoding (stop once the CDF of p reaches q, or Ouro's
+# released all-loops choice) are sample.py's exit='gate' / 'gate_all'. Hook: none (a head
+# on the states trunk records).
+
+def exit_probability(model, x):
+    """Ouro's λ_t for states x (..., d): (..., 1)."""
+    return torch.sigmoid(model.exit_gate(norm(x)))
+
+
+# ---- Mixture-of-Recursions (Bae et al. 2025, arXiv 2507.10524) ----------------------------------
+# Flags routing='mor', router_scale. A router picks, per recursion, which tokens go on
+# looping; the others leave with their state. Hooks: trunk builds a Router, whose recursion()
+# replaces the plain loop; attention sees only the kept keys through a KeyMask, a view of
+# the cache; new_cache makes a MoRCache, which also stores the router's choices.
+
+class Router:
+    """One forward's routing state: the tokens still in the loop, and where their choices go."""
+
+    def __init__(self, model, cache, pos, record):
+        self.model, self.cache, self.pos, self.record = model, cache, pos, record
+        self.sel = None  # the tokens kept at the last recursion
+
+    def recursion(self, x, h, e, i, rope, slot):
+        """Recursion i: route, run the core over the kept tokens' keys, and give each kept
+        token h + g f(h) (MoR code: f the core with its residuals, i.e. (1 + g) h + g Δ(h));
+        the others keep h. None once no token is left (deeper recursions change nothing)."""
+        cand = self.sel if self.sel is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        self.sel, gate, score, key_mask = route(self.model, x, i, cand, self.cache, self.pos)
+        if self.record is not None:
+            self.record.setdefault("routes", []).append((score, cand, self.sel))
+        if not self.sel.any():
+            return None
+        x_new = self.model.run_core(h, e, i, rope, KeyMask(self.cache, key_mask), slot, None)
+        return x + (self.sel * gate).unsqueeze(-1).to(x.dtype) * x_new
+
+
+def route(model, h, i, cand, cache, pos):
+    """
+    Expert-choice routing for recursion i of N = n_loops. Recursion i keeps a fraction
+    (N-i)/N of the tokens, chosen among those recursion i-1 kept (cand, (B, T) bool), so a
+    token's depth is the number of recursions before it is dropped. Router score
+    s_i = w_i · h, on the raw state (MoR code).
+
+    MoR picks the top-k scores over the whole sequence, which lets a token's depth depend
+    on tokens after it. We keep the capacity but make the choice causal: token t is kept if
+    the number of candidates at positions <= t that score higher than it, plus 1/2, is below
+    keep * n_t, with n_t the number of those candidates and keep = (N-i)/(N-i+1) the fraction
+    of candidates to keep. For exchangeable scores that keeps the same fraction in
+    expectation, training and generation make the same choice, and generation only needs
+    the scores and selections of earlier tokens, which the MoRCache stores per recursion.
+    Returns (sel (B, T) bool, gate g = router_scale * σ(s) (B, T), scores s, key mask
+    (B, pos+T): the tokens selected at recursion i, the only keys attention sees).
+    """
+    N = model.config.n_loops
+    s = model.router(h)[..., i].float()
+    T = s.size(1)
+    s_all, cand_all = s, cand
+    if cache is not None:
+        s_all = cache.update_route(i, N, s)
+        cand_all = cache.route_sel[i - 1, :, :pos + T] if i > 0 else torch.ones_like(s_all, dtype=torch.bool)
+    q_pos = torch.arange(pos, pos + T, device=s.device).view(-1, 1)
+    earlier = torch.arange(pos + T, device=s.device).view(1, -1) < q_pos  # (T, pos+T)
+    beaten_by = (cand_all[:, None, :] & earlier & (s_all[:, None, :] > s[:, :, None])).sum(-1)
+    n_cand = cand_all.cumsum(-1)[:, pos:]  # candidates at positions <= t
+    keep = (N - i) / (N - i + 1) if i > 0 else 1.0  # capacities 1, (N-1)/N, ..., 1/N of all tokens
+    sel = cand & (beaten_by + 0.5 < keep * n_cand)  # rank r stands for the middle of its 1/n slice: unbiased
+    key_mask = sel if cache is None else cache.update_route(i, N, s, sel)
+    return sel, model.config.router_scale * torch.sigmoid(s), s, key_mask
+
+
+class KeyMask:
+    """A view of a cache (or of none, in training) for one recursion: keys and values are
+    stored as usual, and attention sees only the tokens this recursion kept (a query always
+    sees itself)."""
+
+    def __init__(self, cache, keys):
+        self.cache, self.keys = cache, keys  # keys: (B, Tk) bool
+
+    def update(self, slot, k, v, window=0):
+        Tq = k.size(2)
+        if self.cache is not None:
+            k, v = self.cache.store(slot, k, v)
+        Tk = k.size(2)
+        mask = causal_mask(Tq, Tk, window, k.device)
+        diagonal = torch.arange(Tk, device=k.device).view(1, -1) == torch.arange(Tk - Tq, Tk, device=k.device).view(-1, 1)
+        return k, v, (mask & (self.keys[:, None, :] | diagonal)).view(-1, 1, Tq, Tk)
+
+
+class MoRCache(KVCache):
+    """The exact KV cache, plus every recursion's router scores and selections per token, so a
+    new token is ranked against the earlier tokens exactly as in the full forward."""
+
+    def __init__(self, n_slots, max_len):
+        super().__init__(n_slots, max_len)
+        self.route_score = self.route_sel = None
+
+    def update_route(self, i, n_rec, score, sel=None):
+        """Store recursion i's router scores (then its selections) for the new tokens;
+        returns everything stored so far for recursion i. Unwritten selections stay False:
+        a token that left the loop is never selected again."""
+        if self.route_score is None:
+            B = score.size(0)
+            self.route_score = score.new_zeros(n_rec, B, self.max_len)
+            self.route_sel = torch.zeros(n_rec, B, self.max_len, dtype=torch.bool, device=score.device)
+        end = self.pos + score.size(1)
+        if sel is None:
+            self.route_score[i, :, self.pos:end] = score
+            return self.route_score[i, :, :end]
+        self.route_sel[i, :, self.pos:end] = sel
+        return self.route_sel[i, :, :end]
+
+
+# ---- Relaxed Recursive Transformers (Bae et al. 2025, arXiv 2410.20672) --------------------------
+# Flags lora_rank, lora_targets: loop t's core block j adds B A x to each target matrix W x
+# (W: out x in; A: r x in, B: out x r), one (A, B) pair per loop, block and target; B starts
+# at zero, so at init every loop is the shared block. These are the only parameters that
+# grow with n_loops. Hook: the target layers of the core's blocks become LoRALinear, and a
+# pre-hook on each core block tells them the loop from the visit's slot. Uptraining (a looped
+# model initialised from a plain one, train.py's init_from) is init_from_source below.
+
 LORA_MATRIX = {"q": lambda b: b.attn.q, "k": lambda b: b.attn.k, "v": lambda b: b.attn.v, "o": lambda b: b.attn.proj,
                "fc": lambda b: b.mlp.fc, "down": lambda b: b.mlp.proj}  # each LoRA target's layer in a Block
+LORA_PLACE = {"q": ("attn", "q"), "k": ("attn", "k"), "v": ("attn", "v"), "o": ("attn", "proj"),
+              "fc": ("mlp", "fc"), "down": ("mlp", "proj")}
+
+
+def lora_shapes(cfg):
+    """{target: (in, out)} of the per-loop LoRA's matrices (lora_targets)."""
+    d, kv, hidden = cfg.n_embd, cfg.n_kv_head * (cfg.n_embd // cfg.n_head), round(cfg.mlp_ratio * cfg.n_embd)
+    shapes = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d),
+              "fc": (d, (2 if cfg.mlp == "swiglu" else 1) * hidden), "down": (hidden, d)}
+    names = LORA_TARGETS if cfg.lora_targets == "all" else cfg.lora_targets.split(",")
+    return {name: shapes[name] for name in LORA_TARGETS if name in names}
+
+
+class LoRALinear(nn.Module):
+    """A shared linear layer W x (+ b) plus loop t's low-rank delta B_t A_t x; `loop` is set
+    by the block's pre-hook before each visit."""
+
+    def __init__(self, linear, n_loops, rank):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # the shared layer's own parameters
+        self.lora_A = nn.Parameter(torch.empty(n_loops, rank, linear.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(n_loops, linear.out_features, rank))
+        self.loop = 0
+
+    def forward(self, x):
+        A, B = self.lora_A[self.loop], self.lora_B[self.loop]
+        return F.linear(x, self.weight, self.bias) + (x @ A.T) @ B.T
+
+
+def add_lora(model):
+    cfg = model.config
+    P, K, L = cfg.n_prelude, cfg.n_core, cfg.n_loops
+    for j, block in enumerate(model.core):
+        layers = []
+        for name in lora_shapes(cfg):
+            parent, attr = LORA_PLACE[name]
+            layer = LoRALinear(getattr(getattr(block, parent), attr), L, cfg.lora_rank)
+            setattr(getattr(block, parent), attr, layer)
+            layers.append(layer)
+
+        def set_loop(block, args, layers=layers, j=j):
+            # the visit's slot is P + t K + j (forward's fourth argument); loops past
+            # n_loops reuse the last loop's LoRA
+            slot = args[3] if len(args) > 3 else P + j
+            for layer in layers:
+                layer.loop = min((slot - P - j) // K, L - 1)
+        block.register_forward_pre_hook(set_loop)
+
+
+def init_lora(model):
+    """A ~ N(0, 1/in) (drawn as one (loops, blocks, r, in) tensor per target), B = 0."""
+    cfg = model.config
+    for name, (n_in, n_out) in lora_shapes(cfg).items():
+        A = torch.empty(cfg.n_loops, cfg.n_core, cfg.lora_rank, n_in)
+        nn.init.normal_(A, std=n_in ** -0.5)
+        for j, block in enumerate(model.core):
+            LORA_MATRIX[name](block).lora_A.copy_(A[:, j])
+            LORA_MATRIX[name](block).lora_B.zero_()
+
+
+INIT_CORES = ("lower", "stepwise", "average")
 
 
 def unrolled_blocks(model):
@@ -1560,33 +1148,14 @@ def unrolled_blocks(model):
     return list(model.prelude) + [block for _ in range(cfg.n_loops) for block in model.core] + list(model.coda)
 
 
-@torch.no_grad()
-def layer_similarity(model, idx):
-    """Mean cosine similarity between each layer's input and output over the tokens of idx,
-    for the layers unrolled_blocks lists: the representations' staged dynamics that LoopUS
-    (Park et al. 2026) reads to split a pretrained model. Early and late layers change the
-    state most (low similarity); a middle stretch of small refinements (high similarity) is
-    what loops well. train.py prints it when converting, to help choose n_prelude and n_coda."""
-    T = idx.size(1)
-    rope = (model.rope_cos[:T], model.rope_sin[:T])
-    x = model.wte(idx)
-    x = norm(x) if model.config.embed_norm else x
-    sims = []
-    for block in unrolled_blocks(model):
-        y = block(x, rope)
-        sims.append(F.cosine_similarity(x.float(), y.float(), dim=-1).mean().item())
-        x = y
-    return sims
-
-
 def init_from_source(target, source, init_core="average"):
     """
     Initialise the looped `target` from the pretrained `source` (both LoopGPT), as Relaxed
-    Recursive Transformers (Bae et al. 2025, arXiv 2410.20672) convert a pretrained model.
-    The source's layers S_0 .. S_{N-1} (unrolled_blocks) are split by the target's shape:
-    the prelude takes the first P, the coda the last C, and the N - P - C between them are
-    replaced by the core's K blocks looped T = (N - P - C) / K times, in order: loop t runs
-    core block j where the source ran S_{P + Kt + j} (Relaxed's CYCLE sharing).
+    Recursive Transformers convert a pretrained model. The source's layers S_0 .. S_{N-1}
+    (unrolled_blocks) are split by the target's shape: the prelude takes the first P, the
+    coda the last C, and the N - P - C between them are replaced by the core's K blocks
+    looped T = (N - P - C) / K times, in order: loop t runs core block j where the source
+    ran S_{P + Kt + j} (Relaxed's CYCLE sharing).
     init_core, what core block j starts as:
       lower     S_{P + j}: the first loop's layers, a contiguous block;
       stepwise  K layers evenly spaced over the replaced ones, the first and the last
@@ -1637,34 +1206,216 @@ def init_from_source(target, source, init_core="average"):
             dst.load_state_dict(src.state_dict())
         for j, block in enumerate(target.core):
             tied = [middle[K * t + j] for t in range(T)]
+            # (strict=False: a LoRA target keeps its own A, B, set below)
             if init_core == "lower":
-                block.load_state_dict(tied[0].state_dict())
+                block.load_state_dict(tied[0].state_dict(), strict=False)
             elif init_core == "stepwise":
-                block.load_state_dict(middle[round(j * (len(middle) - 1) / max(1, K - 1))].state_dict())
+                block.load_state_dict(middle[round(j * (len(middle) - 1) / max(1, K - 1))].state_dict(), strict=False)
             else:
                 states = [b.state_dict() for b in tied]
-                block.load_state_dict({k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]})
+                block.load_state_dict({k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]}, strict=False)
         for name in ("wte", "lm_head", "norm_f"):
             getattr(target, name).load_state_dict(getattr(source, name).state_dict())
         errors = {}
         if cfg.lora_rank:
             r = cfg.lora_rank
             for which in lora_shapes(cfg):
-                A, B, errs = getattr(target, f"lora_A_{which}"), getattr(target, f"lora_B_{which}"), []
+                errs = []
                 for t in range(T):
                     for j in range(K):
+                        lora = LORA_MATRIX[which](target.core[j])
                         W = LORA_MATRIX[which](middle[K * t + j]).weight
-                        R = W - LORA_MATRIX[which](target.core[j]).weight
+                        R = W - lora.weight
                         U, S, Vh = torch.linalg.svd(R.float(), full_matrices=False)
                         k = min(r, S.numel())  # (a rank above the matrix's own leaves zero columns)
-                        B[t, j].zero_()
-                        A[t, j].zero_()
-                        B[t, j, :, :k] = U[:, :k] * S[:k]
-                        A[t, j, :k] = Vh[:k]
+                        lora.lora_B[t].zero_()
+                        lora.lora_A[t].zero_()
+                        lora.lora_B[t, :, :k] = U[:, :k] * S[:k]
+                        lora.lora_A[t, :k] = Vh[:k]
                         errs.append(float((S[r:] ** 2).sum() / W.float().pow(2).sum().clamp_min(1e-30)))
                 errors[f"lora_{which}"] = errs
     return errors
 
+
+# ---- LoopUS (Park et al. 2026, arXiv 2605.11011) ------------------------------------------------
+# Flags selective_gate, confidence_head (and train.py's lambda_mono, freeze; sample.py's
+# exit='confidence'). Hook: trunk passes each loop's output through loopus_update.
+
+def loopus_update(model, x_new, x, record=None):
+    """LoopUS's step between loops: records the update f(h) - x (the confidence head's
+    input, for the training objective) and applies the selective gate."""
+    if record is not None:
+        record.setdefault("updates", []).append(x_new - x)
+    return selective_update(model, x_new, x)
+
+
+def selective_update(model, x_new, x):
+    """
+    The selective gate: the loop's proposal f(h) = x_new is mixed into the previous state x
+    per token and channel,
+        x_t = Ā ⊙ f(h) + (1 - Ā) ⊙ x = x + Ā ⊙ (f(h) - x),
+        Ā = exp(-Δ ⊙ exp(A_log)),  Δ = softplus(W_up W_down (f(h) - x) + b),
+    so 0 < Ā < 1 (a convex step towards the proposal, against hidden-state drift) and the
+    step size depends on the update itself (Mamba's selective Δ, low rank d/16).
+    Without the gate, x_new.
+    """
+    if not model.config.selective_gate:
+        return x_new
+    update = x_new - x
+    dt = F.softplus(model.gate_up(model.gate_down(update)))
+    return x + torch.exp(-dt * torch.exp(model.gate_A_log)) * update
+
+
+def confidence_logit(model, update):
+    """The confidence head on a loop's update f(h) - x (before the gate): the logit of "this
+    loop's prediction is right", trained by BCE (train.py), read by exit='confidence'."""
+    return model.confidence(model.confidence_norm(update)).squeeze(-1)
+
+
+@torch.no_grad()
+def layer_similarity(model, idx):
+    """Mean cosine similarity between each layer's input and output over the tokens of idx,
+    for the layers unrolled_blocks lists: the representations' staged dynamics that LoopUS
+    reads to split a pretrained model. Early and late layers change the state most (low
+    similarity); a middle stretch of small refinements (high similarity) is what loops
+    well. train.py prints it when converting, to help choose n_prelude and n_coda."""
+    T = idx.size(1)
+    rope = (model.rope_cos[:T], model.rope_sin[:T])
+    x = model.wte(idx)
+    x = norm(x) if model.config.embed_norm else x
+    sims = []
+    for block in unrolled_blocks(model):
+        y = block(x, rope)
+        sims.append(F.cosine_similarity(x.float(), y.float(), dim=-1).mean().item())
+        x = y
+    return sims
+
+
+# ---- MELT (MELT: Memory-Efficient Looped Transformer, 2026, arXiv 2605.07721) --------------------
+# Flags melt, melt_chunk (and train.py's melt_transition, melt_distill). Each core layer keeps
+# a latent per token across loops, and its keys and values come from that latent: one K/V row
+# per token and layer serves every loop, so the cache does not grow with the budget. Hooks:
+# the core is made of MeltBlocks; trunk hands a whole sequence to melt_chunks; new_cache
+# makes a MeltCache.
+
+class MeltBlock(Block):
+    """
+    MELT's block (Eq. 1): h_t = z ⊙ h_{t-1} + (1 - z) ⊙ x_t, z = σ(W_z x_t + U_z h_{t-1} + b)
+    (h_0 = x_1, so one loop is the plain block); keys and values come from h_t, queries from
+    x_t. The latents live in the MeltCache, for the loops of one forward.
+    """
+
+    def __init__(self, cfg, window=0):
+        gate = nn.Linear(2 * cfg.n_embd, cfg.n_embd)  # z's [W_z U_z] over [x; h], drawn before the block's layers
+        super().__init__(cfg, window)
+        self.melt_gate = gate
+        # first among the block's modules: the init's random draws and the optimizer's
+        # parameter order (and so saved optimizer states) follow this order
+        self._modules = {"melt_gate": self._modules.pop("melt_gate"), **self._modules}
+
+    def forward(self, x, rope, cache=None, slot=0, xq=None, c=None):
+        j = cache.core_layer(slot)
+        xn = self.norm_1(x)
+        h = cache.latents.get(j, xn)
+        z = torch.sigmoid(self.melt_gate(torch.cat([xn, h], dim=-1)))
+        cache.latents[j] = h = z * h + (1 - z) * xn
+        if cache.alpha < 1:  # phase 1: the attention also needs the plain layer's own K/V of xn
+            cache.base = melt_base_kv(self.attn, xn, rope)
+        return self.tail(x, self.attn(h, rope, cache, slot, xn))
+
+
+def melt_base_kv(attn, x, rope):
+    """The keys and values the plain layer would make of x (MELT's phase 1 mixes them in)."""
+    B, T, _ = x.shape
+    k = apply_rotary(attn.k(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2), *rope)
+    k = norm(k) if attn.qk_norm else k
+    return k, attn.v(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+
+
+class MeltCache(KVCache):
+    """
+    MELT's cache, for training (the forward runs chunk by chunk) and decoding alike: one
+    slot per core layer, rewritten at every loop, so a past token's K/V are its last
+    loop's; kept out of place, concatenated chunk after chunk, so gradients flow through
+    the earlier chunks' K/V. alpha < 1 is MELT's interpolated transition (phase 1):
+    attention reads α (shared MELT K/V) + (1 - α) (the plain loop's own K/V at this loop),
+    for the past chunks and the current tokens alike.
+    """
+
+    def __init__(self, cfg, loops, alpha=1.0):
+        super().__init__(0, cfg.block_size)
+        self.P, self.K, self.M, self.alpha = cfg.n_prelude, cfg.n_core, loops, alpha
+        self.past, self.new = {}, {}  # buffer slot -> (K, V) of earlier chunks / of this chunk's latest loop
+        self.past_base, self.new_base = {}, {}  # phase 1: visit slot -> the plain loop's own (K, V)
+        self.latents, self.base = {}, None  # this forward's latent per core layer; phase 1's pending K/V
+
+    def core_layer(self, slot):
+        return (slot - self.P) % self.K
+
+    def buffer(self, slot):
+        """The prelude's slots, then one per core layer, then the coda's."""
+        if slot < self.P:
+            return slot
+        if slot >= self.P + self.K * self.M:
+            return slot - self.K * self.M + self.K
+        return self.P + self.core_layer(slot)
+
+    def update(self, slot, k, v, window=0):
+        p = self.buffer(slot)
+        self.new[p] = (k, v)
+        if self.base is not None:  # phase 1
+            self.new_base[slot], (bk, bv) = self.base, self.base
+            k, v = self.alpha * k + (1 - self.alpha) * bk, self.alpha * v + (1 - self.alpha) * bv
+            if p in self.past:
+                (pk, pv), (qk, qv) = self.past[p], self.past_base[slot]
+                k = torch.cat([self.alpha * pk + (1 - self.alpha) * qk, k], dim=2)
+                v = torch.cat([self.alpha * pv + (1 - self.alpha) * qv, v], dim=2)
+            self.base = None
+        elif p in self.past:
+            k, v = torch.cat([self.past[p][0], k], dim=2), torch.cat([self.past[p][1], v], dim=2)
+        return visible(k, v, self.new[p][0].size(2), window)
+
+    def advance(self, T):
+        for store, new in ((self.past, self.new), (self.past_base, self.new_base)):
+            for p, (k, v) in new.items():
+                store[p] = (k, v) if p not in store else (torch.cat([store[p][0], k], dim=2),
+                                                          torch.cat([store[p][1], v], dim=2))
+            new.clear()
+        self.latents = {}
+        self.pos += T
+
+    def nbytes(self):
+        return sum(k.nbytes + v.nbytes for k, v in self.past.values())
+
+
+def melt_cache(model, loops):
+    """new_cache's: MELT's cache for decoding."""
+    if model.melt_alpha < 1:
+        raise ValueError("MELT's interpolated transition (melt_alpha < 1) is a training mode: set melt_alpha = 1")
+    return MeltCache(model.config, loops)
+
+
+def melt_chunks(model, idx, steps, cache, record):
+    """
+    MELT's forward, chunk by chunk (its chunk-wise training, melt_chunk tokens at a time):
+    each chunk runs every loop, its tokens attending to each other at the current loop
+    and to the earlier chunks' shared K/V (their last loop's, from their latents), as
+    tokens decoded later will. One chunk of one token at a time is cached decoding itself.
+    """
+    cache = cache if cache is not None else MeltCache(model.config, len(steps), model.melt_alpha)
+    outs, records = [], []
+    for s in range(0, idx.size(1), model.config.melt_chunk):
+        records.append({} if record is not None else None)
+        outs.append(model.trunk(idx[:, s:s + model.config.melt_chunk], steps, cache, records[-1]))
+    if record is not None:  # each loop's states (and updates) over the whole sequence
+        for key in records[0]:
+            record.setdefault(key, []).extend(torch.cat(loop, dim=1) for loop in zip(*(r[key] for r in records)))
+    return torch.cat(outs, dim=1)
+
+
+# ================================================================================================
+# Appendix: FLOPs and summary, the optimizer, the checkpoint format
+# ================================================================================================
 
 def compile_blocks(model, **kwargs):
     """torch.compile every Block in place (train.py's compile=True). One compiled block
@@ -1676,150 +1427,90 @@ def compile_blocks(model, **kwargs):
     return model
 
 
-def sample_short_route(L, rng):
+def flops_per_token(model, loops=None):
     """
-    LoopFormer's random shortcut route on the 1/L grid: S ~ U{1..L-1} steps;
-    each of the first S-1 steps draws its size from {1/L, 2/L, ...}, leaving at least 1/L
-    for every step still to come; the last step takes the rest. rng: numpy Generator.
+    Training FLOPs per token (forward + backward) at budget M, PaLM-style:
+    6 * (matmul weights visited per token) + 12 * depth * d * T for attention.
+    A looped core counts once per loop: compute grows with M, parameters do not.
+    With truncated backprop (bptt_k) the loops before the last k run forward only:
+    2 FLOPs per weight instead of 6.
     """
-    S = int(rng.integers(1, L))
-    units, left = [], L
-    for k in range(S - 1):
-        u = int(rng.integers(1, left - (S - 1 - k) + 1))  # leave >= 1 unit per later step
-        units.append(u)
-        left -= u
-    units.append(left)
-    return [u / L for u in units]
+    cfg = model.config
+    M = cfg.n_loops if loops is None else loops
+    per_block = sum(p.numel() for p in model.core[0].parameters())
+    forward = 2 * per_block + 4 * cfg.n_embd * cfg.block_size  # one block's forward, per token
+    no_grad_loops = max(0, M - cfg.bptt_k) if cfg.bptt_k else 0  # their backward is skipped
+    return (3 * forward * model.effective_depth(M) - 2 * forward * cfg.n_core * no_grad_loops
+            + 6 * cfg.n_embd * cfg.vocab_size)  # + lm_head
 
 
-def check_schedule(schedule, loops=None, modulation="loopformer"):
-    """A schedule is a non-empty list of positive step sizes that sum to 1 (± 1e-6)."""
-    try:
-        steps = [float(s) for s in schedule]
-    except (TypeError, ValueError):
-        raise ValueError(f"a schedule is a list of step sizes, got {schedule!r}") from None
-    if not steps or any(not (0 < s <= 1) for s in steps) or abs(math.fsum(steps) - 1) > 1e-6:
-        raise ValueError(f"a schedule needs step sizes in (0, 1] that sum to 1, got {steps} (sum {math.fsum(steps)})")
-    if loops is not None and loops != len(steps):
-        raise ValueError(f"loops={loops} but the schedule has {len(steps)} steps")
-    if modulation != "loopformer" and max(steps) - min(steps) > 1e-9:
-        raise ValueError(f"a schedule with unequal steps needs modulation='loopformer' "
-                         f"(this model has modulation={modulation!r}); use loops=M")
-    return steps
+def summary(model):
+    cfg = model.config
+    shape = f"{cfg.n_prelude} + {cfg.n_core}⊗{cfg.n_loops} + {cfg.n_coda}"
+    flags = [f"injection={cfg.injection}"] + [f"{k}={getattr(cfg, k)}" for k, default in (
+        ("modulation", "none"), ("state_init", "prelude"), ("norm_state", False), ("block_norm", "pre"),
+        ("norm_gains", False), ("init", "nanochat"), ("window_pattern", "L"), ("exit_gate", False),
+        ("lora_rank", 0), ("lora_targets", "q,v"), ("routing", "none"), ("bptt_k", 0), ("selective_gate", False),
+        ("confidence_head", False), ("embed_norm", True), ("qkv_bias", False), ("melt", False))
+        if getattr(cfg, k) != default]
+    return (f"LoopGPT {shape} (prelude + core⊗loops + coda), d={cfg.n_embd}, {', '.join(flags)} | "
+            f"{model.num_params() / 1e6:.2f}M unique params | effective depth {model.effective_depth()} | "
+            f"{flops_per_token(model) / 1e6:.1f} MFLOPs/token (train, M={cfg.n_loops})")
 
 
-def check_exit(exit, cfg):
-    kinds = ("kl", "latent", "gate", "gate_all", "confidence")
-    if not (isinstance(exit, (tuple, list)) and len(exit) == 2 and exit[0] in kinds):
-        raise ValueError(f"exit must be (kind, threshold) with kind in {kinds}, got {exit!r}")
-    gate = exit[0].startswith("gate") or exit[0] == "confidence"
-    if not (isinstance(exit[1], (int, float)) and exit[1] > 0) or (gate and not exit[1] <= 1):
-        raise ValueError(f"exit threshold must be > 0 (and <= 1 for gate), got {exit[1]!r}")
-    if cfg.routing == "mor":
-        raise ValueError("routing='mor' already chooses each token's depth: no exit criterion on top")
-    if exit[0].startswith("gate") and not cfg.exit_gate:
-        raise ValueError("exit=('gate', q) needs a model trained with exit_gate=True")
-    if exit[0] == "confidence" and not cfg.confidence_head:
-        raise ValueError("exit=('confidence', q) needs a model trained with confidence_head=True")
+def activation_bytes(cfg, batch, seq_len, loops, dtype=torch.float32):
+    """A rough estimate of what a training step keeps for backward: per token and block
+    visit ~12 d-wide tensors and 3 of the MLP's width; truncated backprop keeps the last
+    bptt_k loops, activation checkpointing one loop plus every loop's input."""
+    per_visit = batch * seq_len * (12 * cfg.n_embd + 3 * int(cfg.mlp_ratio * cfg.n_embd)) * dtype.itemsize
+    grad_loops = min(loops, cfg.bptt_k) if cfg.bptt_k else loops
+    if cfg.checkpoint_loops:
+        visits = cfg.n_prelude + cfg.n_core + cfg.n_coda
+        return visits * per_visit + grad_loops * batch * seq_len * cfg.n_embd * dtype.itemsize
+    return (cfg.n_prelude + cfg.n_core * grad_loops + cfg.n_coda) * per_visit
 
 
-def parse_schedule(text, cfg):
-    """A schedule typed as text: '3,2,2,1' in units of 1/L (integers summing to L = n_loops)
-    or '0.5,0.25,0.25' as fractions summing to 1. Returns the checked step sizes."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"'{text}' is not a comma-separated list of numbers") from None
-    L = cfg.n_loops
-    if all(v.is_integer() for v in values) and sum(values) == L:
-        values = [v / L for v in values]
-    try:
-        return check_schedule(values, modulation=cfg.modulation)
-    except ValueError as e:
-        raise ValueError(f"{e} (step sizes in units of 1/L summing to L={L}, or fractions summing to 1)") from None
+def configure_optimizer(model, weight_decay, learning_rate, betas, optimizer="adamw", muon_lr=0.02,
+                        embedding_lr=0.0, head_lr=0.0, eps=1e-8):
+    """
+    AdamW, or optimizer='muon': Muon (MuonAdamW, below) for the blocks' weight matrices (and
+    Huginn's adapter), AdamW for embeddings, head, vectors and small side matrices, as
+    nanochat and FLT train. embedding_lr / head_lr > 0 give wte / lm_head AdamW groups of
+    their own at those rates (FLT's recipe); a tied matrix is the head, at head_lr. Every
+    group has lr_scale: its peak lr over learning_rate, so one schedule drives them all.
+    """
+    # weight decay on matrices (linear layers, embeddings) only, never on vectors;
+    # Parcae's recurrence parameters (A_log, dt_bias, B) are not decayed either:
+    # decaying B towards 0 would cut the input out of the loop
+    hidden, decay, no_decay, embedding, head = [], [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p is model.lm_head.weight and head_lr:  # checked first: a tied wte is this matrix
+            head.append(p)
+        elif name == "wte.weight" and embedding_lr and p is not model.lm_head.weight:
+            embedding.append(p)
+        elif optimizer == "muon" and p.dim() == 2 and name.split(".")[0] in ("prelude", "core", "coda", "adapter"):
+            hidden.append(p)
+        else:
+            (decay if p.dim() >= 2 and not name.startswith("diag_") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+              {"params": embedding, "weight_decay": weight_decay, "lr_scale": embedding_lr / learning_rate},
+              {"params": head, "weight_decay": weight_decay, "lr_scale": head_lr / learning_rate}]
+    if optimizer == "muon":
+        groups.append({"params": hidden, "weight_decay": weight_decay, "use_muon": True,
+                       "lr_scale": muon_lr / learning_rate})
+    groups = [dict(g, lr=learning_rate * g["lr_scale"]) for g in groups if g["params"]]
+    if optimizer == "muon":
+        return MuonAdamW(groups, betas=betas, eps=eps)
+    # the fused kernel (one launch for all tensors) where the parameters are on a GPU,
+    # decided from where they are, so it is never asked for where it does not exist. (A
+    # CPU has one too, 6x faster than foreach here, but it rounds differently: every
+    # CPU result in the README would move in its last digits, so CPUs keep foreach.)
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
-
-def parse_exit(text, cfg):
-    """An exit typed as text, 'kind:threshold' (e.g. 'kl:1e-3'), checked against the model."""
-    kind, _, value = text.partition(":")
-    try:
-        exit = (kind, float(value))
-        check_exit(exit, cfg)
-    except ValueError as e:
-        raise ValueError(f"{e}. Examples: kl:1e-3, latent:0.03, gate:0.9, gate_all:0.9, confidence:0.6") from None
-    return exit
-
-
-def per_sequence_problem(cfg):
-    """Why per-sequence depths (Parcae) cannot run on this model, or None. A row's loops are
-    not aligned with the batch's, so the loops must not depend on their index."""
-    if cfg.routing == "mor":
-        return "routing='mor' chooses each token's depth itself: no per-sequence depths"
-    if cfg.modulation != "none" or cfg.lora_rank or (cfg.state_init == "prelude" and cfg.injection != "none"):
-        return ("per-sequence depths need loops that do not depend on their index: no modulation or lora_rank, "
-                "and a random or zero state_init unless injection='none'")
-    return None
-
-
-def check_loops(M):
-    if isinstance(M, bool) or not isinstance(M, int) or M < 1:
-        raise ValueError(f"loop budget must be an integer >= 1, got {M!r}")
-    return M
-
-
-
-# ---- checkpoints ----------------------------------------------------------------------------
-# A checkpoint is a dict of tensors and plain values (model weights, model_config, the
-# optimizer's state, train_config, data_meta with the tokenizer, iter_num): written
-# atomically, read with weights_only=True, so a file cannot run code, and checked before use.
-# Errors are ValueErrors with one readable line; the scripts print them and stop.
-
-CHECKPOINT_VERSION = 2  # 2: MoR and Huginn's sandwich adapter follow their authors' code
-
-def save_checkpoint(obj, path):
-    """Write to a temp file, then rename: a crash mid-write never leaves a torn checkpoint."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}; train one first, e.g.: python train.py "
-                         f"--out_dir={os.path.dirname(path) or '.'}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holds objects we never save
-        raise ValueError(f"cannot read checkpoint {path} (corrupt or not a loopgpt checkpoint): "
-                         f"{str(e).splitlines()[0]}") from None
-    needed = ("version", "model", "model_config", "iter_num", "data_meta")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
-        raise ValueError(f"{path} is not a loopgpt checkpoint (needs keys: {', '.join(needed)})")
-    if ckpt["version"] not in (1, CHECKPOINT_VERSION):
-        raise ValueError(f"{path} has checkpoint version {ckpt['version']}, this code reads versions 1 and "
-                         f"{CHECKPOINT_VERSION}")
-    mc = ckpt["model_config"] if isinstance(ckpt["model_config"], dict) else {}
-    if ckpt["version"] == 1 and (mc.get("routing") == "mor" or (mc.get("injection"), mc.get("block_norm")) == (
-            "concat", "sandwich")):  # these models compute differently now: loading them would mislead
-        what = "MoR routing" if mc.get("routing") == "mor" else "sandwich adapter"
-        raise ValueError(f"{path} was saved by a loopgpt whose {what} did not yet follow its authors' code; "
-                         f"it computes differently now: train it again")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, overrides=None):
-    """Build the model the checkpoint describes (optionally with some config keys changed) and load it."""
-    cfg_dict = dict(ckpt["model_config"])
-    unknown = [k for k in cfg_dict if k not in {f.name for f in fields(LoopGPTConfig)}]
-    if unknown:
-        raise ValueError(f"checkpoint has model config keys this code does not know: {', '.join(unknown)}")
-    cfg_dict.update(overrides or {})
-    try:
-        model = LoopGPT(LoopGPTConfig(**cfg_dict))
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, RuntimeError) as e:
-        raise ValueError(f"checkpoint does not fit the model config: {str(e).splitlines()[0]}") from None
-    return model
 
 # ---- Muon: the optimizer configure_optimizer builds for the blocks' matrices ----------------
 # Muon (Jordan et al. 2024; used by nanochat and by the FLT paper's training): for each
@@ -1908,3 +1599,70 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                 denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+# A checkpoint is a dict of tensors and plain values (model weights, model_config, the
+# optimizer's state, train_config, data_meta with the tokenizer, iter_num): written
+# atomically, read with weights_only=True, so a file cannot run code, and checked before use.
+# Errors are ValueErrors with one readable line; the scripts print them and stop.
+
+CHECKPOINT_VERSION = 3  # 2: MoR and Huginn's sandwich adapter follow their authors' code; 3: LoRA in the layers
+
+
+def save_checkpoint(obj, path):
+    """Write to a temp file, then rename: a crash mid-write never leaves a torn checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}; train one first, e.g.: python train.py "
+                         f"--out_dir={os.path.dirname(path) or '.'}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holds objects we never save
+        raise ValueError(f"cannot read checkpoint {path} (corrupt or not a loopgpt checkpoint): "
+                         f"{str(e).splitlines()[0]}") from None
+    needed = ("version", "model", "model_config", "iter_num", "data_meta")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+        raise ValueError(f"{path} is not a loopgpt checkpoint (needs keys: {', '.join(needed)})")
+    if ckpt["version"] not in (1, 2, CHECKPOINT_VERSION):
+        raise ValueError(f"{path} has checkpoint version {ckpt['version']}, this code reads versions 1 to "
+                         f"{CHECKPOINT_VERSION}")
+    mc = ckpt["model_config"] if isinstance(ckpt["model_config"], dict) else {}
+    if ckpt["version"] == 1 and (mc.get("routing") == "mor" or (mc.get("injection"), mc.get("block_norm")) == (
+            "concat", "sandwich")):  # these models compute differently now: loading them would mislead
+        what = "MoR routing" if mc.get("routing") == "mor" else "sandwich adapter"
+        raise ValueError(f"{path} was saved by a loopgpt whose {what} did not yet follow its authors' code; "
+                         f"it computes differently now: train it again")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, overrides=None):
+    """Build the model the checkpoint describes (optionally with some config keys changed) and load it."""
+    cfg_dict = dict(ckpt["model_config"])
+    unknown = [k for k in cfg_dict if k not in {f.name for f in fields(LoopGPTConfig)}]
+    if unknown:
+        raise ValueError(f"checkpoint has model config keys this code does not know: {', '.join(unknown)}")
+    cfg_dict.update(overrides or {})
+    try:
+        model = LoopGPT(LoopGPTConfig(**cfg_dict))
+        model.load_state_dict(lora_in_layers(ckpt["model"]))
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"checkpoint does not fit the model config: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def lora_in_layers(state):
+    """Weights saved before version 3 kept per-loop LoRA as lora_A_q (loops, blocks, r, in),
+    ...: each block's share moves into its layer (core.j.attn.q.lora_A (loops, r, in))."""
+    state = dict(state)
+    for key in [k for k in state if k.startswith(("lora_A_", "lora_B_"))]:
+        which, name = key[5], key[7:]
+        parent, attr = LORA_PLACE[name]
+        for j, part in enumerate(state.pop(key).unbind(1)):
+            state[f"core.{j}.{parent}.{attr}.lora_{which}"] = part
+    return state

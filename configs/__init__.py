@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from loopgpt import LoopGPTConfig
+from loopgpt import LoopGPTConfig, check_schedule
 
 CONFIGS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -325,3 +325,63 @@ def print_table(rows, header):
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cols]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ---- schedules, exits and KV sharing typed as text ---------------------------------------------
+
+def parse_schedule(text, cfg):
+    """A schedule typed as text: '3,2,2,1' in units of 1/L (integers summing to L = n_loops)
+    or '0.5,0.25,0.25' as fractions summing to 1. Returns the checked step sizes."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"'{text}' is not a comma-separated list of numbers") from None
+    L = cfg.n_loops
+    if all(v.is_integer() for v in values) and sum(values) == L:
+        values = [v / L for v in values]
+    try:
+        return check_schedule(values, modulation=cfg.modulation)
+    except ValueError as e:
+        raise ValueError(f"{e} (step sizes in units of 1/L summing to L={L}, or fractions summing to 1)") from None
+
+
+EXITS = ("kl", "latent", "gate", "gate_all", "confidence")  # sample.py's decode_with_exit
+
+
+def check_exit(exit, cfg):
+    """An exit (kind, threshold) the model can run, or a ValueError."""
+    if not (isinstance(exit, (tuple, list)) and len(exit) == 2 and exit[0] in EXITS):
+        raise ValueError(f"exit must be (kind, threshold) with kind in {EXITS}, got {exit!r}")
+    gate = exit[0].startswith("gate") or exit[0] == "confidence"
+    if not (isinstance(exit[1], (int, float)) and exit[1] > 0) or (gate and not exit[1] <= 1):
+        raise ValueError(f"exit threshold must be > 0 (and <= 1 for gate), got {exit[1]!r}")
+    if cfg.routing == "mor":
+        raise ValueError("routing='mor' already chooses each token's depth: no exit criterion on top")
+    if exit[0].startswith("gate") and not cfg.exit_gate:
+        raise ValueError("exit=('gate', q) needs a model trained with exit_gate=True")
+    if exit[0] == "confidence" and not cfg.confidence_head:
+        raise ValueError("exit=('confidence', q) needs a model trained with confidence_head=True")
+
+
+def parse_exit(text, cfg):
+    """An exit typed as text, 'kind:threshold' (e.g. 'kl:1e-3'), checked against the model."""
+    kind, _, value = text.partition(":")
+    try:
+        exit = (kind, float(value))
+        check_exit(exit, cfg)
+    except ValueError as e:
+        raise ValueError(f"{e}. Examples: kl:1e-3, latent:0.03, gate:0.9, gate_all:0.9, confidence:0.6") from None
+    return exit
+
+
+KV_SHARINGS = ("none", "first", "last", "mean", "window:N")  # sample.py's SharedKVCache
+
+
+def parse_kv_sharing(text):
+    """'none' | 'first' | 'last' | 'mean' | 'window:N' (N >= 1) -> (kind, N), or a ValueError."""
+    kind, _, n = str(text).partition(":")
+    if kind == "window" and n.isdigit() and int(n) >= 1:
+        return kind, int(n)
+    if kind in ("none", "first", "last", "mean") and not n:
+        return kind, 0
+    raise ValueError(f"kv_sharing={text!r} (valid: {', '.join(KV_SHARINGS)})")

@@ -52,7 +52,9 @@ import torch  # noqa: E402
 
 from configs import (autocast_context, detect_device, fail, gpu_peak_flops, make_dir, model_config_defaults,  # noqa: E402
                      parse_args, print_table, train_config_defaults)
-from loopgpt import LoopGPT, LoopGPTConfig, load_checkpoint, model_from_checkpoint  # noqa: E402
+from loopgpt import (LoopGPT, LoopGPTConfig, configure_optimizer, flops_per_token, load_checkpoint,  # noqa: E402
+                     model_from_checkpoint)
+from sample import generate, kv_cache_bytes  # noqa: E402
 
 BF16_TOLERANCE = 0.01  # |loss_bf16 - loss_fp32| <= 1% of loss_fp32 at every step
 RUNS = ("flt_small compiled", "flt_small eager", "plain compiled", "plain eager", "huginn_small compiled")
@@ -222,7 +224,7 @@ def train(name, config, *extra, cap_s=240):
     with torch.device("meta"):
         model = LoopGPT(LoopGPTConfig(**conf["model"]))
     seconds = sum(r["step_ms"] for r in timed) / 1000
-    flops = sum(model.flops_per_token(max(1, round(r["loops"]))) for r in timed) * conf["tokens_per_step"]
+    flops = sum(flops_per_token(model, max(1, round(r["loops"]))) for r in timed) * conf["tokens_per_step"]
     peak = gpu_peak_flops(device)[0] if gpu else None
     val = next(r for r in reversed(records) if r["type"] == "eval")["val"]
     return {"config": config, "args": extra, "batch_size": batch, "block_size": conf["model"]["block_size"],
@@ -253,7 +255,7 @@ def step_breakdown():
         model = LoopGPT(LoopGPTConfig(**{**model_keys, **keys})).to(device)
         if args["compile"]:
             compile_blocks(model)
-        opt = model.configure_optimizer(flt["weight_decay"], flt["learning_rate"], (flt["beta1"], flt["beta2"]),
+        opt = configure_optimizer(model, flt["weight_decay"], flt["learning_rate"], (flt["beta1"], flt["beta2"]),
                                         flt["optimizer"], flt["muon_lr"], flt["embedding_lr"], flt["head_lr"],
                                         flt["adam_eps"])
 
@@ -304,10 +306,10 @@ def decode():
         tokens = {}
         for mode, kw in modes.items():
             with bf16:
-                model.generate(prompt, 2, loops=M, temperature=0, **kw)  # warm-up
+                generate(model, prompt, 2, loops=M, temperature=0, **kw)  # warm-up
                 sync()
                 t0 = time.perf_counter()
-                tokens[mode] = model.generate(prompt, n_new, loops=M, temperature=0, **kw)
+                tokens[mode] = generate(model, prompt, n_new, loops=M, temperature=0, **kw)
                 sync()
             out[f"B{B}_{mode}_tok_s"] = B * n_new / (time.perf_counter() - t0)
         fast = "graph" if gpu else "cache"
@@ -317,8 +319,8 @@ def decode():
     # fp32: cached (the graph on a GPU) against uncached greedy tokens, B=8
     n_check = 32 if gpu else 4
     with fp32:
-        a = model.generate(prompt, n_check, loops=M, temperature=0)
-        b = model.generate(prompt, n_check, loops=M, temperature=0, use_cache=False)
+        a = generate(model, prompt, n_check, loops=M, temperature=0)
+        b = generate(model, prompt, n_check, loops=M, temperature=0, use_cache=False)
     differ = (a != b).any(0).nonzero()
     out["fp32_greedy_tokens"] = n_check
     out["fp32_first_difference"] = int(differ[0]) - P if len(differ) else None
@@ -352,17 +354,17 @@ def kv_sharing():
     for M in (L, 2 * L):
         for sharing in ("none", "last"):
             with bf16, torch.inference_mode():
-                model.generate(prompt, 2, loops=M, temperature=0, cuda_graph=False, kv_sharing=sharing)  # warm-up
+                generate(model, prompt, 2, loops=M, temperature=0, cuda_graph=False, kv_sharing=sharing)  # warm-up
                 if gpu:
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
                 sync()
                 t0 = time.perf_counter()
-                model.generate(prompt, n_new, loops=M, temperature=0, cuda_graph=False, kv_sharing=sharing)
+                generate(model, prompt, n_new, loops=M, temperature=0, cuda_graph=False, kv_sharing=sharing)
                 sync()
                 tag = f"M{M}_{sharing}"
                 out[f"{tag}_tok_s"] = B * n_new / (time.perf_counter() - t0)
-                out[f"{tag}_cache_mib"] = model.kv_cache_bytes(B, M, torch.bfloat16, sharing) / 2**20
+                out[f"{tag}_cache_mib"] = kv_cache_bytes(model, B, M, torch.bfloat16, sharing) / 2**20
                 if gpu:
                     out[f"{tag}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     return out

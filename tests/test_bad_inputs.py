@@ -188,12 +188,13 @@ def test_ctrl_c_stops_training_cleanly(fx, tmp_path):
 
 def test_kv_cache_estimate_is_what_is_allocated_and_too_much_is_refused():
     from loopgpt import check_fits
+    from sample import kv_cache_bytes
     model = LoopGPT(LoopGPTConfig(n_kv_head=2, n_head=4, block_size=16)).eval()
     for B, M in ((1, 4), (3, 7)):
         cache = model.new_cache(M)
         with torch.no_grad():
             model(torch.zeros(B, 5, dtype=torch.long), loops=M, cache=cache)
-        assert model.kv_cache_bytes(B, M) == 2 * cache.k.numel() * cache.k.element_size()
+        assert kv_cache_bytes(model, B, M) == 2 * cache.k.numel() * cache.k.element_size()
     with pytest.raises(ValueError, match="GiB, more than the"):
         check_fits(2 ** 60, "a petabyte")
     with pytest.raises(ValueError, match="position tables"):

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import autocast_context, peak_bf16_flops  # noqa: E402
-from loopgpt import LoopGPT, LoopGPTConfig, ReLUSquared  # noqa: E402
+from loopgpt import LoopGPT, LoopGPTConfig, ReLUSquared, configure_optimizer, flops_per_token  # noqa: E402
 from test_train import SMALL, records, run  # noqa: E402
 from test_train import data_dir  # noqa: E402,F401  (the module-scoped prepared corpus)
 
@@ -26,7 +26,7 @@ def peaked_model(seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=64, block_size=48, n_embd=32, n_head=4, n_kv_head=2, n_loops=3, injection="add")
     model = LoopGPT(LoopGPTConfig(**{**cfg, **kw}))
-    opt = model.configure_optimizer(0.0, 1e-2, (0.9, 0.95))
+    opt = configure_optimizer(model, 0.0, 1e-2, (0.9, 0.95))
     x = torch.randint(0, 64, (1, 48))
     x[:, 24:] = x[:, :24]
     for _ in range(60):
@@ -113,7 +113,7 @@ def test_fused_adamw_only_on_a_gpu():
     for device in ("meta", "cpu"):
         with torch.device(device):
             model = LoopGPT(cfg)
-        opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
+        opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95))
         assert not any(g["fused"] for g in opt.param_groups)
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
@@ -150,11 +150,11 @@ def test_flops_per_token_by_hand():
     per_block = 12 * 16 * 16  # q, k, v, proj (d x d each) + MLP (2 x 4d x d)
     forward = 2 * per_block + 4 * 16 * 8  # weights, then QK^T and AV over T = 8 keys
     head = 6 * 16 * 100
-    assert model.flops_per_token(3) == 3 * forward * (1 + 2 * 3 + 1) + head
+    assert flops_per_token(model, 3) == 3 * forward * (1 + 2 * 3 + 1) + head
     # truncated backprop: the first M - k loops run forward only (2 of the 6 FLOPs per weight)
     trunc = LoopGPT(LoopGPTConfig(**{**cfg.to_dict(), "bptt_k": 1}))
-    assert trunc.flops_per_token(3) == 3 * forward * 8 - 2 * forward * 2 * 2 + head
-    assert trunc.flops_per_token(1) == model.flops_per_token(1)
+    assert flops_per_token(trunc, 3) == 3 * forward * 8 - 2 * forward * 2 * 2 + head
+    assert flops_per_token(trunc, 1) == flops_per_token(model, 1)
 
 
 def test_gpu_check_rehearsal(tmp_path):

@@ -1,4 +1,4 @@
-"""KV sharing across loops (KVCache's kv_sharing): memory constant in the budget, and exactly the
+"""KV sharing across loops (sample.py's SharedKVCache): memory constant in the budget, and exactly the
 approximation each option names, checked against the exact cache with its entries overwritten
 by hand as the option says (after every forward: a past token's loop-t entry becomes its last
 loop's, its loops' mean, or its last loop congruent to t mod N)."""
@@ -6,7 +6,8 @@ loop's, its loops' mean, or its last loop congruent to t mod N)."""
 import pytest
 import torch
 
-from loopgpt import parse_kv_sharing
+from configs import parse_kv_sharing
+from sample import generate, kv_cache_bytes, new_cache
 from test_model import random_model as small_model
 
 SHARINGS = ["last", "mean", "window:2", "first"]
@@ -21,7 +22,7 @@ def random_model(**kw):
 
 def decode(model, idx, M, kv_sharing="none", prefill=6, collapse=None):
     """Logits of idx (B, T): the first `prefill` tokens at once, the rest one at a time."""
-    cache = model.new_cache(M, kv_sharing)
+    cache = new_cache(model, M, kv_sharing)
     out = [model(idx[:, :prefill], loops=M, cache=cache)[0]]
     if collapse:
         collapse(cache, 0, prefill)
@@ -91,7 +92,7 @@ def test_first_reads_loop_ones_keys_and_values_everywhere():
     # loop 1 is computed exactly in both, and it is the first loop's slots that are kept
     full = model.new_cache(M)
     model(idx[:, :6], loops=M, cache=full)
-    part = model.new_cache(M, "first")
+    part = new_cache(model, M, "first")
     model(idx[:, :6], loops=M, cache=part)
     torch.testing.assert_close(part.k[P:P + K, :, :, :6], full.k[P:P + K, :, :, :6])
     assert (first - model(idx, loops=M)[0]).abs().max() > 1e-3  # the prefill shares too: not exact
@@ -105,7 +106,7 @@ def test_memory_is_measured_and_constant_in_the_budget(kind):
     for M in (2, 4, 8):
         _, cache = decode(model, idx, M, kind)
         used[M] = cache.nbytes()
-        assert used[M] == model.kv_cache_bytes(2, M, kv_sharing=kind)
+        assert used[M] == kv_cache_bytes(model, 2, M, kv_sharing=kind)
     P, K, C = 1, 2, 1
     per_slot = used[2] // (P + K * (2 if kind in ("none", "window:2") else 1) + C)
     groups = {"none": {2: 2, 4: 4, 8: 8}, "window:2": {2: 2, 4: 2, 8: 2}}.get(kind, {2: 1, 4: 1, 8: 1})
@@ -118,10 +119,10 @@ def test_bad_sharing_and_what_it_cannot_go_with():
     prompt = torch.randint(0, 61, (1, 4))
     for bad in ("some", "window:0", "window:x", "last:2"):
         with pytest.raises(ValueError, match="valid: none, first, last, mean, window:N"):
-            model.generate(prompt, 2, kv_sharing=bad)
+            generate(model, prompt, 2, kv_sharing=bad)
     with pytest.raises(ValueError, match="no exit"):
-        model.generate(prompt, 2, kv_sharing="last", exit=("kl", 1e-3))
+        generate(model, prompt, 2, kv_sharing="last", exit=("kl", 1e-3))
     with pytest.raises(ValueError, match="routing='mor'"):
-        random_model(injection="none", routing="mor").new_cache(3, "last")
-    out = model.generate(prompt, 5, loops=4, temperature=0, kv_sharing="mean")
+        new_cache(random_model(injection="none", routing="mor"), 3, "last")
+    out = generate(model, prompt, 5, loops=4, temperature=0, kv_sharing="mean")
     assert out.shape == (1, 9)

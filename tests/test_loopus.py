@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from loopgpt import LoopGPT, LoopGPTConfig
+from sample import generate
+from train import Objective
 from test_kv_sharing import decode
 from test_model import random_model
 from test_train import SMALL, data_dir, records, run  # noqa: F401  (data_dir: the prepared corpus)
@@ -23,9 +25,10 @@ def loopus_model(seed=0, **kw):
 def test_selective_gate_is_a_convex_step_towards_the_proposal():
     model = loopus_model()
     idx = torch.randint(0, 61, (2, 12))
-    states, updates = [], []
+    record = {}
     with torch.no_grad():
-        model.trunk(idx, model.steps(3), states=states, updates=updates)
+        model.trunk(idx, model.steps(3), record=record)
+        states, updates = record["states"], record["updates"]
         e, h0 = model.loop_input(idx, (model.rope_cos[:12], model.rope_sin[:12]), None)
         x = h0
         for t in range(3):
@@ -70,9 +73,10 @@ def test_losses_by_hand():
 
     for M, lam in ((4, 0.0), (4, 0.7), (2, 0.7)):
         torch.manual_seed(0)
-        logits, loss = model(idx, targets=y, loops=M, lambda_mono=lam)
-        states, updates = [], []
-        model.trunk(idx, model.steps(M), states=states, updates=updates)
+        loss = Objective(model, lambda_mono=lam)(idx, y, loops=M)
+        record = {}
+        logits = model.logits(model.norm_f(model.trunk(idx, model.steps(M), record=record)))
+        states, updates = record["states"], record["updates"]
         ce = F.cross_entropy(logits.view(-1, 61), y.flatten(), ignore_index=-1)
         right = (logits.argmax(-1).flatten() == y.flatten()).float()
         q = model.confidence(F.layer_norm(updates[-1], (32,), model.confidence_norm.weight,
@@ -92,7 +96,7 @@ def test_confidence_exit():
         with torch.no_grad():
             model.confidence.bias.fill_(bias)
         used = []
-        out = model.generate(prompt, 4, loops=5, temperature=0, exit=("confidence", 0.6), min_loops=2, loops_used=used)
+        out = generate(model, prompt, 4, loops=5, temperature=0, exit=("confidence", 0.6), min_loops=2, loops_used=used)
         assert all(u == [expected] * 2 for u in used)
         if expected == 5:  # never sure: the exit decoder runs the gated loop as the plain decoder does
             assert torch.equal(out, model.generate(prompt, 4, loops=5, temperature=0))
@@ -100,10 +104,10 @@ def test_confidence_exit():
     with torch.no_grad():
         model.confidence.bias.zero_()
     used = []
-    model.generate(prompt, 6, loops=5, temperature=0, exit=("confidence", 0.5), loops_used=used)
+    generate(model, prompt, 6, loops=5, temperature=0, exit=("confidence", 0.5), loops_used=used)
     assert len({u for step in used for u in step}) > 1
     with pytest.raises(ValueError, match="confidence_head=True"):
-        random_model().generate(prompt, 2, exit=("confidence", 0.5))
+        generate(random_model(), prompt, 2, exit=("confidence", 0.5))
 
 
 def test_train_loopus_recipe_and_recurrence_curriculum(data_dir, tmp_path):

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loopgpt import LoopGPT, LoopGPTConfig, init_from_source, melt_distill_loss
+from loopgpt import LoopGPT, LoopGPTConfig, MeltCache, init_from_source
+from sample import generate, kv_cache_bytes, new_cache
+from train import Objective
 from test_kv_sharing import decode, random_model
 
 
@@ -27,18 +29,18 @@ def test_the_gate_and_the_latent_by_hand():
     block = model.core[0]
     rope = (model.rope_cos[:12], model.rope_sin[:12])
     x1, x2 = torch.randn(2, 12, 32), torch.randn(2, 12, 32)
-    store = [None, None]
+    cache, slot = MeltCache(model.config, 2), model.config.n_prelude  # core layer 0 at loop 1
     with torch.no_grad():
-        y1 = block(x1, rope, latent=(store, 0, 1.0))
-        torch.testing.assert_close(store[0], block.norm_1(x1))  # h_0 = x_1: one loop is the plain block
+        y1 = block(x1, rope, cache, slot)
+        torch.testing.assert_close(cache.latents[0], block.norm_1(x1))  # h_0 = x_1: one loop is the plain block
         plain = LoopGPT(model.config.__class__(**{**model.config.to_dict(), "melt": False})).core[0]
         plain.load_state_dict(block.state_dict(), strict=False)
         torch.testing.assert_close(y1, plain(x1, rope))
-        h1 = store[0]
-        block(x2, rope, latent=(store, 0, 1.0))
+        h1 = cache.latents[0]
+        block(x2, rope, cache, slot + model.config.n_core)  # loop 2
         xn = block.norm_1(x2)
         z = torch.sigmoid(torch.cat([xn, h1], -1) @ block.melt_gate.weight.T + block.melt_gate.bias)
-        torch.testing.assert_close(store[0], z * h1 + (1 - z) * xn)
+        torch.testing.assert_close(cache.latents[0], z * h1 + (1 - z) * xn)
         assert 0.05 < z.std()  # per token and channel
 
 
@@ -80,7 +82,7 @@ def test_memory_is_one_slot_per_layer_whatever_the_budget():
         cache = model.new_cache(M)
         model(IDX, loops=M, cache=cache)
         used[M] = cache.nbytes()
-        assert used[M] == model.kv_cache_bytes(2, M)  # what sample.py reports
+        assert used[M] == kv_cache_bytes(model, 2, M)  # what sample.py reports
     assert used[1] == used[4] == used[8] == 2 * 4 * 2 * 2 * 24 * 8 * 4  # K and V, 4 slots, B=2, 2 kv heads of 8, 24 positions
     assert model.num_params() - random_model(injection="add").num_params() == 2 * (2 * 32 * 32 + 32)
 
@@ -113,9 +115,9 @@ def test_what_melt_cannot_go_with():
         LoopGPTConfig(melt=True, injection="full_attn")
     model = melt_model()
     with pytest.raises(ValueError, match="its own shared cache"):
-        model.new_cache(3, "mean")
+        new_cache(model, 3, "mean")
     with pytest.raises(ValueError, match="no exit"):
-        model.generate(IDX[:, :3], 2, exit=("kl", 1e-3))
+        generate(model, IDX[:, :3], 2, exit=("kl", 1e-3))
 
 
 def test_phase_one_at_alpha_zero_is_the_looped_model_itself():
@@ -134,23 +136,28 @@ def test_phase_one_at_alpha_zero_is_the_looped_model_itself():
         melt.generate(IDX[:, :3], 2, loops=3)
 
 
+def distill(student, teacher, lambda_attn=0.1):
+    """train.py's MELT phase-2 loss at 3 loops."""
+    return Objective(student, teacher=teacher, lambda_attn=lambda_attn)(IDX, loops=3, distill=True)
+
+
 def test_distillation_loss_by_hand():
     teacher = random_model(injection="add").requires_grad_(False)
     student = melt_model(chunk=4).train()
     student.load_state_dict(teacher.state_dict(), strict=False)
     student.melt_alpha = 0.0  # the student computes what the teacher does: nothing to distill
-    assert melt_distill_loss(student, teacher, IDX, 3).item() == pytest.approx(0.0, abs=1e-6)
+    assert distill(student, teacher).item() == pytest.approx(0.0, abs=1e-6)
     student.melt_alpha = 1.0
-    kd = melt_distill_loss(student, teacher, IDX, 3, lambda_attn=0.0)
+    kd = distill(student, teacher, lambda_attn=0.0)
     p_t = F.softmax(teacher(IDX, loops=3)[0], -1)
     log_s = F.log_softmax(student(IDX, loops=3)[0], -1)
     torch.testing.assert_close(kd, (p_t * (p_t.log() - log_s)).sum(-1).mean(), atol=1e-6, rtol=1e-5)
-    loss = melt_distill_loss(student, teacher, IDX, 3)
+    loss = distill(student, teacher)
     assert loss > kd > 0
     loss.backward()
     assert student.core[0].melt_gate.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
-    assert all(m.record is None for m in student.modules() if hasattr(m, "record"))
+    assert not any(m._forward_hooks for m in (*student.modules(), *teacher.modules()))  # hooks removed
 
 
 def test_train_melt_post_training_end_to_end(tmp_path):

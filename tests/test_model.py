@@ -7,7 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loopgpt import INJECTIONS, LoopGPT, LoopGPTConfig, apply_rotary, norm, rotary_table
+from loopgpt import (INJECTIONS, KeyMask, LoopGPT, LoopGPTConfig, apply_rotary, configure_optimizer, flops_per_token,
+                     norm, rotary_table, summary)
+from sample import StaticKVCache, decode_with_exit, generate
+from train import Objective, residual_rms, sample_short_route
+
+OBJECTIVE_KEYS = ("lambda_short", "lambda_cons", "gate_stage", "gate_beta", "gate_k", "gate_gamma", "lambda_mono",
+                  "lambda_router")
+
+
+def loss_of(model, x, y, **kw):
+    """train.py's training loss: Objective's settings from kw, the rest per call."""
+    settings = {k: kw.pop(k) for k in OBJECTIVE_KEYS if k in kw}
+    return Objective(model, **settings)(x, y, **kw)
 
 
 def small_config(**kw):
@@ -203,7 +215,7 @@ def test_static_decoding_equals_the_dynamic_cache(kw):
     idx = torch.randint(0, 61, (2, 24))
     M = 4
     full, _ = model(idx, loops=M)
-    cache = model.new_cache(M)
+    cache = StaticKVCache(model.effective_depth(M), model.config.block_size)
     model(idx[:, :6], loops=M, cache=cache)
     cache.pos_t = torch.tensor([cache.pos])
     steps = []
@@ -289,7 +301,7 @@ def overfit(model):
     """80 AdamW steps on one batch: the loss starts near ln(61) and ends under 0.5."""
     x = torch.randint(0, 61, (4, 16))
     y = torch.roll(x, -1, dims=1)
-    opt = model.configure_optimizer(0.0, 1e-2, (0.9, 0.95))
+    opt = configure_optimizer(model, 0.0, 1e-2, (0.9, 0.95))
     first = None
     for _ in range(80):
         _, loss = model(x, y)
@@ -302,9 +314,9 @@ def overfit(model):
 
 def test_flops_grow_with_loops_params_do_not():
     model = LoopGPT(small_config())
-    assert model.flops_per_token(6) > model.flops_per_token(3) > model.flops_per_token(1)
+    assert flops_per_token(model, 6) > flops_per_token(model, 3) > flops_per_token(model, 1)
     assert model.effective_depth(6) == 1 + 2 * 6 + 1
-    assert "unique params" in model.summary()
+    assert "unique params" in summary(model)
 
 
 # ---- injection variants -------------------------------------------------------------------
@@ -454,7 +466,7 @@ def test_parcae_decay_in_unit_interval_and_not_decayed():
         model.diag_dt_bias.normal_(std=1.0)
     A_bar, dt = model.parcae_decay()
     assert (A_bar > 0).all() and (A_bar < 1).all() and (dt > 0).all()
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
+    opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95))
     no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     for p in (model.diag_A_log, model.diag_dt_bias, model.diag_B.weight, model.diag_C.weight):
         assert id(p) in no_decay
@@ -501,7 +513,7 @@ def test_cached_generation_with_random_state_and_sandwich(injection):
 
 def test_sandwich_norm_keeps_loop_outputs_at_unit_rms():
     model = random_model(block_norm="sandwich")
-    rms = model.residual_rms(torch.randint(0, 61, (2, 8)), loops=6)
+    rms = residual_rms(model, torch.randint(0, 61, (2, 8)), loops=6)
     assert len(rms) == 6
     assert all(r == pytest.approx(1.0, abs=1e-3) for r in rms)
 
@@ -512,7 +524,7 @@ def test_residual_rms_grows_for_plain_loop_with_large_updates():
     with torch.no_grad():
         for p in model.core.parameters():
             p.mul_(3.0)
-    rms = model.residual_rms(torch.randint(0, 61, (2, 8)), loops=5)
+    rms = residual_rms(model, torch.randint(0, 61, (2, 8)), loops=5)
     assert len(rms) == 5 and rms[-1] > rms[0]
 
 
@@ -599,7 +611,7 @@ def test_prefix_route_equals_a_separate_prefix_forward(modulation):
     model = modulated_model(modulation)
     x, y = torch.randint(0, 61, (2, 10)), torch.randint(0, 61, (2, 10))
     for S in (1, 2, 3):
-        _, loss = model(x, y, short=S, lambda_short=0.1, lambda_cons=0.1)
+        loss = loss_of(model, x, y, short=S, lambda_short=0.1, lambda_cons=0.1)
         full_logits, ce_full = model(x, y)
         _, ce_short = model(x, y, loops=S)
         mse = F.mse_loss(hidden(model, x, loops=S), hidden(model, x))
@@ -610,7 +622,7 @@ def test_shortcut_route_loss_and_stop_gradient():
     model = modulated_model("loopformer")
     x, y = torch.randint(0, 61, (2, 10)), torch.randint(0, 61, (2, 10))
     short = [0.5, 0.25, 0.25]  # L = 3 full route vs a route of coarse-then-fine steps
-    _, loss = model(x, y, short=short, lambda_short=0.1, lambda_cons=0.2)
+    loss = loss_of(model, x, y, short=short, lambda_short=0.1, lambda_cons=0.2)
     _, ce_full = model(x, y)
     _, ce_short = model(x, y, schedule=short)
     mse = F.mse_loss(hidden(model, x, schedule=short), hidden(model, x))
@@ -618,7 +630,7 @@ def test_shortcut_route_loss_and_stop_gradient():
     # with only the consistency term, the full route gets no gradient from it: the lm_head
     # sees only the full CE, exactly as without a short route
     model.zero_grad()
-    model(x, y, short=short, lambda_short=0.0, lambda_cons=1.0)[1].backward()
+    loss_of(model, x, y, short=short, lambda_short=0.0, lambda_cons=1.0).backward()
     g_with = model.lm_head.weight.grad.clone()
     model.zero_grad()
     model(x, y)[1].backward()
@@ -627,7 +639,6 @@ def test_shortcut_route_loss_and_stop_gradient():
 
 def test_short_routes_lie_on_the_grid():
     import numpy as np
-    from loopgpt import sample_short_route
     rng = np.random.default_rng(0)
     for L in (2, 3, 8):
         lengths, firsts = set(), set()
@@ -647,7 +658,7 @@ def test_short_routes_lie_on_the_grid():
 
 def grads(model, x, y, **kw):
     model.zero_grad()
-    model(x, y, **kw)[1].backward()
+    loss_of(model, x, y, **kw).backward()
     return {n: p.grad.clone() if p.grad is not None else None for n, p in model.named_parameters()}
 
 
@@ -682,13 +693,13 @@ def test_per_sequence_depth_runs_each_row_its_own_loops(injection):
     model = random_model(injection=injection, state_init=state_init)
     idx = torch.randint(0, 61, (3, 8))
     depths = torch.tensor([1, 4, 2])
-    logits, _ = model(idx, depths=depths)
+    logits = model.logits(model.norm_f(model.trunk(idx, model.steps(4), depths=depths)))
     for b in range(3):
         torch.testing.assert_close(logits[b:b + 1], model(idx[b:b + 1], loops=int(depths[b]))[0])
     with pytest.raises(ValueError, match="per-sequence"):
-        model(idx, depths=depths, schedule=[0.5, 0.5])
+        loss_of(model, idx, idx, depths=depths, short=1)
     with pytest.raises(ValueError, match="do not depend on their index"):
-        random_model(injection="add")(idx, depths=depths)  # loop 1 is special with state_init='prelude'
+        loss_of(random_model(injection="add"), idx, idx, depths=depths)  # loop 1 is special with state_init='prelude'
 
 
 def test_per_sequence_bptt_gives_every_row_its_last_k_loops():
@@ -715,12 +726,14 @@ def test_per_loop_lora_starts_as_the_shared_model():
         torch.testing.assert_close(lora(idx, loops=M)[0], shared(idx, loops=M)[0])
     assert lora.num_params() - shared.num_params() == 3 * 2 * 4 * (32 + 32 + 32 + 16)  # L k r (d_in + d_out), q and v
     with torch.no_grad():
-        lora.lora_B_q[1].normal_(std=0.5)  # loop 2 only
+        for block in lora.core:
+            block.attn.q.lora_B[1].normal_(std=0.5)  # loop 2 only
     torch.testing.assert_close(lora(idx, loops=1)[0], shared(idx, loops=1)[0])
     assert not torch.allclose(lora(idx, loops=2)[0], shared(idx, loops=2)[0])
     # the KV cache stays exact with per-loop adapters, beyond n_loops too
     with torch.no_grad():
-        lora.lora_B_v.normal_(std=0.5)
+        for block in lora.core:
+            block.attn.v.lora_B.normal_(std=0.5)
     prompt = torch.randint(0, 61, (1, 4))
     for M in (3, 6):
         a = lora.generate(prompt, 12, loops=M, temperature=0)
@@ -735,9 +748,10 @@ def mor_model(**kw):
 
 def test_mor_keeps_the_capacity_and_nests_the_selections():
     model = mor_model(block_size=128)
-    routes = []
+    record = {}
     with torch.no_grad():
-        model.trunk(torch.randint(0, 61, (8, 128)), model.steps(), routes=routes)
+        model.trunk(torch.randint(0, 61, (8, 128)), model.steps(), record=record)
+    routes = record["routes"]
     assert len(routes) == 4
     for i, (_, cand, sel) in enumerate(routes):
         assert torch.equal(cand & sel, sel)  # kept tokens were candidates: depth = recursions until dropped
@@ -752,10 +766,11 @@ def test_mor_is_causal():
     idx = torch.randint(0, 61, (2, 20))
     other = idx.clone()
     other[:, 12:] = torch.randint(0, 61, (2, 8))
-    a, b = [], []
+    a, b = {}, {}
     with torch.no_grad():
-        model.trunk(idx, model.steps(), routes=a)
-        model.trunk(other, model.steps(), routes=b)
+        model.trunk(idx, model.steps(), record=a)
+        model.trunk(other, model.steps(), record=b)
+    a, b = a["routes"], b["routes"]
     assert any(not torch.equal(ra[2][:, 12:], rb[2][:, 12:]) for ra, rb in zip(a, b))  # the test has teeth
     for ra, rb in zip(a, b):
         assert torch.equal(ra[2][:, :12], rb[2][:, :12])
@@ -793,7 +808,7 @@ def test_mor_key_mask_is_attention_over_the_kept_tokens_only():
     x = torch.randn(1, 12, 32)
     kept = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0, 1]], dtype=torch.bool)
     cos, sin = model.rope_cos[:12], model.rope_sin[:12]
-    y = attn(x, (cos, sin), key_mask=kept)
+    y = attn(x, (cos, sin), KeyMask(None, kept))
     where = kept[0].nonzero().flatten()
     ref = reference_attention(attn, x[:, where], cos[where], sin[where])  # same positions, others gone
     torch.testing.assert_close(y[:, where], ref, atol=1e-5, rtol=1e-5)
@@ -812,7 +827,7 @@ def test_mor_cached_decoding_and_generation(M):
     for B in (1, 2):
         prompt = torch.randint(0, 61, (B, 5))
         used = []
-        a = model.generate(prompt, 30, loops=M, temperature=0, loops_used=used)
+        a = generate(model, prompt, 30, loops=M, temperature=0, loops_used=used)
         assert torch.equal(a, model.generate(prompt, 30, loops=M, temperature=0, use_cache=False))
         flat = [u for step in used for u in step]
         assert min(flat) >= 1 and max(flat) <= M and (M == 1 or min(flat) < M)
@@ -821,10 +836,11 @@ def test_mor_cached_decoding_and_generation(M):
 def test_mor_router_loss_and_errors():
     model = mor_model().train()
     idx = torch.randint(0, 61, (2, 16))
-    _, with_aux = model(idx, idx, lambda_router=1.0)
-    _, without = model(idx, idx, lambda_router=0.0)
-    routes = []
-    model.trunk(idx, model.steps(), routes=routes)
+    with_aux = loss_of(model, idx, idx, lambda_router=1.0)
+    without = loss_of(model, idx, idx, lambda_router=0.0)
+    record = {}
+    model.trunk(idx, model.steps(), record=record)
+    routes = record["routes"]
     bce = 0.0  # MoR code: summed over recursions, each the mean over its candidates
     for score, cand, kept in routes:
         s, y = score[cand], kept[cand].float()
@@ -837,7 +853,7 @@ def test_mor_router_loss_and_errors():
     with pytest.raises(ValueError, match="routing='mor'"):
         small_config(routing="mor", injection="add")
     with pytest.raises(ValueError, match="exit criterion"):
-        model.eval().generate(idx[:, :3], 2, exit=("kl", 1e-3))
+        generate(model.eval(), idx[:, :3], 2, exit=("kl", 1e-3))
 
 
 def test_mor_overfits_one_batch():
@@ -845,7 +861,7 @@ def test_mor_overfits_one_batch():
     model = LoopGPT(small_config(routing="mor", n_loops=4))
     x = torch.randint(0, 61, (4, 16))
     y = torch.roll(x, -1, dims=1)
-    opt = model.configure_optimizer(0.0, 1e-2, (0.9, 0.95))
+    opt = configure_optimizer(model, 0.0, 1e-2, (0.9, 0.95))
     for _ in range(80):
         _, loss = model(x, y)
         opt.zero_grad()
@@ -864,7 +880,7 @@ def test_exit_that_never_fires_equals_fixed_budget(exit, injection):
         model.lm_head.weight.normal_(std=0.5)  # trained-like logits, so loops change the distribution
     prompt = torch.randint(0, 61, (2, 5))
     used = []
-    a = model.generate(prompt, 15, loops=4, temperature=0, exit=exit, loops_used=used)
+    a = generate(model, prompt, 15, loops=4, temperature=0, exit=exit, loops_used=used)
     b = model.generate(prompt, 15, loops=4, temperature=0)
     assert torch.equal(a, b)
     assert len(used) == 14 and all(u == [4, 4] for u in used)  # the first token comes from the prefill
@@ -875,12 +891,12 @@ def test_exit_that_always_fires_stops_at_min_loops_and_fills_the_cache(exit):
     model = random_model(injection="add")
     prompt = torch.randint(0, 61, (1, 5))
     used = []
-    model.generate(prompt, 6, loops=5, temperature=0, exit=exit, min_loops=2, loops_used=used)
+    generate(model, prompt, 6, loops=5, temperature=0, exit=exit, min_loops=2, loops_used=used)
     assert all(u == [2] for u in used)
     # decode one more token by hand and check that loops 3..5 hold copies of loop 2's K/V
     cache = model.new_cache(5)
     model(prompt, loops=5, cache=cache)
-    model.decode_with_exit(torch.tensor([[7]]), model.steps(5), cache, exit, min_loops=2)
+    decode_with_exit(model, torch.tensor([[7]]), model.steps(5), cache, exit, min_loops=2)
     pos, first, k = 5, 1, 2
     for i in (2, 3, 4):
         for j in range(k):
@@ -894,7 +910,7 @@ def test_rows_that_stop_at_different_loops_each_fill_the_cache_from_their_own_la
     for threshold in (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3):  # one where the rows stop at different loops
         cache = model.new_cache(5)
         model(prompt, loops=5, cache=cache)
-        _, used = model.decode_with_exit(torch.tensor([[7], [8], [9], [10]]), model.steps(5), cache, ("latent", threshold),
+        _, used = decode_with_exit(model, torch.tensor([[7], [8], [9], [10]]), model.steps(5), cache, ("latent", threshold),
                                          min_loops=1)
         if len(set(used.tolist())) > 1:
             break
@@ -912,13 +928,13 @@ def test_gate_exit_and_bad_exits():
     with torch.no_grad():
         model.exit_gate.bias.fill_(10.0)  # λ ≈ 1: stop after the first loop
     used = []
-    model.generate(torch.randint(0, 61, (1, 3)), 4, loops=4, temperature=0, exit=("gate", 0.9), loops_used=used)
+    generate(model, torch.randint(0, 61, (1, 3)), 4, loops=4, temperature=0, exit=("gate", 0.9), loops_used=used)
     assert all(u == [1] for u in used)
     with pytest.raises(ValueError, match="exit_gate=True"):
-        random_model().generate(torch.zeros(1, 2, dtype=torch.long), 2, exit=("gate", 0.5))
+        generate(random_model(), torch.zeros(1, 2, dtype=torch.long), 2, exit=("gate", 0.5))
     for bad in (("kl",), ("sometimes", 1.0), ("kl", -1.0), ("gate", 2.0)):
         with pytest.raises(ValueError, match="exit"):
-            model.generate(torch.zeros(1, 2, dtype=torch.long), 2, exit=bad)
+            generate(model, torch.zeros(1, 2, dtype=torch.long), 2, exit=bad)
 
 
 def test_per_step_supervision():
@@ -926,9 +942,9 @@ def test_per_step_supervision():
     x, y = torch.randint(0, 61, (2, 10)), torch.randint(0, 61, (2, 10))
     y[0, :3] = -1
     ce = [model(x, y, loops=t)[1] for t in (1, 2, 3)]  # no modulation: a prefix is a shorter forward
-    torch.testing.assert_close(model(x, y, loops=3, step_weights=[0, 0, 1])[1], ce[2])
-    torch.testing.assert_close(model(x, y, loops=3, step_weights=[1, 1, 1])[1], sum(ce) / 3)
-    torch.testing.assert_close(model(x, y, loops=3, step_weights=[0, 1, 3])[1], (ce[1] + 3 * ce[2]) / 4)
+    torch.testing.assert_close(loss_of(model, x, y, loops=3, step_weights=[0, 0, 1]), ce[2])
+    torch.testing.assert_close(loss_of(model, x, y, loops=3, step_weights=[1, 1, 1]), sum(ce) / 3)
+    torch.testing.assert_close(loss_of(model, x, y, loops=3, step_weights=[0, 1, 3]), (ce[1] + 3 * ce[2]) / 4)
     with pytest.raises(ValueError, match="step_weights"):
         model(x, y, loops=3, step_weights=[1, 1])
 
@@ -940,19 +956,19 @@ def test_ouro_gate_losses():
     with torch.no_grad():
         model.exit_gate.weight.zero_()
         model.exit_gate.bias.fill_(-30.0)  # λ ≈ 0: all probability on the last loop, zero entropy
-    torch.testing.assert_close(model(x, y, loops=3, gate_stage=1, gate_beta=0.1)[1], ce[2])
+    torch.testing.assert_close(loss_of(model, x, y, loops=3, gate_stage=1, gate_beta=0.1), ce[2])
     with torch.no_grad():
         model.exit_gate.bias.fill_(30.0)   # λ ≈ 1: everything exits after loop 1
-    torch.testing.assert_close(model(x, y, loops=3, gate_stage=1, gate_beta=0.1)[1], ce[0])
+    torch.testing.assert_close(loss_of(model, x, y, loops=3, gate_stage=1, gate_beta=0.1), ce[0])
     with torch.no_grad():
         model.exit_gate.bias.fill_(0.0)    # λ = 1/2: p = (1/2, 1/4, 1/4)
     p = torch.tensor([0.5, 0.25, 0.25])
     expected = (p * torch.stack(ce)).sum() + 0.1 * (p * p.log()).sum()
     # the entropy term is per token and so are the CEs: with one λ for all tokens the mean factorises
-    torch.testing.assert_close(model(x, y, loops=3, gate_stage=1, gate_beta=0.1)[1], expected)
+    torch.testing.assert_close(loss_of(model, x, y, loops=3, gate_stage=1, gate_beta=0.1), expected)
     # stage 2: only the gate gets gradients, the LM is frozen
     model.zero_grad()
-    loss = model(x, y, loops=3, gate_stage=2)[1]
+    loss = loss_of(model, x, y, loops=3, gate_stage=2)
     loss.backward()
     assert model.exit_gate.weight.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("exit_gate"))
@@ -978,7 +994,7 @@ def test_ouro_stage_two_is_eq_5_6():
         w = torch.sigmoid(k * ((ce[t - 1] - ce[t]).clamp_min(0) - gamma))
         bce = -(w * torch.log(1 - lam[t]) + (1 - w) * torch.log(lam[t]))
         expected = expected + bce[valid].mean()
-    torch.testing.assert_close(model(x, y, loops=T, gate_stage=2, gate_k=k, gate_gamma=gamma)[1], expected / T)
+    torch.testing.assert_close(loss_of(model, x, y, loops=T, gate_stage=2, gate_k=k, gate_gamma=gamma), expected / T)
 
 
 def test_gate_all_exit_runs_every_loop_and_picks_the_exit_state():
@@ -993,7 +1009,7 @@ def test_gate_all_exit_runs_every_loop_and_picks_the_exit_state():
     cache = model.new_cache(M)
     with torch.no_grad():
         model(idx[:, :7], loops=M, cache=cache)
-        logits, used = model.decode_with_exit(idx[:, 7:], model.steps(M), cache, ("gate_all", q), 1)
+        logits, used = decode_with_exit(model, idx[:, 7:], model.steps(M), cache, ("gate_all", q), 1)
         full_cache = model.new_cache(M)
         model(idx, loops=M, cache=full_cache)
         torch.testing.assert_close(cache.k, full_cache.k)  # every (loop, layer) K/V is real
@@ -1108,7 +1124,7 @@ def test_huginn_latent_exit_at_loop_one_compares_with_h0_and_sandwich_adapter_re
     cache = model.new_cache(4)
     with torch.no_grad():
         model(idx[:, :-1], loops=4, cache=cache)
-        _, used = model.decode_with_exit(idx[:, -1:], model.steps(4), cache, ("latent", threshold), 1)
+        _, used = decode_with_exit(model, idx[:, -1:], model.steps(4), cache, ("latent", threshold), 1)
     assert (used.item() == 1) == (change_h0 < threshold)
 
 

@@ -10,7 +10,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loopgpt import NS_COEFFS, LoopGPT, LoopGPTConfig, MuonAdamW, muon_momentum, orthogonalize  # noqa: E402
+from loopgpt import (NS_COEFFS, LoopGPT, LoopGPTConfig, MuonAdamW, configure_optimizer, muon_momentum,  # noqa: E402
+                     orthogonalize)
 
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
@@ -65,7 +66,7 @@ def test_adamw_groups_match_torch_adamw():
 def test_configure_optimizer_splits_the_parameters():
     cfg = LoopGPTConfig(vocab_size=64, block_size=16, n_embd=32, n_head=2, injection="concat")
     model = LoopGPT(cfg)
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "muon", muon_lr=0.02)
+    opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "muon", muon_lr=0.02)
     names = {id(p): n for n, p in model.named_parameters()}
     muon = [names[id(p)] for g in opt.param_groups if g["use_muon"] for p in g["params"]]
     adam = [names[id(p)] for g in opt.param_groups if not g["use_muon"] for p in g["params"]]
@@ -80,7 +81,7 @@ def test_muon_overfits_a_batch():
     torch.manual_seed(0)
     cfg = LoopGPTConfig(vocab_size=64, block_size=16, n_embd=32, n_head=2, n_loops=2)
     model = LoopGPT(cfg)
-    opt = model.configure_optimizer(0.0, 3e-3, (0.9, 0.95), "muon", muon_lr=0.02)
+    opt = configure_optimizer(model, 0.0, 3e-3, (0.9, 0.95), "muon", muon_lr=0.02)
     x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
     first = None
     for _ in range(150):
@@ -126,7 +127,7 @@ def test_flt_recipe_groups():
     cfg = LoopGPTConfig(vocab_size=64, block_size=16, n_embd=32, n_head=2, n_prelude=0, n_coda=0,
                         injection="full_attn")
     model = LoopGPT(cfg)
-    opt = model.configure_optimizer(0.0, 0.005657, (0.8, 0.95), "muon", muon_lr=0.02,
+    opt = configure_optimizer(model, 0.0, 0.005657, (0.8, 0.95), "muon", muon_lr=0.02,
                                     embedding_lr=0.2828, head_lr=0.005657, eps=1e-10)
     assert _lr_of(opt, model, "wte.weight")["lr"] == pytest.approx(0.2828)
     assert _lr_of(opt, model, "lm_head.weight")["lr"] == pytest.approx(0.005657)
@@ -139,16 +140,16 @@ def test_flt_recipe_groups():
     assert all(g["eps"] == 1e-10 and g["betas"] == (0.8, 0.95) and g["weight_decay"] == 0.0 for g in adam)
     assert all(g["lr"] == pytest.approx(0.005657 * g["lr_scale"]) for g in opt.param_groups)
     # unset (0) embedding_lr / head_lr: the groups as before, at learning_rate, eps 1e-8
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "muon")
+    opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "muon")
     assert _lr_of(opt, model, "wte.weight") is _lr_of(opt, model, "lm_head.weight")
     assert _lr_of(opt, model, "wte.weight")["lr"] == 1e-3 and opt.param_groups[0]["eps"] == 1e-8
     # AdamW alone takes the same groups, and eps
-    opt = model.configure_optimizer(0.1, 1e-3, (0.8, 0.95), "adamw", embedding_lr=0.3, head_lr=0.004, eps=1e-10)
+    opt = configure_optimizer(model, 0.1, 1e-3, (0.8, 0.95), "adamw", embedding_lr=0.3, head_lr=0.004, eps=1e-10)
     assert isinstance(opt, torch.optim.AdamW) and all(g["eps"] == 1e-10 for g in opt.param_groups)
     assert _lr_of(opt, model, "wte.weight")["lr"] == pytest.approx(0.3)
     assert _lr_of(opt, model, "lm_head.weight")["lr"] == pytest.approx(0.004)
     # tied embeddings: one matrix, the head, at head_lr
     tied = LoopGPT(LoopGPTConfig(**{**cfg.to_dict(), "tie_embeddings": True}))
-    opt = tied.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "muon", embedding_lr=0.3, head_lr=0.004)
+    opt = configure_optimizer(tied, 0.1, 1e-3, (0.9, 0.95), "muon", embedding_lr=0.3, head_lr=0.004)
     assert _lr_of(opt, tied, "wte.weight")["lr"] == pytest.approx(0.004)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(tied.parameters()))

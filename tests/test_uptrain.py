@@ -74,12 +74,12 @@ def test_lora_svd_init_is_the_best_rank_r_approximation(r, targets):
     names = ["q", "k", "v", "o", "fc", "down"] if targets == "all" else ["q", "v"]
     assert sorted(errors) == sorted(f"lora_{n}" for n in names)
     for which in names:
-        A, B = getattr(target, f"lora_A_{which}"), getattr(target, f"lora_B_{which}")
         for t in range(3):
             for j in range(2):
                 W = LORA_MATRIX[which](source.core[1 + 2 * t + j]).weight
-                shared = LORA_MATRIX[which](target.core[j]).weight
-                approx = shared + B[t, j] @ A[t, j]
+                lora = LORA_MATRIX[which](target.core[j])
+                shared = lora.weight
+                approx = shared + lora.lora_B[t] @ lora.lora_A[t]
                 # Eckart-Young: the error is the energy of the dropped singular values
                 tail = torch.linalg.svdvals(W - shared)[r:].pow(2).sum()
                 torch.testing.assert_close((W - approx).pow(2).sum(), tail, atol=1e-5, rtol=1e-4)
