@@ -5,12 +5,14 @@ Evaluate a checkpoint the way the papers do, at every loop budget, in one comman
     python eval.py --out_dir=out --tasks=core --budgets=1,3,6,9,12    # CORE (DCLM's 22 tasks), FLT's budgets
     python eval.py --out_dir=out --tasks=flt                    # FLT's Table 1: CORE's tasks, WikiText-2, bpb
     python eval.py --out_dir=out --tasks=hellaswag,arc_easy:0,my_task.jsonl --schedule=3,2,2,1 --exit=kl:1e-3
+    python eval.py --out_dir=out --sweep_max_steps=4            # LoopFormer: + every schedule of <= 4 steps
     python eval.py --runs=out-lt,out-lti,out-flt --plot_file=budgets.png  # compare runs: a table and a plot
     python eval.py --runs='out-exp/*'                           # (a quoted pattern: every run under out-exp)
     torchrun --nproc_per_node=8 eval.py --out_dir=out --tasks=core    # items split over the processes
 
 Tasks (`--tasks`, comma-separated):
-  bpb          the held-out split (val.bin) of the checkpoint's own dataset: bits per byte
+  bpb          the held-out split (val.bin) of the checkpoint's own dataset: bits per byte;
+               for a task dataset (data/tasks) its rows' answers, with exact match per group
   wikitext2    WikiText-2 test (the tokenized v1 text the FLT code reads, a document token
                before each line): token-level perplexity and bits per byte, every token
                scored once by a sliding window at the model's block size (--stride, default
@@ -37,8 +39,14 @@ and with --kv_sharing=last,mean,... every budget again, teacher-forced one posit
 through a cache whose K/V are shared across loops (what that memory saving costs; `none` is
 the exact cache and reproduces the budget's column).
 
+The budget sweep: with every budget 1..L among the routes, the fit of each text task's loss
+over them (Parcae: ε(M) ≈ ε∞ + A e^(-kM)); with --sweep_max_steps=N (LoopFormer), every
+schedule of 2..min(N, L-1) steps on the 1/L grid, a table of the best, worst and spread per
+step count. train.py --eval_only=True --resume=True runs the same (budget_sweep) on its val batches.
+
 Output: one table (rows tasks, columns routes), a JSONL record appended to OUT_DIR/eval.jsonl
-and a plot of every metric against the budget (OUT_DIR/eval.png).
+(with the fits and grid schedules under "sweep") and a plot of every metric against the budget
+(OUT_DIR/eval.png).
 
 Comparing runs (--runs=A,B,...): a table of each run's last training eval from its
 log.jsonl (val loss at the train budget and at every budget it evaluated, and the residual
@@ -433,7 +441,8 @@ def score_batches(model, batches, routes, autocast, token_bytes, groups=None, re
                 s = torch.stack([ce.sum(), scored.sum(), (ce * (nbytes > 0)).sum() / math.log(2), nbytes.sum(), loops])
                 sums[name] = sums.get(name, 0) + s.double()
                 if group is not None:
-                    wrong = torch.zeros(len(x), device=x.device).index_add_(0, row, (logits.argmax(-1) != target).float())
+                    miss = (logits.argmax(-1) != target).float()
+                    wrong = torch.zeros(len(x), device=x.device).index_add_(0, row, miss)  # per row
                     r = right.setdefault(name, torch.zeros(2, 256, device=x.device))
                     r[0].index_add_(0, group, (wrong == 0).float())
                     r[1].index_add_(0, group, torch.ones_like(wrong))
@@ -460,7 +469,8 @@ def task_rows(folder, L, split="val"):
     rows = read("", np.uint16).reshape(-1, L).astype(np.int64)
     mask = read("_mask", np.uint8).reshape(-1, L)
     y = np.where(mask[:, 1:] == 1, rows[:, 1:], -1)
-    return torch.from_numpy(rows[:, :-1]), torch.from_numpy(y), torch.from_numpy(read("_group", np.uint8).astype(np.int64))
+    group = read("_group", np.uint8).astype(np.int64)
+    return torch.from_numpy(rows[:, :-1]), torch.from_numpy(y), torch.from_numpy(group)
 
 
 def eval_rows(model, rows, groups, token_bytes, routes, device, autocast, batch_tokens=16384, rank=0, world=1,
@@ -564,8 +574,8 @@ def budget_sweep(model, batches, routes, autocast, token_bytes, groups=None, gro
         if set(r) == {"loops"}:
             M, b = r["loops"], res[name]
             record["budgets"][str(M)] = b
-            acc = ((f"{100 * b['accuracy']['acc']:.1f}",) + tuple(f"{100 * v:.0f}" for v in b["accuracy"]["by_group"].values())
-                   if groups is not None else ())
+            acc = b.get("accuracy")  # task rows: exact match, overall then per group
+            acc = (f"{100 * acc['acc']:.1f}",) + tuple(f"{100 * v:.0f}" for v in acc["by_group"].values()) if acc else ()
             rows.append((M, model.effective_depth(M), f"{b['loss']:.4f}", f"{b['bpb']:.4f}") + acc)
     lines = [print_table(rows, ["budget M", "depth", "val loss", "bpb"] +
                          (["exact %"] + [f"{group_name}={g}" for g in groups] if groups is not None else []))]
@@ -898,19 +908,20 @@ def main():
         L, sweep = model.config.n_loops, {}
         print(result_table(results, routes))
         for label, res in results.items():  # the saturation over M = 1..L, and the grid's schedules
-            if label == "CORE":
-                continue
-            fit, line = saturation(res, routes, L, f"{label} loss")
-            schedules, table = schedule_table(res, routes + grid, L)
-            sweep[label] = {"fit": fit, "schedules": schedules}
-            print("\n".join(filter(None, [line, table])))
-            for name, _ in grid:
+            if label != "CORE":
+                fit, line = saturation(res, routes, L, f"{label} loss")
+                schedules, table = schedule_table(res, routes + grid, L)
+                sweep[label] = {"fit": fit, "schedules": schedules}
+                if line or table:
+                    print("\n".join(filter(None, [line, table])))
+            for name, _ in grid:  # (kept in the sweep, out of the table's columns)
                 del res[name]
         print(f"({seconds:.0f} s)")
         record = {"type": "eval", "step": ckpt["iter_num"], "n_loops": model.config.n_loops, "tasks": args["tasks"],
                   "max_per_task": args["max_per_task"], "seconds": seconds, "device": device, "dtype": dtype,
                   "routes": [[n, {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}] for n, r in routes],
-                  "results": results, "sweep": sweep, "title": f"{ckpt_path} (L={model.config.n_loops}, step {ckpt['iter_num']})"}
+                  "results": results, "sweep": sweep,
+                  "title": f"{ckpt_path} (L={model.config.n_loops}, step {ckpt['iter_num']})"}
         with open(os.path.join(args["out_dir"], "eval.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if args["plot"]:
