@@ -5,12 +5,14 @@ Evaluate a checkpoint the way the papers do, at every loop budget, in one comman
     python eval.py --out_dir=out --tasks=core --budgets=1,3,6,9,12    # CORE (DCLM's 22 tasks), FLT's budgets
     python eval.py --out_dir=out --tasks=flt                    # FLT's Table 1: CORE's tasks, WikiText-2, bpb
     python eval.py --out_dir=out --tasks=hellaswag,arc_easy:0,my_task.jsonl --schedule=3,2,2,1 --exit=kl:1e-3
+    python eval.py --out_dir=out --sweep_max_steps=4            # LoopFormer: + every schedule of <= 4 steps
     python eval.py --runs=out-lt,out-lti,out-flt --plot_file=budgets.png  # compare runs: a table and a plot
     python eval.py --runs='out-exp/*'                           # (a quoted pattern: every run under out-exp)
     torchrun --nproc_per_node=8 eval.py --out_dir=out --tasks=core    # items split over the processes
 
 Tasks (`--tasks`, comma-separated):
-  bpb          the held-out split (val.bin) of the checkpoint's own dataset: bits per byte
+  bpb          the held-out split (val.bin) of the checkpoint's own dataset: bits per byte;
+               for a task dataset (data/tasks) its rows' answers, with exact match per group
   wikitext2    WikiText-2 test (the tokenized v1 text the FLT code reads, a document token
                before each line): token-level perplexity and bits per byte, every token
                scored once by a sliding window at the model's block size (--stride, default
@@ -37,8 +39,14 @@ and with --kv_sharing=last,mean,... every budget again, teacher-forced one posit
 through a cache whose K/V are shared across loops (what that memory saving costs; `none` is
 the exact cache and reproduces the budget's column).
 
+The budget sweep: with every budget 1..L among the routes, the fit of each text task's loss
+over them (Parcae: ε(M) ≈ ε∞ + A e^(-kM)); with --sweep_max_steps=N (LoopFormer), every
+schedule of 2..min(N, L-1) steps on the 1/L grid, a table of the best, worst and spread per
+step count. train.py --eval_only=True --resume=True runs the same (budget_sweep) on its val batches.
+
 Output: one table (rows tasks, columns routes), a JSONL record appended to OUT_DIR/eval.jsonl
-and a plot of every metric against the budget (OUT_DIR/eval.png).
+(with the fits and grid schedules under "sweep") and a plot of every metric against the budget
+(OUT_DIR/eval.png).
 
 Comparing runs (--runs=A,B,...): a table of each run's last training eval from its
 log.jsonl (val loss at the train budget and at every budget it evaluated, and the residual
@@ -387,12 +395,16 @@ def eval_text(model, tokens, token_bytes, routes, device, autocast, stride=0, ba
 
 
 def text_tokens(task, enc, meta, data_dir, max_tokens):
-    """The token stream of a text task: the checkpoint's own val split, or WikiText-2's test text."""
+    """The token stream of a text task: the checkpoint's own val split, or WikiText-2's test
+    text; for a task dataset's val split its rows (inputs, targets, groups: eval_rows)."""
     if task["label"] == "bpb":
         path = os.path.join(meta.get("data_dir") or os.path.join(ROOT, "data", meta.get("dataset", "")), "val.bin")
         if not os.path.isfile(path):
             fail(f"bpb: no {path} (the checkpoint's val split); prepare its dataset first "
                  f"(python data/<dataset>/prepare.py), or choose other --tasks")
+        if meta.get("format") == "task":  # rows of prompt + answer (data/tasks): the answers are scored
+            rows = task_rows(os.path.dirname(path), meta["row_len"])
+            return tuple(t[:max(1, max_tokens // meta["row_len"])] for t in rows) if max_tokens else rows
         tokens = np.fromfile(path, dtype=np.uint16)
     else:  # as the FLT code reads it: every line of the test file on its own, after a document token
         path = os.path.join(data_dir, "wikitext-2", "wiki.test.tokens")
@@ -405,6 +417,183 @@ def text_tokens(task, enc, meta, data_dir, max_tokens):
             fail(f"wikitext2: {path} is not UTF-8 text ({e}); delete it and run: {PREPARE}")
         tokens = np.array([t for ids in enc.encode_ordinary_batch(lines) for t in [enc.eot_token] + ids], dtype=np.int64)
     return tokens[:max_tokens] if max_tokens else tokens
+
+
+# ---- task rows and the budget sweep: loss against M, its saturation, every schedule -------------
+
+@torch.no_grad()
+def score_batches(model, batches, routes, autocast, token_bytes, groups=None, reduce=None):
+    """Every route over batches (x, y, group): loss (nats/token) and bits per byte over the
+    positions that have a target (y >= 0: a task row scores its answer only), the mean loops
+    of an exit there, and with `groups` (a task's group ids) exact match overall and per
+    group: a row is right when the argmax is right at every scored position, which is
+    exactly when greedy decoding writes its answer."""
+    sums, right = {}, {}  # per route: nats, tokens, bits, bytes, loops; rows right and rows per group id
+    for x, y, group in batches:
+        scored = y >= 0
+        row = scored.nonzero()[:, 0]  # the batch row of each scored position
+        target = y[scored]
+        nbytes = token_bytes[target]  # special tokens have no bytes and count in neither bits nor bytes
+        with autocast:
+            for name, logits, used in route_logits(model, x, routes, scored):
+                ce = F.cross_entropy(logits.float(), target, reduction="none")
+                loops = used[scored].sum() if used is not None else ce.new_zeros(())
+                s = torch.stack([ce.sum(), scored.sum(), (ce * (nbytes > 0)).sum() / math.log(2), nbytes.sum(), loops])
+                sums[name] = sums.get(name, 0) + s.double()
+                if group is not None:
+                    miss = (logits.argmax(-1) != target).float()
+                    wrong = torch.zeros(len(x), device=x.device).index_add_(0, row, miss)  # per row
+                    r = right.setdefault(name, torch.zeros(2, 256, device=x.device))
+                    r[0].index_add_(0, group, (wrong == 0).float())
+                    r[1].index_add_(0, group, torch.ones_like(wrong))
+    results = {}
+    for name, route in routes:
+        s = sums.get(name, torch.zeros(5, dtype=torch.float64, device=token_bytes.device))
+        s = reduce(s) if reduce is not None else s
+        results[name] = {"loss": (s[0] / s[1]).item(), "bpb": (s[2] / s[3]).item()}
+        if "exit" in route:
+            results[name]["mean_loops"] = (s[4] / s[1]).item()
+        if groups is not None:
+            r = right.get(name, torch.zeros(2, 256, device=token_bytes.device))
+            r = reduce(r) if reduce is not None else r
+            results[name]["accuracy"] = {"acc": (r[0].sum() / r[1].sum()).item(),
+                                         "by_group": {str(g): (r[0, g] / r[1, g]).item() for g in groups}}
+    return results
+
+
+def task_rows(folder, L, split="val"):
+    """A task dataset's rows of L tokens (data/tasks: prompt + answer): inputs, targets (-1
+    off the answer) and each row's group, as int64 tensors."""
+    def read(suffix, dtype):
+        return np.fromfile(os.path.join(folder, f"{split}{suffix}.bin"), dtype=dtype)
+    rows = read("", np.uint16).reshape(-1, L).astype(np.int64)
+    mask = read("_mask", np.uint8).reshape(-1, L)
+    y = np.where(mask[:, 1:] == 1, rows[:, 1:], -1)
+    group = read("_group", np.uint8).astype(np.int64)
+    return torch.from_numpy(rows[:, :-1]), torch.from_numpy(y), torch.from_numpy(group)
+
+
+def eval_rows(model, rows, groups, token_bytes, routes, device, autocast, batch_tokens=16384, rank=0, world=1,
+              reduce=None):
+    """The `bpb` task of a task dataset: the answers of its val rows (x, y, group), with exact
+    match per group (`groups`: the group ids)."""
+    x, y, group = rows
+    n = max(1, batch_tokens // x.size(1))
+    mine = [slice(at, at + n) for at in range(rank * n, len(x), world * n)]
+    batches = ((x[s].to(device), y[s].to(device), group[s].to(device)) for s in mine)
+    return score_batches(model, batches, routes, autocast, token_bytes, groups, reduce)
+
+
+def compositions(n, k):
+    """Every way to write n as an ordered sum of k positive integers."""
+    if k == 1:
+        yield (n,)
+        return
+    for first in range(1, n - k + 2):
+        for rest in compositions(n - first, k - 1):
+            yield (first,) + rest
+
+
+def grid_schedules(model, max_steps):
+    """LoopFormer: every schedule of M = 2..min(max_steps, L - 1) steps on the 1/L grid (every
+    composition of L into M parts, the LoopFormer paper's Figure 6) as routes; none for
+    other models, whose steps are all the same."""
+    L = model.config.n_loops
+    if model.config.modulation != "loopformer":
+        return []
+    return [(f"sched {','.join(map(str, units))}", {"schedule": [u / L for u in units], "units": list(units)})
+            for M in range(2, min(max_steps, L - 1) + 1) for units in compositions(L, M)]
+
+
+def sweep_routes(model, exits=(), max_steps=0):
+    """train.py's eval_only: every budget M = 1..2L (past the train depth: extrapolation; 1..L
+    for MoR, which has a capacity for L recursions only), each exit [(name, (kind, x))] at
+    L loops, and for LoopFormer every grid schedule of up to max_steps steps."""
+    cfg = model.config
+    L = cfg.n_loops
+    budgets = range(1, (L if cfg.routing == "mor" else 2 * L) + 1)
+    return ([(f"M={M}", {"loops": M}) for M in budgets] + [(name, {"exit": exit, "loops": L}) for name, exit in exits]
+            + grid_schedules(model, max_steps))
+
+
+def fit_saturation(Ms, losses):
+    """Least-squares fit of loss(M) ≈ eps_inf + A exp(-k M) (Parcae): linear in (eps_inf, A)
+    for a given k, so scan k on a log grid and keep the best."""
+    Ms, losses = np.asarray(Ms, dtype=float), np.asarray(losses, dtype=float)
+    best = None
+    for k in np.logspace(-3, 1, 400):
+        X = np.stack([np.ones_like(Ms), np.exp(-k * Ms)], axis=1)
+        coef, *_ = np.linalg.lstsq(X, losses, rcond=None)
+        err = float(((X @ coef - losses) ** 2).sum())
+        if best is None or err < best[0]:
+            best = (err, k, coef, np.abs(X @ coef - losses).max())
+    _, k, (eps_inf, A), max_res = best
+    return {"eps_inf": float(eps_inf), "A": float(A), "k": float(k), "max_residual": float(max_res)}
+
+
+def saturation(res, routes, L, what="loss"):
+    """(fit, one line) of the loss over the budgets M = 1..L, or (None, None) where the
+    routes do not hold every one of them or the results have no loss (accuracy tasks)."""
+    loss = {r["loops"]: res[n].get("loss") for n, r in routes if set(r) == {"loops"} and isinstance(res[n], dict)}
+    if L < 2 or any(loss.get(M) is None for M in range(1, L + 1)):
+        return None, None
+    fit = fit_saturation(range(1, L + 1), [loss[M] for M in range(1, L + 1)])
+    return fit, (f"fit of {what} over M = 1..{L} (Parcae): ε(M) ≈ {fit['eps_inf']:.4f} + {fit['A']:.4f} "
+                 f"e^(-{fit['k']:.3f} M)  (largest residual {fit['max_residual']:.4f})")
+
+
+def schedule_table(res, routes, L):
+    """({M: grid schedules best first}, a table of the best, worst and spread per M) by loss,
+    against the uniform schedule (the budget M, where the routes have it)."""
+    by_steps = {}
+    for name, r in routes:
+        if "units" in r and "loss" in res[name]:
+            by_steps.setdefault(len(r["units"]), []).append((res[name]["loss"], r["units"]))
+    record, rows = {}, []
+    fmt = lambda lu: f"{lu[0]:.4f} ({','.join(map(str, lu[1]))})"  # noqa: E731
+    for M, results in sorted(by_steps.items()):
+        results.sort()
+        record[str(M)] = [{"units": list(u), "loss": loss} for loss, u in results]
+        uniform = res.get(f"M={M}", {}).get("loss")
+        rows.append((M, len(results), f"{uniform:.4f}" if uniform is not None else "-", fmt(results[0]),
+                     fmt(results[-1]), f"{results[-1][0] - results[0][0]:.4f}"))
+    table = (f"every schedule of M steps on the 1/{L} grid (in units of 1/{L}), by loss:\n" +
+             print_table(rows, ["M", "schedules", "uniform 1/M", "best", "worst", "spread"])) if rows else None
+    return record, table
+
+
+def budget_sweep(model, batches, routes, autocast, token_bytes, groups=None, group_name="group", reduce=None):
+    """Loss at every budget of `routes` (a table, with exact match per group for task rows),
+    the fit of its saturation over M <= L, loss against mean loops for every exit, and the
+    best and worst grid schedule per M, over batches (x, y, group) as score_batches takes
+    them. Returns (the text to print, the record: budgets, fit, exits, schedules)."""
+    L = model.config.n_loops
+    res = score_batches(model, batches, routes, autocast, token_bytes, groups, reduce)
+    record, rows = {"budgets": {}, "schedules": {}}, []
+    for name, r in routes:
+        if set(r) == {"loops"}:
+            M, b = r["loops"], res[name]
+            record["budgets"][str(M)] = b
+            acc = b.get("accuracy")  # task rows: exact match, overall then per group
+            acc = (f"{100 * acc['acc']:.1f}",) + tuple(f"{100 * v:.0f}" for v in acc["by_group"].values()) if acc else ()
+            rows.append((M, model.effective_depth(M), f"{b['loss']:.4f}", f"{b['bpb']:.4f}") + acc)
+    lines = [print_table(rows, ["budget M", "depth", "val loss", "bpb"] +
+                         (["exact %"] + [f"{group_name}={g}" for g in groups] if groups is not None else []))]
+    record["fit"], fit_line = saturation(res, routes, L, "val loss")
+    if fit_line:
+        lines.append("\n" + fit_line)
+    exits = [(name, r) for name, r in routes if "exit" in r]
+    if exits:
+        record["exits"] = {name: res[name] for name, _ in exits}
+        full = res.get(f"M={L}")
+        rows = ([("none (all loops)", f"{L:.2f}", f"{full['loss']:.4f}")] if full else []) + [
+            (name, f"{res[name]['mean_loops']:.2f}", f"{res[name]['loss']:.4f}") for name, _ in exits]
+        lines.append(f"\nper-token early exit, teacher-forced, at most {L} loops:\n" +
+                     print_table(rows, ["exit", "mean loops", "val loss"]))
+    record["schedules"], table = schedule_table(res, routes, L)
+    if table:
+        lines.append("\n" + table)
+    return "\n".join(lines), record
 
 
 def evaluate_tasks(model, enc, tasks, routes, device, autocast, meta, data_dir=EVAL_DATA, max_per_task=0,
@@ -427,7 +616,10 @@ def evaluate_tasks(model, enc, tasks, routes, device, autocast, meta, data_dir=E
     results = {}
     for task, task_data in (progress or (lambda x: x))(list(zip(tasks, data))):
         with torch.no_grad():
-            if task["kind"] == "text":
+            if task["kind"] == "text" and meta.get("format") == "task" and task["label"] == "bpb":
+                results["bpb"] = eval_rows(model, task_data, meta["val_groups"], token_bytes, routes, device, autocast,
+                                           batch_tokens, rank, world, reduce)
+            elif task["kind"] == "text":
                 results[task["label"]] = eval_text(model, task_data, token_bytes, routes, device, autocast, stride,
                                                    batch_tokens, rank, world, reduce)
             else:
@@ -453,6 +645,8 @@ def result_table(results, routes):
             rows.append([("held-out" if label == "bpb" else label) + " bpb"] + [f"{res[n]['bpb']:.4f}" for n in names])
             if label == "wikitext2":
                 rows.append([f"{label} ppl"] + [f"{res[n]['ppl']:.2f}" for n in names])
+            if "accuracy" in res[names[0]]:  # a task dataset's answers: exact match
+                rows.append(["  exact %"] + [f"{100 * res[n]['accuracy']['acc']:.1f}" for n in names])
         else:
             rows.append([f"{label} acc %"] + [f"{100 * res[n]['acc']:.1f}" for n in names])
         if any("mean_loops" in res[n] for n in names):
@@ -618,6 +812,7 @@ def main():
         budgets=(),              # loop budgets M; () = 1..2L (1..L for MoR)
         schedule="",             # LoopFormer schedules in units of 1/L (or fractions), several separated by "/"
         exit="",                 # per-token exits kind:threshold, comma-separated, at the largest budget
+        sweep_max_steps=0,       # LoopFormer: also every schedule of 2..N steps on the 1/L grid, best and worst per N
         kv_sharing="",           # K/V shared across loops, comma-separated (last,mean,first,window:N; none =
                                  # the exact cache): every budget scored by decoding one token at a time
         max_per_task=0,          # items per task, the first N (0 = all)
@@ -647,7 +842,7 @@ def main():
         plot_runs(runs, args["metric"], args["plot_file"])
         print(f"wrote {args['plot_file']}")
         return
-    for key in ("max_per_task", "max_text_tokens", "stride"):
+    for key in ("max_per_task", "max_text_tokens", "stride", "sweep_max_steps"):
         if args[key] < 0:
             fail(f"--{key} must be >= 0")
     if args["batch_tokens"] < 1:
@@ -688,6 +883,7 @@ def main():
     if args["stride"] > model.config.block_size:
         fail(f"--stride={args['stride']}: a window moves by at most its length, block_size={model.config.block_size}")
     routes = parse_routes(model, args["budgets"], args["schedule"], args["exit"], args["kv_sharing"])
+    grid = grid_schedules(model, args["sweep_max_steps"])  # (too many for the table's columns: a table of their own)
     deepest = max(len(r.get("schedule", ())) or r["loops"] for _, r in routes)
     try:  # one pass keeps every loop's state of a batch (and an exit route its KV cache)
         check_fits(deepest * args["batch_tokens"] * model.config.n_embd * 4, f"--budgets up to {deepest} "
@@ -704,17 +900,28 @@ def main():
               f"{len(tasks)} tasks x {len(routes)} routes")
     t0 = time.time()
     from tqdm import tqdm
-    results = evaluate_tasks(model, enc, tasks, routes, device, autocast, meta, data_dir, args["max_per_task"],
+    results = evaluate_tasks(model, enc, tasks, routes + grid, device, autocast, meta, data_dir, args["max_per_task"],
                              args["max_text_tokens"], args["stride"], args["batch_tokens"], rank, world, reduce,
                              progress=lambda ts: tqdm(ts, desc="tasks", disable=not master))
     seconds = time.time() - t0
     if master:
+        L, sweep = model.config.n_loops, {}
         print(result_table(results, routes))
+        for label, res in results.items():  # the saturation over M = 1..L, and the grid's schedules
+            if label != "CORE":
+                fit, line = saturation(res, routes, L, f"{label} loss")
+                schedules, table = schedule_table(res, routes + grid, L)
+                sweep[label] = {"fit": fit, "schedules": schedules}
+                if line or table:
+                    print("\n".join(filter(None, [line, table])))
+            for name, _ in grid:  # (kept in the sweep, out of the table's columns)
+                del res[name]
         print(f"({seconds:.0f} s)")
         record = {"type": "eval", "step": ckpt["iter_num"], "n_loops": model.config.n_loops, "tasks": args["tasks"],
                   "max_per_task": args["max_per_task"], "seconds": seconds, "device": device, "dtype": dtype,
                   "routes": [[n, {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}] for n, r in routes],
-                  "results": results, "title": f"{ckpt_path} (L={model.config.n_loops}, step {ckpt['iter_num']})"}
+                  "results": results, "sweep": sweep,
+                  "title": f"{ckpt_path} (L={model.config.n_loops}, step {ckpt['iter_num']})"}
         with open(os.path.join(args["out_dir"], "eval.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if args["plot"]:

@@ -6,7 +6,7 @@ Train a LoopGPT. One file, nanoGPT-style:
     torchrun --nproc_per_node=2 train.py --config tiny   # DDP (gloo on CPU, nccl on GPU)
     python train.py --resume=True                    # continue exactly from out_dir/ckpt.pt
 
-Settings come from TrainConfig (common.py) and LoopGPTConfig (loopgpt.py), then configs/NAME.py,
+Settings come from TrainConfig (configs/__init__.py) and LoopGPTConfig (loopgpt.py), then configs/NAME.py,
 then the command line. Every process sees different batches; the batch of global
 micro-step m at step s depends only on (seed, s, m), so a run on W processes sees the
 same global batch as one process, and a resumed run sees the batches it would have seen.
@@ -22,18 +22,18 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configs import (TrainConfig, autocast_context, detect_device, fail, get_lr, gpu_peak_flops, make_dir,
-                     model_config_defaults, parse_args, print_table, train_config_defaults)
+                     model_config_defaults, parse_args, train_config_defaults)
 from loopgpt import (CHECKPOINT_VERSION, INIT_CORES, LoopGPT, LoopGPTConfig, check_fits, compile_blocks,
                      init_from_source, layer_similarity, load_checkpoint, melt_distill_loss, model_from_checkpoint,
                      muon_momentum, parse_exit, per_sequence_problem, sample_short_route, save_checkpoint,
                      unrolled_blocks)
 from data.huggingface import load_model as load_hf_model
 from data.tokenizer import load_tokenizer, token_byte_lengths
+from eval import budget_sweep, score_batches, sweep_routes
 
 
 # ---- configuration -----------------------------------------------------------------------
@@ -41,47 +41,10 @@ from data.tokenizer import load_tokenizer, token_byte_lengths
 train_defaults = train_config_defaults()
 model_defaults = model_config_defaults()
 args, explicit = parse_args(sys.argv[1:], {**train_defaults, **model_defaults}, default_config="tiny")
-tc = TrainConfig(**{k: args[k] for k in train_defaults})
-if not (0 < tc.learning_rate < math.inf and 0 <= tc.min_lr < math.inf):
-    fail(f"need a finite learning_rate > 0 and min_lr >= 0, got {tc.learning_rate} and {tc.min_lr}")
-if not (tc.embedding_lr >= 0 and tc.head_lr >= 0 and tc.adam_eps > 0 and tc.muon_momentum_warmup >= 0):
-    fail("need embedding_lr >= 0 and head_lr >= 0 (0 = learning_rate), adam_eps > 0 and muon_momentum_warmup >= 0")
-for key, valid in (("lr_schedule", ("cosine", "wsd")), ("optimizer", ("adamw", "muon")),
-                   ("objective", ("final", "shortcut", "prefix")),
-                   ("loop_sampling", ("fixed", "uniform", "poisson_lognormal", "per_sequence")),
-                   ("step_loss", ("final", "all", "last_third")), ("gate_stage", (0, 1, 2)),
-                   ("recurrence_schedule", ("linear", "1-sqrt"))):
-    if getattr(tc, key) not in valid:
-        fail(f"{key}={getattr(tc, key)!r} (valid: {', '.join(map(str, valid))})")
-if tc.loop_sampling != "fixed" and tc.objective != "final":
-    fail(f"objective={tc.objective} draws its short route from a fixed full route: use loop_sampling=fixed")
-if (tc.step_loss != "final" or tc.gate_stage) and (tc.objective != "final" or tc.loop_sampling == "per_sequence"):
-    fail("step_loss / gate_stage go with objective=final and a depth shared by the batch")
-if tc.loop_min < 1 or tc.loop_max < 0 or tc.curriculum_start < 0 or tc.curriculum_rate < 0:
-    fail("need loop_min >= 1, loop_max >= 0, curriculum_start >= 0 and curriculum_rate >= 0")
-if not (0 <= tc.recurrence_warmup <= 1 and tc.lambda_mono >= 0):
-    fail(f"need 0 <= recurrence_warmup <= 1 (a fraction of max_iters) and lambda_mono >= 0, got "
-         f"{tc.recurrence_warmup} and {tc.lambda_mono}")
-if tc.lambda_mono and (tc.objective != "final" or tc.step_loss != "final" or tc.gate_stage
-                       or tc.loop_sampling == "per_sequence"):
-    fail("lambda_mono (LoopUS) goes with objective=final, step_loss=final, no gate_stage and a depth shared by the batch")
-if tc.loop_sampling != "fixed" and tc.loop_max and tc.loop_min > tc.loop_max:  # (fixed depth ignores them)
-    fail(f"loop_min={tc.loop_min} > loop_max={tc.loop_max}")
-if not (tc.weight_decay >= 0 and tc.grad_clip >= 0 and tc.warmup_iters >= 0 and tc.lr_decay_iters >= 0
-        and tc.muon_lr > 0 and 0 <= tc.seed < 2**63 and 0 <= tc.wsd_decay_frac <= 1):
-    fail("need weight_decay >= 0, grad_clip >= 0 (0 = off), warmup_iters >= 0, lr_decay_iters >= 0, muon_lr > 0, "
-         "0 <= seed < 2^63 and 0 <= wsd_decay_frac <= 1")
-if not (tc.lambda_short >= 0 and tc.lambda_cons >= 0 and tc.loop_sigma >= 0 and tc.gate_beta >= 0 and tc.gate_k > 0
-        and tc.sweep_max_steps >= 1 and tc.eval_tasks_interval >= 0 and tc.eval_tasks_max >= 0):
-    fail("need lambda_short, lambda_cons, loop_sigma, gate_beta >= 0, gate_k > 0, sweep_max_steps >= 1, "
-         "eval_tasks_interval >= 0 (0 = the last step only) and eval_tasks_max >= 0 (0 = all)")
-if not (0 <= tc.beta1 < 1 and 0 <= tc.beta2 < 1):
-    fail(f"need 0 <= beta1, beta2 < 1, got {tc.beta1}, {tc.beta2}")
-if tc.eval_only and not tc.resume:
-    fail("eval_only evaluates a checkpoint: add --resume=True")
-for key in ("max_iters", "eval_interval", "eval_iters", "batch_size", "grad_accum_steps", "log_interval"):
-    if getattr(tc, key) < 1:
-        fail(f"{key} must be >= 1, got {getattr(tc, key)}")
+try:  # TrainConfig checks its own settings (configs/__init__.py); the model's and the data's are below
+    tc = TrainConfig(**{k: args[k] for k in train_defaults})
+except ValueError as e:
+    fail(str(e))
 
 # ---- distributed setup -------------------------------------------------------------------
 
@@ -293,7 +256,7 @@ if cfg.tie_embeddings and tc.embedding_lr:
     fail("tie_embeddings=True: wte is lm_head, one matrix trained at head_lr; embedding_lr would be ignored")
 if tc.loop_sampling == "per_sequence" and per_sequence_problem(cfg):
     fail(f"loop_sampling=per_sequence: {per_sequence_problem(cfg)}")
-sweep_exits = []  # (spec, (kind, threshold)), checked now rather than after the budget sweep
+sweep_exits = []  # (spec, (kind, threshold)) for eval_only's sweep, checked now rather than after the budgets
 for spec in filter(None, tc.sweep_exits.split(",")):
     try:
         sweep_exits.append((spec, parse_exit(spec, cfg)))
@@ -448,34 +411,11 @@ def val_batches():
         yield *to_device(x, y), torch.from_numpy(group.astype(np.int64)).to(device)
 
 
-@torch.no_grad()
-def eval_route(**route):
-    """Val loss (nats/token) and bits per byte for one route: loops=M or schedule=[...].
-    Tasks (targets on the answer tokens only) also get exact match, overall and per group
-    (digits, hops, ...): an example is right when the argmax is right at every answer
-    token, which is exactly when greedy decoding would write the answer."""
-    sums = torch.zeros(4, device=device)  # nats, tokens, bits on byte-carrying tokens, bytes
-    right = torch.zeros(2, 256, device=device)  # tasks: examples right, examples, per group id
-    for x, y, group in val_batches():
-        with autocast:
-            logits, _ = raw_model(x, **route)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="none")
-        valid = y.view(-1) >= 0
-        nbytes = token_bytes[y.view(-1).clamp_min(0)] * valid  # special tokens have no bytes and count in neither
-        sums += torch.stack([loss.sum(), valid.sum().float(),
-                             (loss * (nbytes > 0)).sum() / math.log(2), nbytes.sum()])
-        if group is not None:
-            ok = ((logits.argmax(-1) == y) | (y < 0)).all(1).float()
-            right[0].index_add_(0, group, ok)
-            right[1].index_add_(0, group, torch.ones_like(ok))
+def reduce_sum(t):
+    """t summed over the processes (what eval.py's scoring calls to combine their shares)."""
     if ddp:
-        dist.all_reduce(sums)
-        dist.all_reduce(right)
-    result = {"loss": (sums[0] / sums[1]).item(), "bpb": (sums[2] / sums[3]).item()}
-    if is_task:
-        result["accuracy"] = {"acc": (right[0].sum() / right[1].sum()).item(),
-                              "by_group": {str(g): (right[0, g] / right[1, g]).item() for g in meta["val_groups"]}}
-    return result
+        dist.all_reduce(t)
+    return t
 
 
 def accuracy_lines(acc):
@@ -490,7 +430,10 @@ def accuracy_lines(acc):
 @torch.no_grad()
 def evaluate():
     raw_model.eval()
-    results = {M: eval_route(loops=M) for M in eval_budgets}
+    # val loss and bits per byte at every eval budget (one pass to the largest), tasks' exact match per group
+    res = score_batches(raw_model, val_batches(), [(f"M={M}", {"loops": M}) for M in eval_budgets], autocast,
+                        token_bytes, meta["val_groups"] if is_task else None, reduce_sum)
+    results = {M: res[f"M={M}"] for M in eval_budgets}
     # FLT's stability diagnostic: RMS of each loop's output h_t, at the train budget, on one val batch
     x, _ = get_batch("val", np.random.default_rng([tc.seed, 1, 0]), tc.batch_size, T)
     routes = []  # MoR: the router's choices on the same batch, for the recursions per token
@@ -504,10 +447,9 @@ def evaluate():
 def evaluate_on_tasks():
     """eval.py's tasks at the eval budgets (nanochat runs CORE this way): one line, and log.jsonl."""
     routes = [(f"M={M}", {"loops": M}) for M in eval_budgets]
-    reduce = (lambda t: (dist.all_reduce(t), t)[1]) if ddp else None
     res = evaluate_tasks(raw_model, enc, eval_tasks, routes, device, autocast, {**meta, "data_dir": data_dir},
                          max_per_task=tc.eval_tasks_max, max_text_tokens=tc.eval_iters * tc.batch_size * T, rank=rank,
-                         world=world, reduce=reduce)
+                         world=world, reduce=reduce_sum)
     parts = []
     for label, r in res.items():
         if label == "CORE":
@@ -518,98 +460,6 @@ def evaluate_on_tasks():
             parts.append(f"{label} " + "/".join(f"{100 * r[n]['acc']:.0f}" for n, _ in routes))
     log(f"    tasks at M={','.join(map(str, eval_budgets))} (accuracy %): " + " | ".join(parts))
     write_jsonl({"type": "tasks", "step": iter_num, "max_per_task": tc.eval_tasks_max, "results": res})
-
-
-def compositions(n, k):
-    """Every way to write n as an ordered sum of k positive integers."""
-    if k == 1:
-        yield (n,)
-        return
-    for first in range(1, n - k + 2):
-        for rest in compositions(n - first, k - 1):
-            yield (first,) + rest
-
-
-def fit_saturation(Ms, losses):
-    """Least-squares fit of loss(M) ≈ eps_inf + A exp(-k M) (Parcae): linear in (eps_inf, A)
-    for a given k, so scan k on a log grid and keep the best."""
-    Ms, losses = np.asarray(Ms, dtype=float), np.asarray(losses, dtype=float)
-    best = None
-    for k in np.logspace(-3, 1, 400):
-        X = np.stack([np.ones_like(Ms), np.exp(-k * Ms)], axis=1)
-        coef, *_ = np.linalg.lstsq(X, losses, rcond=None)
-        err = float(((X @ coef - losses) ** 2).sum())
-        if best is None or err < best[0]:
-            best = (err, k, coef, np.abs(X @ coef - losses).max())
-    _, k, (eps_inf, A), max_res = best
-    return {"eps_inf": float(eps_inf), "A": float(A), "k": float(k), "max_residual": float(max_res)}
-
-
-@torch.no_grad()
-def eval_with_exit(exit, max_loops):
-    """Val loss and mean loops per token when every token decodes with the early exit
-    `exit`, teacher-forced one position at a time through the KV cache."""
-    sums = torch.zeros(3, device=device)  # nats, tokens, loops
-    steps = raw_model.steps(max_loops)
-    for i in range(rank, tc.eval_iters, world):
-        x, y = get_batch("val", np.random.default_rng([tc.seed, 1, i]), tc.batch_size, T)
-        cache = raw_model.new_cache(max_loops)
-        for p in range(T):
-            with autocast:
-                logits, used = raw_model.decode_with_exit(x[:, p:p + 1], steps, cache, exit, min_loops=1)
-            loss = F.cross_entropy(logits[:, -1].float(), y[:, p], reduction="sum")
-            sums += torch.stack([loss, loss.new_tensor(float(x.size(0))), used.sum().float()])
-    if ddp:
-        dist.all_reduce(sums)
-    return {"loss": (sums[0] / sums[1]).item(), "mean_loops": (sums[2] / sums[1]).item()}
-
-
-@torch.no_grad()
-def budget_sweep():
-    """eval_only: val loss at every budget M = 1..2L with a fit of its saturation over M <= L
-    (Parcae), val loss vs mean loops used for per-token exits (sweep_exits), and, for
-    LoopFormer, every schedule of a few steps on the 1/L grid (the LoopFormer paper's Figure 6)."""
-    raw_model.eval()
-    L = cfg.n_loops
-    # every M up to 2L (extrapolation past the train depth), except for MoR, which has a
-    # capacity for L recursions only
-    budgets = range(1, (L if cfg.routing == "mor" else 2 * L) + 1)
-    rows, record = [], {"type": "budget_sweep", "step": iter_num, "budgets": {}, "schedules": {}}
-    for M in tqdm(budgets, desc="budgets", disable=not master, leave=False):
-        r = eval_route(loops=M)
-        record["budgets"][str(M)] = r
-        rows.append((M, raw_model.effective_depth(M), f"{r['loss']:.4f}", f"{r['bpb']:.4f}") +
-                    ((f"{100 * r['accuracy']['acc']:.1f}",) + tuple(f"{100 * v:.0f}" for v in r["accuracy"]["by_group"].values())
-                     if is_task else ()))
-    log(print_table(rows, ["budget M", "depth", "val loss", "bpb"] +
-                    (["exact %"] + [f"{meta['group_name']}={g}" for g in meta["val_groups"]] if is_task else [])))
-    fit = fit_saturation(range(1, L + 1), [record["budgets"][str(M)]["loss"] for M in range(1, L + 1)])
-    record["fit"] = fit
-    log(f"\nfit of val loss over M = 1..{L} (Parcae): ε(M) ≈ {fit['eps_inf']:.4f} + {fit['A']:.4f} e^(-{fit['k']:.3f} M)"
-        f"  (largest residual {fit['max_residual']:.4f})")
-    if sweep_exits:
-        rows = [("none (all loops)", f"{L:.2f}", f"{record['budgets'][str(L)]['loss']:.4f}")]
-        for spec, exit in sweep_exits:
-            r = eval_with_exit(exit, L)
-            record.setdefault("exits", {})[spec] = r
-            rows.append((spec, f"{r['mean_loops']:.2f}", f"{r['loss']:.4f}"))
-        log(f"\nper-token early exit, teacher-forced on val, at most {L} loops:")
-        log(print_table(rows, ["exit", "mean loops", "val loss"]))
-    if cfg.modulation == "loopformer":
-        rows = []
-        for M in range(2, min(tc.sweep_max_steps, L - 1) + 1):
-            results = []
-            for units in tqdm(list(compositions(L, M)), desc=f"{M}-step schedules", disable=not master, leave=False):
-                results.append((eval_route(schedule=[u / L for u in units])["loss"], units))
-            results.sort()
-            record["schedules"][str(M)] = [{"units": list(u), "loss": l} for l, u in results]
-            uniform = record["budgets"][str(M)]["loss"]
-            fmt = lambda lu: f"{lu[0]:.4f} ({','.join(map(str, lu[1]))})"  # noqa: E731
-            rows.append((M, len(results), f"{uniform:.4f}", fmt(results[0]), fmt(results[-1]),
-                         f"{results[-1][0] - results[0][0]:.4f}"))
-        log(f"\nevery schedule of M steps on the 1/{L} grid (in units of 1/{L}):")
-        log(print_table(rows, ["M", "schedules", "uniform 1/M", "best", "worst", "spread"]))
-    write_jsonl(record)
 
 
 def checkpoint():
@@ -639,8 +489,13 @@ def write_jsonl(record):
 write_jsonl({"type": "config", "step": iter_num, "model": cfg.to_dict(), "train": asdict(tc), "device": device,
              "device_name": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
              "world": world, "dtype": dtype, "tokens_per_step": tokens_per_step})
-if tc.eval_only:
-    budget_sweep()
+if tc.eval_only:  # eval.py's budget sweep, on the val batches every eval of training reads
+    raw_model.eval()
+    text, record = budget_sweep(raw_model, tqdm(val_batches(), desc="sweep", disable=not master, leave=False),
+                                sweep_routes(raw_model, sweep_exits, tc.sweep_max_steps), autocast, token_bytes,
+                                meta["val_groups"] if is_task else None, meta.get("group_name"), reduce_sum)
+    log(text)
+    write_jsonl({"type": "budget_sweep", "step": iter_num, **record})
     if ddp:
         dist.destroy_process_group()
     sys.exit(0)

@@ -1,6 +1,6 @@
 """
 The command line every script shares: named configs (configs/NAME.py, plain values) and
-TrainConfig, read nanoGPT's way (defaults -> --config NAME -> --key=value); the device and
+TrainConfig (which checks itself), read nanoGPT's way (defaults -> --config NAME -> --key=value); the device and
 the mixed precision they name; one-line errors (fail) and Ctrl-C without a traceback; a
 plain table for the terminal. The model's flags live in loopgpt.LoopGPTConfig.
 """
@@ -28,7 +28,7 @@ class TrainConfig:
     eval_interval: int = 100
     eval_iters: int = 20          # val batches per budget
     eval_budgets: tuple = ()      # loop budgets to evaluate; () = 1, L/2, L, 2L
-    eval_only: bool = False       # with resume=True: sweep budgets 1..2L (and schedules), then exit
+    eval_only: bool = False       # with resume=True: eval.py's budget_sweep (M = 1..2L, exits, schedules), then exit
     sweep_max_steps: int = 4      # eval_only, modulation=loopformer: every schedule of <= this many steps
     sweep_exits: str = ""         # eval_only: per-token exits to evaluate, e.g. "kl:1e-3,latent:0.03,gate:0.9"
     eval_tasks: str = ""          # eval.py's tasks at the eval budgets during training, e.g. "core" (nanochat's CORE)
@@ -116,6 +116,59 @@ class TrainConfig:
     device: str = ""              # "" = cuda if available, else cpu
     dtype: str = ""               # bfloat16 (autocast) | float32; "" = bfloat16 on CUDA, float32 on CPU
     compile: bool = False
+
+    def __post_init__(self):
+        """A bad setting stops here, before any data or model is made: the first problem, one
+        line that names the key, as a ValueError (train.py prints it through fail). Checks
+        that need the model or the data are train.py's."""
+        problem = next(self.problems(), None)
+        if problem:
+            raise ValueError(problem)
+
+    def problems(self):
+        """Every problem of these settings on their own, one line each, in the order checked."""
+        if not (0 < self.learning_rate < math.inf and 0 <= self.min_lr < math.inf):
+            yield f"need a finite learning_rate > 0 and min_lr >= 0, got {self.learning_rate} and {self.min_lr}"
+        if not (self.embedding_lr >= 0 and self.head_lr >= 0 and self.adam_eps > 0 and self.muon_momentum_warmup >= 0):
+            yield "need embedding_lr >= 0 and head_lr >= 0 (0 = learning_rate), adam_eps > 0 and muon_momentum_warmup >= 0"
+        for key, valid in (("lr_schedule", ("cosine", "wsd")), ("optimizer", ("adamw", "muon")),
+                           ("objective", ("final", "shortcut", "prefix")),
+                           ("loop_sampling", ("fixed", "uniform", "poisson_lognormal", "per_sequence")),
+                           ("step_loss", ("final", "all", "last_third")), ("gate_stage", (0, 1, 2)),
+                           ("recurrence_schedule", ("linear", "1-sqrt"))):
+            if getattr(self, key) not in valid:
+                yield f"{key}={getattr(self, key)!r} (valid: {', '.join(map(str, valid))})"
+        if self.loop_sampling != "fixed" and self.objective != "final":
+            yield f"objective={self.objective} draws its short route from a fixed full route: use loop_sampling=fixed"
+        shared_depth = self.objective == "final" and self.loop_sampling != "per_sequence"  # one depth for the batch
+        if (self.step_loss != "final" or self.gate_stage) and not shared_depth:
+            yield "step_loss / gate_stage go with objective=final and a depth shared by the batch"
+        if self.loop_min < 1 or self.loop_max < 0 or self.curriculum_start < 0 or self.curriculum_rate < 0:
+            yield "need loop_min >= 1, loop_max >= 0, curriculum_start >= 0 and curriculum_rate >= 0"
+        if not (0 <= self.recurrence_warmup <= 1 and self.lambda_mono >= 0):
+            yield (f"need 0 <= recurrence_warmup <= 1 (a fraction of max_iters) and lambda_mono >= 0, got "
+                   f"{self.recurrence_warmup} and {self.lambda_mono}")
+        if self.lambda_mono and (self.step_loss != "final" or self.gate_stage or not shared_depth):
+            yield ("lambda_mono (LoopUS) goes with objective=final, step_loss=final, no gate_stage and a depth shared "
+                   "by the batch")
+        if self.loop_sampling != "fixed" and self.loop_max and self.loop_min > self.loop_max:  # (fixed ignores them)
+            yield f"loop_min={self.loop_min} > loop_max={self.loop_max}"
+        if not (self.weight_decay >= 0 and self.grad_clip >= 0 and self.warmup_iters >= 0 and self.lr_decay_iters >= 0
+                and self.muon_lr > 0 and 0 <= self.seed < 2**63 and 0 <= self.wsd_decay_frac <= 1):
+            yield ("need weight_decay >= 0, grad_clip >= 0 (0 = off), warmup_iters >= 0, lr_decay_iters >= 0, "
+                   "muon_lr > 0, 0 <= seed < 2^63 and 0 <= wsd_decay_frac <= 1")
+        if not (self.lambda_short >= 0 and self.lambda_cons >= 0 and self.loop_sigma >= 0 and self.gate_beta >= 0
+                and self.gate_k > 0 and self.sweep_max_steps >= 1 and self.eval_tasks_interval >= 0
+                and self.eval_tasks_max >= 0):
+            yield ("need lambda_short, lambda_cons, loop_sigma, gate_beta >= 0, gate_k > 0, sweep_max_steps >= 1, "
+                   "eval_tasks_interval >= 0 (0 = the last step only) and eval_tasks_max >= 0 (0 = all)")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            yield f"need 0 <= beta1, beta2 < 1, got {self.beta1}, {self.beta2}"
+        if self.eval_only and not self.resume:
+            yield "eval_only evaluates a checkpoint: add --resume=True"
+        for key in ("max_iters", "eval_interval", "eval_iters", "batch_size", "grad_accum_steps", "log_interval"):
+            if getattr(self, key) < 1:
+                yield f"{key} must be >= 1, got {getattr(self, key)}"
 
 
 def get_lr(it, tc):

@@ -387,3 +387,49 @@ def test_training_evaluates_tasks_and_logs_them(tmp_path):
     tasks = [r for r in records if r["type"] == "tasks"]
     assert [r["step"] for r in tasks] == [2, 4] and set(tasks[0]["results"]) == {"mc", "bpb"}
     assert tasks[0]["results"]["mc"]["M=2"]["n"] == 2
+
+
+def test_cli_sweep_on_task_rows_fit_and_every_schedule(tmp_path):
+    """The budget sweep's parts in eval.py: a task dataset's `bpb` scores the val rows' answers
+    (exact match per group), the fit of the loss over M = 1..L, and with --sweep_max_steps
+    every LoopFormer schedule on the 1/L grid, in a table of its own and the record's sweep."""
+    from data.tasks.prepare import prepare
+    data = tmp_path / "phop"
+    prepare("phop", out_dir=str(data), train_rows=50, val_rows=40)
+    meta = json.loads((data / "meta.json").read_text())
+    torch.manual_seed(0)
+    cfg = LoopGPTConfig(n_prelude=0, n_core=1, n_coda=0, n_loops=4, n_embd=32, n_head=2, vocab_size=320,
+                        block_size=meta["row_len"], injection="none", modulation="loopformer")
+    out = tmp_path / "out"
+    out.mkdir()
+    save_checkpoint({"version": CHECKPOINT_VERSION, "model": LoopGPT(cfg).state_dict(), "model_config": cfg.to_dict(),
+                     "train_config": {"data_dir": str(data)}, "iter_num": 3, "best_val_loss": 9.0, "data_meta": meta},
+                    str(out / "ckpt.pt"))
+    proc = run_eval(f"--out_dir={out}", "--tasks=bpb", "--sweep_max_steps=3", "--exit=latent:1e-12", "--plot=False")
+    assert "exact %" in proc.stdout and "fit of bpb loss over M = 1..4 (Parcae)" in proc.stdout
+    assert "every schedule of M steps on the 1/4 grid" in proc.stdout and "sched 1,3" not in proc.stdout  # not columns
+    record = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
+    res, sweep = record["results"]["bpb"], record["sweep"]["bpb"]
+    assert list(res) == [f"M={M}" for M in range(1, 9)] + ["latent:1e-12@8"]
+    assert set(res["M=1"]["accuracy"]["by_group"]) == {str(g) for g in meta["val_groups"]}
+    # at init LoopFormer's loops leave the state as it is (adaLN-Zero): the exit leaves at the first
+    # loop, scored over the same answer tokens as every budget
+    assert res["latent:1e-12@8"]["mean_loops"] == 1
+    assert res["latent:1e-12@8"]["loss"] == pytest.approx(res["M=8"]["loss"], rel=1e-5)
+    assert res["latent:1e-12@8"]["accuracy"] == res["M=8"]["accuracy"]
+    assert set(sweep["fit"]) == {"eps_inf", "A", "k", "max_residual"}
+    # L = 4: 3 schedules of 2 steps and 3 of 3, best first; the uniform one is the budget
+    assert [len(sweep["schedules"][m]) for m in ("2", "3")] == [3, 3]
+    losses = [r["loss"] for r in sweep["schedules"]["2"]]
+    assert losses == sorted(losses)
+    uniform = next(r for r in sweep["schedules"]["2"] if r["units"] == [2, 2])
+    assert uniform["loss"] == pytest.approx(res["M=2"]["loss"], rel=1e-5)
+
+
+def test_compositions_and_the_saturation_fit():
+    assert sorted(ev.compositions(4, 2)) == [(1, 3), (2, 2), (3, 1)]
+    assert len(list(ev.compositions(8, 4))) == math.comb(7, 3)
+    Ms = np.arange(1, 9)
+    fit = ev.fit_saturation(Ms, 3.5 + 2.0 * np.exp(-0.7 * Ms))
+    assert fit["eps_inf"] == pytest.approx(3.5, abs=1e-3) and fit["A"] == pytest.approx(2.0, rel=1e-2)
+    assert fit["k"] == pytest.approx(0.7, rel=1e-2) and fit["max_residual"] < 1e-3

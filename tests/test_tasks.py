@@ -172,6 +172,29 @@ def test_exact_match_on_a_hand_made_model_and_dataset(tmp_path):
     assert loss == pytest.approx(np.log(320), rel=1e-4)  # uniform over the padded vocab (257 -> 320)
 
 
+def test_exit_sweep_scores_the_answers_only(tmp_path):
+    # eval_only's per-token exits on task rows: the positions off the answer have no target
+    # (-1), so they are decoded but not scored (this once ended in "Target -1 is out of
+    # bounds"). The same hand-made model and rows: every exit sees the budgets' loss and accuracy
+    d = tmp_path / "data"
+    write_rows(d, [[EOT, 66, 0, 0], [EOT, 66, 0, 65], [EOT, 65, 65, 0]] * 4, [2, 2, 1] * 4, [1, 2, 3] * 4)
+    common = [f"--data_dir={d}", f"--out_dir={tmp_path}", "--n_embd=32", "--n_head=2", "--n_loops=2",
+              "--block_size=8", "--batch_size=5", "--max_iters=1", "--eval_iters=1", "--warmup_iters=1"]
+    run("train.py", *common)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["model"]["lm_head.weight"].zero_()
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    p = run("train.py", *common, "--eval_only=True", "--resume=True", "--sweep_exits=latent:1e-12,kl:1e9")
+    assert "per-token early exit" in p.stdout
+    sweep = records(tmp_path, "budget_sweep")[-1]
+    never, always = sweep["exits"]["latent:1e-12"], sweep["exits"]["kl:1e9"]
+    assert never["mean_loops"] == 2 and always["mean_loops"] == 1  # over the answer tokens
+    for r in (never, always):
+        assert r["loss"] == pytest.approx(sweep["budgets"]["2"]["loss"], rel=1e-5)
+        assert r["accuracy"] == sweep["budgets"]["2"]["accuracy"]
+        assert r["accuracy"]["by_group"] == {"1": 1.0, "2": 0.0, "3": 1.0}
+
+
 def test_task_training_logs_accuracy(tmp_path):
     # the path a user takes: a task config, generated on first use, accuracy per budget in the log
     d = tmp_path / "phop"
