@@ -68,8 +68,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configs import autocast_context, detect_device, fail, make_dir, parse_args, print_table
-from loopgpt import check_fits, load_checkpoint, model_from_checkpoint, parse_exit, parse_schedule
+from configs import autocast_context, detect_device, fail, make_dir, parse_args, parse_exit, parse_schedule, print_table
+from loopgpt import check_fits, load_checkpoint, model_from_checkpoint, summary
+from sample import decode_with_exit, kv_cache_bytes, new_cache
 from data.tokenizer import load_tokenizer, token_byte_lengths
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -256,12 +257,12 @@ def route_logits(model, idx, routes, where):
         if "schedule" in r:
             yield name, model(idx, schedule=r["schedule"])[0][where], None
         elif "kv_sharing" in r:  # teacher-forced decoding, one token at a time through a shared cache
-            cache = model.new_cache(r["loops"], r["kv_sharing"])
+            cache = new_cache(model, r["loops"], r["kv_sharing"])
             logits = [model(idx[:, p:p + 1], loops=r["loops"], cache=cache)[0] for p in range(idx.size(1))]
             yield name, torch.cat(logits, 1)[where], None
         elif "exit" in r:  # teacher-forced: every position decodes as generation would
             steps, cache = model.steps(r["loops"]), model.new_cache(r["loops"])
-            logits, used = zip(*(model.decode_with_exit(idx[:, p:p + 1], steps, cache, r["exit"], min_loops=1)
+            logits, used = zip(*(decode_with_exit(model, idx[:, p:p + 1], steps, cache, r["exit"], min_loops=1)
                                  for p in range(idx.size(1))))
             yield name, torch.cat(logits, 1)[where], torch.stack(used, 1)
 
@@ -798,7 +799,7 @@ def parse_routes(model, budgets, schedules, exits, kv_sharing=""):
         routes.append((f"{spec}@{max(budgets)}", {"exit": exit, "loops": max(budgets)}))
     for spec in filter(None, kv_sharing.split(",")):
         try:
-            model.new_cache(1, spec)
+            new_cache(model, 1, spec)
         except ValueError as e:
             fail(f"--kv_sharing={spec}: {e}")
         routes += [(f"kv {spec} M={M}", {"kv_sharing": spec, "loops": M}) for M in budgets]
@@ -889,14 +890,14 @@ def main():
         check_fits(deepest * args["batch_tokens"] * model.config.n_embd * 4, f"--budgets up to {deepest} "
                    f"(every loop's state for --batch_tokens={args['batch_tokens']})", device)
         if args["exit"]:
-            check_fits(model.kv_cache_bytes(max(1, args["batch_tokens"] // model.config.block_size), deepest),
+            check_fits(kv_cache_bytes(model, max(1, args["batch_tokens"] // model.config.block_size), deepest),
                        f"--exit at {deepest} loops (the KV cache of a batch)", device)
     except ValueError as e:
         fail(f"{e}; choose smaller budgets or --batch_tokens")
     tasks = resolve_tasks(args["tasks"], data_dir)
     master = rank == 0
     if master:
-        print(f"{ckpt_path}: {model.summary()}, trained {ckpt['iter_num']} steps | {device}, {dtype} | "
+        print(f"{ckpt_path}: {summary(model)}, trained {ckpt['iter_num']} steps | {device}, {dtype} | "
               f"{len(tasks)} tasks x {len(routes)} routes")
     t0 = time.time()
     from tqdm import tqdm

@@ -1334,18 +1334,19 @@ def melt_base_kv(attn, x, rope):
 
 class MeltCache(KVCache):
     """
-    MELT's cache, for training (the forward runs chunk by chunk) and decoding alike: one
-    slot per core layer, rewritten at every loop, so a past token's K/V are its last
-    loop's; kept out of place, concatenated chunk after chunk, so gradients flow through
-    the earlier chunks' K/V. alpha < 1 is MELT's interpolated transition (phase 1):
-    attention reads α (shared MELT K/V) + (1 - α) (the plain loop's own K/V at this loop),
-    for the past chunks and the current tokens alike.
+    MELT's cache: one slot per core layer, rewritten at every loop, so a past token's K/V
+    are its last loop's (the prelude's and coda's slots as usual). Decoding writes in place
+    into preallocated buffers, like the exact cache. Training (the forward runs chunk by
+    chunk) keeps them out of place, concatenated chunk after chunk, so gradients flow
+    through the earlier chunks' K/V; there alpha < 1 is MELT's interpolated transition
+    (phase 1): attention reads α (shared MELT K/V) + (1 - α) (the plain loop's own K/V at
+    this loop), for the past chunks and the current tokens alike.
     """
 
-    def __init__(self, cfg, loops, alpha=1.0):
-        super().__init__(0, cfg.block_size)
-        self.P, self.K, self.M, self.alpha = cfg.n_prelude, cfg.n_core, loops, alpha
-        self.past, self.new = {}, {}  # buffer slot -> (K, V) of earlier chunks / of this chunk's latest loop
+    def __init__(self, cfg, loops, alpha=1.0, decoding=False):
+        super().__init__(cfg.n_prelude + cfg.n_core + cfg.n_coda, cfg.block_size)
+        self.P, self.K, self.M, self.alpha, self.decoding = cfg.n_prelude, cfg.n_core, loops, alpha, decoding
+        self.past, self.new = {}, {}  # training: buffer slot -> (K, V) of earlier chunks / of this chunk's latest loop
         self.past_base, self.new_base = {}, {}  # phase 1: visit slot -> the plain loop's own (K, V)
         self.latents, self.base = {}, None  # this forward's latent per core layer; phase 1's pending K/V
 
@@ -1362,6 +1363,8 @@ class MeltCache(KVCache):
 
     def update(self, slot, k, v, window=0):
         p = self.buffer(slot)
+        if self.decoding:
+            return super().update(p, k, v, window)
         self.new[p] = (k, v)
         if self.base is not None:  # phase 1
             self.new_base[slot], (bk, bv) = self.base, self.base
@@ -1382,17 +1385,17 @@ class MeltCache(KVCache):
                                                           torch.cat([store[p][1], v], dim=2))
             new.clear()
         self.latents = {}
-        self.pos += T
+        super().advance(T)
 
     def nbytes(self):
-        return sum(k.nbytes + v.nbytes for k, v in self.past.values())
+        return super().nbytes() if self.decoding else sum(k.nbytes + v.nbytes for k, v in self.past.values())
 
 
 def melt_cache(model, loops):
     """new_cache's: MELT's cache for decoding."""
     if model.melt_alpha < 1:
         raise ValueError("MELT's interpolated transition (melt_alpha < 1) is a training mode: set melt_alpha = 1")
-    return MeltCache(model.config, loops)
+    return MeltCache(model.config, loops, decoding=True)
 
 
 def melt_chunks(model, idx, steps, cache, record):

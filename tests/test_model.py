@@ -740,6 +740,23 @@ def test_per_loop_lora_starts_as_the_shared_model():
         assert torch.equal(a, lora.generate(prompt, 12, loops=M, temperature=0, use_cache=False))
 
 
+def test_lora_saved_before_version_3_loads_into_the_layers():
+    # checkpoints before version 3 kept per-loop LoRA as lora_A_q (loops, blocks, r, in) on the model
+    from loopgpt import model_from_checkpoint
+    model = random_model(injection="add", lora_rank=4)
+    with torch.no_grad():
+        for block in model.core:
+            block.attn.q.lora_B.normal_(std=0.5)
+            block.attn.v.lora_B.normal_(std=0.5)
+    old = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name in ("q", "v"):
+        for which in "AB":
+            old[f"lora_{which}_{name}"] = torch.stack([getattr(getattr(b.attn, name), f"lora_{which}") for b in model.core], 1)
+    loaded = model_from_checkpoint({"model": old, "model_config": model.config.to_dict()}).eval()
+    idx = torch.randint(0, 61, (2, 10))
+    assert torch.equal(loaded(idx, loops=3)[0], model(idx, loops=3)[0])
+
+
 # ---- Mixture-of-Recursions routing -------------------------------------------------------------
 
 def mor_model(**kw):
@@ -946,7 +963,7 @@ def test_per_step_supervision():
     torch.testing.assert_close(loss_of(model, x, y, loops=3, step_weights=[1, 1, 1]), sum(ce) / 3)
     torch.testing.assert_close(loss_of(model, x, y, loops=3, step_weights=[0, 1, 3]), (ce[1] + 3 * ce[2]) / 4)
     with pytest.raises(ValueError, match="step_weights"):
-        model(x, y, loops=3, step_weights=[1, 1])
+        loss_of(model, x, y, loops=3, step_weights=[1, 1])
 
 
 def test_ouro_gate_losses():
