@@ -1069,10 +1069,9 @@ class MoRCache(KVCache):
 # pre-hook on each core block tells them the loop from the visit's slot. Uptraining (a looped
 # model initialised from a plain one, train.py's init_from) is init_from_source below.
 
-LORA_MATRIX = {"q": lambda b: b.attn.q, "k": lambda b: b.attn.k, "v": lambda b: b.attn.v, "o": lambda b: b.attn.proj,
-               "fc": lambda b: b.mlp.fc, "down": lambda b: b.mlp.proj}  # each LoRA target's layer in a Block
 LORA_PLACE = {"q": ("attn", "q"), "k": ("attn", "k"), "v": ("attn", "v"), "o": ("attn", "proj"),
-              "fc": ("mlp", "fc"), "down": ("mlp", "proj")}
+              "fc": ("mlp", "fc"), "down": ("mlp", "proj")}  # each LoRA target's layer in a Block
+LORA_MATRIX = {name: (lambda block, p=p: getattr(getattr(block, p[0]), p[1])) for name, p in LORA_PLACE.items()}
 
 
 def lora_shapes(cfg):
@@ -1101,15 +1100,16 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model):
+    """Each target layer of the core's blocks becomes a LoRALinear around it; a pre-hook tells
+    them the loop of every visit."""
     cfg = model.config
     P, K, L = cfg.n_prelude, cfg.n_core, cfg.n_loops
     for j, block in enumerate(model.core):
         layers = []
         for name in lora_shapes(cfg):
             parent, attr = LORA_PLACE[name]
-            layer = LoRALinear(getattr(getattr(block, parent), attr), L, cfg.lora_rank)
-            setattr(getattr(block, parent), attr, layer)
-            layers.append(layer)
+            layers.append(LoRALinear(LORA_MATRIX[name](block), L, cfg.lora_rank))
+            setattr(getattr(block, parent), attr, layers[-1])
 
         def set_loop(block, args, layers=layers, j=j):
             # the visit's slot is P + t K + j (forward's fourth argument); loops past

@@ -1,6 +1,6 @@
 """
 Generate text from a trained LoopGPT at several loop budgets, side by side; and the decoding
-engine that eval.py, bench.py and the tests import (gpu-fast's generate.py, nanochat's engine.py).
+engine that eval.py, bench.py and the tests import (as gpt-fast's generate.py and nanochat's engine.py).
 
     python sample.py                              # the model in out/, at its train budget
     python sample.py --budgets=1,2,4,8            # same prompt and seed at four budgets

@@ -6,6 +6,10 @@ Train a LoopGPT. One file, nanoGPT-style:
     torchrun --nproc_per_node=2 train.py --config tiny   # DDP (gloo on CPU, nccl on GPU)
     python train.py --resume=True                    # continue exactly from out_dir/ckpt.pt
 
+Read in this order: the training objectives (Objective, the papers' losses around the model,
+the module DDP wraps), then main(): settings, data, model and optimizer (or a conversion, or a
+resume), the eval helpers, the training loop.
+
 Settings come from TrainConfig (configs/__init__.py) and LoopGPTConfig (loopgpt.py), then configs/NAME.py,
 then the command line. Every process sees different batches; the batch of global
 micro-step m at step s depends only on (seed, s, m), so a run on W processes sees the
