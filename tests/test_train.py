@@ -11,6 +11,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from script_runner import run_script  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a very small model so that each run takes seconds
 SMALL = ["--n_embd=32", "--n_head=2", "--n_prelude=1", "--n_core=1", "--n_coda=1", "--n_loops=2",
@@ -18,9 +20,13 @@ SMALL = ["--n_embd=32", "--n_head=2", "--n_prelude=1", "--n_core=1", "--n_coda=1
 
 
 def run(script, *args, ok=True, cmd=None):
+    """`python SCRIPT ARGS` as a user runs it (forked from a warm interpreter: tests/script_runner.py);
+    `cmd` (torchrun) as a real subprocess."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd or [sys.executable, script, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    if cmd:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    else:
+        proc = run_script([script, *args], cwd=ROOT, env=env, timeout=300)
     if ok and proc.returncode != 0:
         raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
     if not ok:
