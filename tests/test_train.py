@@ -35,13 +35,21 @@ def run(script, *args, ok=True, cmd=None):
     return proc
 
 
+_corpus = []  # the folder data_dir made, for the other modules that import the fixture
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
+    """The built-in corpus, made once a session and shared (read-only: train.py only reads it) by
+    every module that imports this fixture, rather than made again for each of them."""
+    if _corpus:
+        return _corpus[0]
     # train.py prepares the built-in corpus on first use: exercise exactly that path
     d = tmp_path_factory.mktemp("data") / "pydoc"
     proc = run("train.py", f"--data_dir={d}", f"--out_dir={d.parent / 'out0'}", "--max_iters=1", *SMALL)
     assert "preparing the built-in corpus" in proc.stdout
     assert (d / "meta.json").exists()
+    _corpus.append(str(d))
     return str(d)
 
 
