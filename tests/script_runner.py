@@ -102,12 +102,16 @@ def _serve():
     """Server side: read one job a line; fork; reply the child's pid, then its exit status. The
     child returns the job to run (it leaves this loop, so nothing of the server runs after it)."""
     import ast
+    import gc
     import importlib
     for name in WARM_IMPORTS:
         try:
             importlib.import_module(name)
         except ImportError:  # an optional package: the script will say so itself
             pass
+    # the imports' objects out of the collector's sight: a child's collections (and its exit)
+    # would otherwise touch, and so copy, every page of them (~2 s a run on a busy machine)
+    gc.freeze()
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     for line in sys.stdin:
         job = ast.literal_eval(line)
@@ -128,9 +132,11 @@ if __name__ == "__main__":
     os.chdir(_job["cwd"])
     os.environ.clear()
     os.environ.update(_job["env"])
-    for _fd, _path in ((1, _job["stdout"]), (2, _job["stderr"])):
-        os.dup2(os.open(_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), _fd)
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    for _fd, _path, _mode in ((0, os.devnull, os.O_RDONLY), (1, _job["stdout"], os.O_WRONLY | os.O_CREAT),
+                              (2, _job["stderr"], os.O_WRONLY | os.O_CREAT)):
+        _new = os.open(_path, _mode)
+        os.dup2(_new, _fd)
+        os.close(_new)
     if _job["argv"][0] == "-c":
         sys.argv, sys.path[0] = ["-c", *_job["argv"][2:]], ""
         _code, _job = _job["argv"][1], None
