@@ -1,6 +1,7 @@
 """Every script's bad inputs end in one line on stderr, a non-zero exit status and no traceback.
 Each script's cases run in one subprocess (runpy, as `python SCRIPT ARGS` runs it), so the
-sweep costs one interpreter start per script rather than one per case."""
+sweep costs one interpreter start per script rather than one per case (and that one is forked
+from a warm interpreter: tests/script_runner.py)."""
 
 import json
 import os
@@ -14,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from loopgpt import CHECKPOINT_VERSION, LoopGPT, LoopGPTConfig, save_checkpoint  # noqa: E402
+from script_runner import run_script  # noqa: E402  (the sweep's one interpreter, forked warm)
 
 RUNNER = r"""
 import contextlib, io, json, runpy, sys, traceback
@@ -150,8 +152,8 @@ def cases(fx):
                                     "data/eval/prepare.py"])
 def test_bad_inputs_end_in_one_line(fx, script):
     todo = cases(fx)[script]
-    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps([(script, args) for args, _ in todo])], cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    proc = run_script(["-c", RUNNER, json.dumps([(script, args) for args, _ in todo])], cwd=ROOT,
+                      env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for (args, message), r in zip(todo, json.loads(proc.stdout.splitlines()[-1])):
         lines = [line for line in r["stderr"].splitlines() if line.strip()]

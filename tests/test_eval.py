@@ -22,6 +22,7 @@ sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402
 from loopgpt import CHECKPOINT_VERSION, LoopGPT, LoopGPTConfig, save_checkpoint  # noqa: E402
 from data.tokenizer import EOT, SPLIT_PATTERN, load_tokenizer  # noqa: E402
+from script_runner import run_script  # noqa: E402
 
 
 # ---- the budget-sharing forward -------------------------------------------------------------
@@ -221,8 +222,9 @@ def test_text_metrics_match_the_hand_computation():
 # ---- the command line, on a small real checkpoint --------------------------------------------
 
 def run_eval(*args, ok=True):
+    """`python eval.py ARGS` as a user runs it (forked from a warm interpreter: tests/script_runner.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = run_script(["eval.py", *args], cwd=ROOT, env=env)
     assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
     if not ok:
         assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("error:"), proc.stderr
@@ -377,10 +379,10 @@ def test_training_evaluates_tasks_and_logs_them(tmp_path):
     task = tmp_path / "eval_bundle" / "eval_data" / "x" / "mc.jsonl"
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "train.py", f"--data_dir={data}", f"--out_dir={out}", "--n_embd=32",
-                           "--n_head=2", "--block_size=32", "--batch_size=2", "--max_iters=4", "--eval_interval=2",
-                           "--eval_iters=1", f"--eval_tasks={task},bpb", "--eval_tasks_interval=2",
-                           "--eval_budgets=1,2"], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = run_script(["train.py", f"--data_dir={data}", f"--out_dir={out}", "--n_embd=32",
+                       "--n_head=2", "--block_size=32", "--batch_size=2", "--max_iters=4", "--eval_interval=2",
+                       "--eval_iters=1", f"--eval_tasks={task},bpb", "--eval_tasks_interval=2",
+                       "--eval_budgets=1,2"], cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "tasks at M=1,2 (accuracy %): mc" in proc.stderr + proc.stdout
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -11,6 +11,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from script_runner import run_script  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a very small model so that each run takes seconds
 SMALL = ["--n_embd=32", "--n_head=2", "--n_prelude=1", "--n_core=1", "--n_coda=1", "--n_loops=2",
@@ -18,9 +20,13 @@ SMALL = ["--n_embd=32", "--n_head=2", "--n_prelude=1", "--n_core=1", "--n_coda=1
 
 
 def run(script, *args, ok=True, cmd=None):
+    """`python SCRIPT ARGS` as a user runs it (forked from a warm interpreter: tests/script_runner.py);
+    `cmd` (torchrun) as a real subprocess."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd or [sys.executable, script, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    if cmd:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    else:
+        proc = run_script([script, *args], cwd=ROOT, env=env, timeout=300)
     if ok and proc.returncode != 0:
         raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
     if not ok:
@@ -29,13 +35,21 @@ def run(script, *args, ok=True, cmd=None):
     return proc
 
 
+_corpus = []  # the folder data_dir made, for the other modules that import the fixture
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
+    """The built-in corpus, made once a session and shared (read-only: train.py only reads it) by
+    every module that imports this fixture, rather than made again for each of them."""
+    if _corpus:
+        return _corpus[0]
     # train.py prepares the built-in corpus on first use: exercise exactly that path
     d = tmp_path_factory.mktemp("data") / "pydoc"
     proc = run("train.py", f"--data_dir={d}", f"--out_dir={d.parent / 'out0'}", "--max_iters=1", *SMALL)
     assert "preparing the built-in corpus" in proc.stdout
     assert (d / "meta.json").exists()
+    _corpus.append(str(d))
     return str(d)
 
 
