@@ -19,10 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 # read when an interpreter (or torch's OpenMP) starts: a run that sets these differently
 # from the server gets a fresh interpreter instead of a fork
 STARTUP_VARS = ("PYTHON", "OMP_", "MKL_", "KMP_", "LD_", "CUDA", "TORCH", "GOMP_")
+# ... except these, read only when compiling: torch sets the first in the tests' own process
+# the first time a model is built, which must not send every later run to a fresh interpreter
+READ_LATER = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 # what the scripts import that costs seconds; none of it computes or starts a thread at import
 WARM_IMPORTS = ("torch", "torch._dynamo", "torch.distributed", "torch.nn.parallel", "torch.utils.checkpoint", "numpy", "tqdm",
                 "regex", "tiktoken", "safetensors", "yaml", "matplotlib")
@@ -30,7 +34,7 @@ SERVER_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # what every test's run set
 
 
 def _startup(env):
-    return {k: v for k, v in env.items() if k.startswith(STARTUP_VARS)}
+    return {k: v for k, v in env.items() if k.startswith(STARTUP_VARS) and k not in READ_LATER}
 
 
 class _Server:
@@ -89,7 +93,9 @@ def run_script(argv, cwd, env=None, timeout=None):
     "-c", code, arguments). Falls back to that very subprocess.run when env changes start-up."""
     global _server
     env = dict(os.environ if env is None else env)
-    if _startup(env) != _startup(SERVER_ENV):
+    if _startup(env) != _startup(SERVER_ENV):  # (slow: say so, in pytest's warnings summary)
+        changed = sorted(set(_startup(env).items()) ^ set(_startup(SERVER_ENV).items()))
+        warnings.warn(f"a fresh interpreter for {argv[0]}: start-up variables {sorted({k for k, _ in changed})}")
         return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=timeout)
     if _server is None or _server.proc.poll() is not None:
