@@ -53,7 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 INJECTIONS = ("none", "add", "concat", "diag", "attn_first", "full_res", "full_attn")
 STATE_INITS = ("prelude", "randn", "randn_small", "zero")
-BLOCK_NORMS = ("pre", "sandwich")
+BLOCK_NORMS = ("pre", "sandwich", "branch")
 MODULATIONS = ("none", "tmlt", "loopformer")
 MLPS = ("relu2", "gelu", "swiglu")
 ROUTINGS = ("none", "mor")
@@ -68,6 +68,7 @@ class LoopGPTConfig:
     n_embd: int = 128
     n_head: int = 4
     n_kv_head: int = 0         # key/value heads for GQA; 0 means n_head (plain multi-head)
+    head_dim: int = 0          # per-head width; 0 means n_embd // n_head (Nanbeige's looped model has 2x that)
     n_prelude: int = 1         # blocks run once before the loop
     n_core: int = 2            # k: blocks in the looped core
     n_coda: int = 1            # blocks run once after the loop
@@ -75,7 +76,7 @@ class LoopGPTConfig:
     injection: str = "none"    # one of INJECTIONS: how h_{t-1} and the input enter loop t
     state_init: str = "prelude"  # one of STATE_INITS: h_0 = prelude output, random (Huginn, Parcae), or zero
     norm_state: bool = False   # pass h_t = norm(x_t) between loops, LTi adds the raw embedding (FLT code)
-    block_norm: str = "pre"    # one of BLOCK_NORMS
+    block_norm: str = "pre"    # one of BLOCK_NORMS: pre-norm, Huginn's sandwich, Ouro's branch norms
     norm_gains: bool = False   # learnable RMSNorm gains (init 1) in the blocks and the final norm
     norm_eps: float = 0.0      # the blocks' and final RMSNorm's epsilon; 0 = torch's (the dtype's eps)
     embed_norm: bool = True    # norm the token embedding before the first block (nanochat; Llama does not)
@@ -101,11 +102,20 @@ class LoopGPTConfig:
     confidence_head: bool = False  # LoopUS: σ(w·LN(f(h) - h) + b), will this loop's prediction be right
     melt: bool = False         # MELT: the core's K/V from a gated per-layer latent, one cache slot per layer
     melt_chunk: int = 16       # MELT trains chunk by chunk: later chunks read earlier ones' shared K/V
+    # what the released looped models need (Huginn, Parcae, Ouro sections; data/huggingface.py loads them)
+    embed_scale: float = 1.0   # Huginn, Parcae: the token embedding times this (Huginn: sqrt(n_embd))
+    coda_norm: bool = False    # Huginn: the final norm (same weights) also after the loop, before the coda
+    loop_norm_f: bool = False  # Ouro: every loop's output through the final norm; the next loop, gate and head read it
+    value_embeds: str = ""     # Parcae: blocks (0-based over prelude, core, coda) whose values add a gated token embedding
 
     def __post_init__(self):
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         problems = []
+        if self.head_dim == 0:
+            if self.n_head >= 1 and self.n_embd % self.n_head:
+                problems.append(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads (or give head_dim)")
+            self.head_dim = self.n_embd // max(self.n_head, 1)
         if self.injection not in INJECTIONS:
             problems.append(f"injection={self.injection!r} (valid: {', '.join(INJECTIONS)})")
         for key, valid in (("state_init", STATE_INITS), ("block_norm", BLOCK_NORMS), ("modulation", MODULATIONS),
@@ -140,8 +150,24 @@ class LoopGPTConfig:
         if not (self.rope_base > 0 and self.softcap >= 0 and self.router_scale >= 0 and self.norm_eps >= 0):
             problems.append(f"need rope_base > 0, softcap >= 0 (0 = off), router_scale >= 0 and norm_eps >= 0, got "
                             f"{self.rope_base}, {self.softcap}, {self.router_scale}, {self.norm_eps}")
-        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
-            problems.append(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size")
+        if self.head_dim < 2 or self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even and >= 2 (RoPE rotates pairs)")
+        if not self.embed_scale > 0:
+            problems.append(f"embed_scale={self.embed_scale} must be > 0")
+        if self.block_norm == "branch" and (self.modulation != "none" or self.melt):
+            problems.append("block_norm='branch' (Ouro) is for plain blocks: not with modulation or melt")
+        if self.loop_norm_f and (self.n_coda or self.norm_state or self.injection != "none"):
+            problems.append("loop_norm_f=True (Ouro) hands each loop's normed output on as the state: it needs "
+                            "n_coda=0, no norm_state and injection='none'")
+        try:
+            blocks = [int(i) for i in self.value_embeds.split(",")] if self.value_embeds else []
+        except ValueError:
+            blocks = [-1]
+        if any(not 0 <= i < self.n_prelude + self.n_core + self.n_coda for i in blocks) or len(set(blocks)) < len(blocks):
+            problems.append(f"value_embeds={self.value_embeds!r}: distinct block indices in 0.."
+                            f"{self.n_prelude + self.n_core + self.n_coda - 1}, comma-separated")
+        elif blocks and (self.melt or self.routing != "none"):
+            problems.append("value_embeds (Parcae) not with melt or routing")
         if self.n_head % self.n_kv_head:
             problems.append(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.n_core < 1 or self.n_loops < 1 or self.n_prelude < 0 or self.n_coda < 0:
@@ -287,11 +313,11 @@ class Attention(nn.Module):
         super().__init__()
         self.window = window  # > 0: each query sees itself and the window - 1 keys before it
         self.n_head, self.n_kv_head, self.qk_norm = cfg.n_head, cfg.n_kv_head, cfg.qk_norm
-        self.head_dim = cfg.n_embd // cfg.n_head
+        self.head_dim = cfg.head_dim
         self.q = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=cfg.qkv_bias)
         self.k = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
         self.v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
 
     def forward(self, x, rope, cache=None, slot=0, xq=None):
         # xq: where the queries come from (default x). FLT / LTai take them from the
@@ -309,7 +335,7 @@ class Attention(nn.Module):
         k, v, mask = visible(k, v, T, self.window) if cache is None else cache.update(slot, k, v, self.window)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T == k.size(2),
                                            enable_gqa=self.n_head != self.n_kv_head)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class ReLUSquared(torch.autograd.Function):
@@ -355,10 +381,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         # pre-norm: norm_1 before attention, norm_2 before the MLP; sandwich (Huginn) also
         # norms the stream after each residual add: norm_3 after attention, norm_4 after the MLP
+        # (Ouro's branch norms put those two on the branches instead: BranchNormBlock)
         d, gain, eps = cfg.n_embd, cfg.norm_gains, cfg.norm_eps
         self.norm_1, self.norm_2 = RMSNorm(d, gain, eps), RMSNorm(d, gain, eps)
-        sandwich = cfg.block_norm == "sandwich"
-        self.norm_3, self.norm_4 = (RMSNorm(d, gain, eps), RMSNorm(d, gain, eps)) if sandwich else (nn.Identity(),) * 2
+        four = cfg.block_norm != "pre"
+        self.norm_3, self.norm_4 = (RMSNorm(d, gain, eps), RMSNorm(d, gain, eps)) if four else (nn.Identity(),) * 2
 
     def forward(self, x, rope, cache=None, slot=0, xq=None, c=None):
         # xq: the queries' stream (FLT), normed like the block's own input; c: the loop's
@@ -415,14 +442,15 @@ class LoopGPT(nn.Module):
         self.config = cfg
         d = cfg.n_embd
         self.wte = nn.Embedding(cfg.vocab_size, d)
-        self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
+        block = BranchNormBlock if cfg.block_norm == "branch" else Block  # (Ouro's, in its section)
+        self.prelude = nn.ModuleList(block(cfg) for _ in range(cfg.n_prelude))
         # FLT's sliding windows: core layer j is short (a quarter of the context) if the
         # pattern, tiled over the core, says S there; the last core layer always sees everything
         pattern, short = cfg.window_pattern, max(1, cfg.block_size // 4)
         windows = [short if pattern[j % len(pattern)] == "S" and j < cfg.n_core - 1 else 0 for j in range(cfg.n_core)]
-        core_block = MeltBlock if cfg.melt else ModulatedBlock if cfg.modulation != "none" else Block
+        core_block = MeltBlock if cfg.melt else ModulatedBlock if cfg.modulation != "none" else block
         self.core = nn.ModuleList(core_block(cfg, w) for w in windows)  # looped, weight-tied
-        self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
+        self.coda = nn.ModuleList(block(cfg) for _ in range(cfg.n_coda))
         self.norm_f = RMSNorm(d, cfg.norm_gains, cfg.norm_eps)  # the final norm, before the head
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.injection == "concat":  # Huginn's adapter W_a: [h; e] (2d) -> d
@@ -433,7 +461,7 @@ class LoopGPT(nn.Module):
             self.diag_A_log = nn.Parameter(torch.zeros(d))
             self.diag_dt_bias = nn.Parameter(torch.zeros(d))
             self.diag_B = nn.Linear(d, d, bias=False)
-            self.diag_norm = RMSNorm(d, cfg.norm_gains)
+            self.diag_norm = RMSNorm(d, cfg.norm_gains, cfg.norm_eps)
             self.diag_C = nn.Linear(d, d, bias=False)
         add_extensions(self)  # Part 2: LoRA, MoR's router, Ouro's gate, LoopUS's gate and head
         if cfg.modulation == "tmlt":  # embeds the loop index i (LoopFormer's TMLT baseline)
@@ -441,18 +469,25 @@ class LoopGPT(nn.Module):
         if cfg.modulation == "loopformer":  # embeds the normalised time t and the step size Δ
             self.time_embed = TimestepEmbedder(d)
             self.step_embed = TimestepEmbedder(d)
-        # RoPE tables are recomputed, not saved: they are a function of the config
-        check_fits(3 * 4 * cfg.block_size * (2 * d // cfg.n_head + (d if cfg.state_init.startswith("randn") else 0)),
-                   f"block_size={cfg.block_size} (its position tables, with their temporaries)")
-        cos, sin = rotary_table(cfg.block_size, d // cfg.n_head, cfg.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        if cfg.state_init.startswith("randn"):  # the fixed draw used at inference, see initial_state
-            self.register_buffer("state_noise", self.random_state(cfg.block_size, torch.Generator().manual_seed(0)),
-                                 persistent=False)
+        self.init_buffers()
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+
+    def init_buffers(self, device=None):
+        """The tables that are a function of the config, recomputed rather than saved: RoPE's,
+        and the fixed random state used at inference (see initial_state). (A model built on
+        the meta device, to load weights into, calls it again on a real one.)"""
+        cfg = self.config
+        d = cfg.n_embd
+        check_fits(3 * 4 * cfg.block_size * (2 * cfg.head_dim + (d if cfg.state_init.startswith("randn") else 0)),
+                   f"block_size={cfg.block_size} (its position tables, with their temporaries)")
+        cos, sin = rotary_table(cfg.block_size, cfg.head_dim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        if cfg.state_init.startswith("randn"):
+            noise = self.random_state(cfg.block_size, torch.Generator().manual_seed(0), device="cpu")
+            self.register_buffer("state_noise", noise.to(device), persistent=False)
 
     @torch.no_grad()
     def init_weights(self):
@@ -566,6 +601,8 @@ class LoopGPT(nn.Module):
     def loop_input(self, idx, rope, cache):
         """Embedding and prelude: returns the loop input e and the initial state h_0."""
         emb = self.wte(idx)
+        if self.config.embed_scale != 1:  # Huginn's sqrt(d), Parcae's embedding scale (released models)
+            emb = emb * self.config.embed_scale
         x = norm(emb) if self.config.embed_norm else emb
         for slot, block in enumerate(self.prelude):
             x = block(x, rope, cache, slot)
@@ -635,6 +672,8 @@ class LoopGPT(nn.Module):
         """h_t, what loop t+1 reads of loop t's output x_t: the raw stream (Saunshi et al.,
         LoopFormer's Base-Loop), or norm(x_t) (FLT code: always for its FLT / FLTres / LTai,
         with norm_state for LT and LTi)."""
+        if self.config.loop_norm_f:  # Ouro's released code: the final norm, with its gain (its section)
+            return self.norm_f(x)
         if self.config.norm_state or self.config.injection in ("attn_first", "full_res", "full_attn"):
             return norm(x)
         return x
@@ -725,6 +764,8 @@ class LoopGPT(nn.Module):
             rope = (self.rope_cos[:x.size(1)], self.rope_sin[:x.size(1)])
         if self.config.injection == "diag":  # Parcae: C maps the recurrent state back to the stream
             x = self.diag_C(x)
+        if self.config.coda_norm:  # Huginn's released code norms the loop's output with ln_f here too
+            x = self.norm_f(x)
         for block in self.coda:
             x = block(x, rope, cache, slot)
             slot += 1
@@ -864,6 +905,8 @@ def add_extensions(model):
         model.confidence = nn.Linear(d, 1)
     if cfg.melt:
         model.melt_alpha = 1.0  # MELT's phase-1 interpolation (train.py sets it; 1 = MELT itself)
+    if cfg.value_embeds:  # Parcae: gated token embeddings added to some blocks' values
+        add_value_embeddings(model)
 
 
 @torch.no_grad()
@@ -893,6 +936,10 @@ def init_extensions(model):
     if cfg.confidence_head:
         nn.init.normal_(model.confidence.weight, std=cfg.n_embd ** -0.5)
         nn.init.zeros_(model.confidence.bias)
+    if cfg.value_embeds:  # our choice: tables at the embedding's small scale, gates 2σ(0) = 1
+        for i, table in model.value_embeds.items():
+            nn.init.normal_(table.weight, std=math.sqrt(2 / (5 * cfg.n_embd)))
+            nn.init.zeros_([*model.prelude, *model.core, *model.coda][int(i)].attn.v.ve_gate.weight)
 
 
 # ---- Huginn (Geiping et al. 2025, arXiv 2502.05171) --------------------------------------------
@@ -904,12 +951,57 @@ def init_extensions(model):
 # loop_sampling='poisson_lognormal', bptt_k in trunk), and its per-token exits (KL between
 # consecutive loops' predictions, the latent's relative change) are sample.py's
 # decode_with_exit, with its compressed cache (kv_sharing='window:N').
+#
+# The released Huginn-0125 (data/huggingface.py loads it) needs three more flags, read from
+# its modeling code: embed_scale = sqrt(d) (the embedding, and its random state, are scaled
+# by sqrt(d); loop_input), coda_norm (its ln_f norms the loop's output before the coda as
+# well as after it; run_coda), and q/k biases added before RoPE, which the loader puts in
+# qkv_bias with a zero value bias (the same function). Its RoPE rotates adjacent pairs of a
+# head's dimensions where ours rotates (i, i + hd/2): the loader permutes q's and k's rows
+# per head, which leaves every attention score unchanged.
 
 
 # ---- Parcae (Prairie et al. 2026, arXiv 2604.12946) --------------------------------------------
 # The stable diagonal recurrence around the core is injection='diag' (core_pass, run_coda's C).
-# This section is its per-sequence depth (train.py's loop_sampling='per_sequence'): every row
-# of a batch runs its own number of loops. Hook: trunk(depths=...).
+# This section is its value embeddings (flag value_embeds, used by the released models) and
+# its per-sequence depth (train.py's loop_sampling='per_sequence'): every row of a batch runs
+# its own number of loops. Hooks: add_extensions, trunk(depths=...). (Its MLP's 0.5 relu(x)²
+# is relu2 with the 0.5 folded into the output projection by the loader: exact, a power of 2.)
+
+def add_value_embeddings(model):
+    """
+    Parcae's value embeddings (its code, after modded-nanogpt): block i of value_embeds adds
+    a token embedding to its attention values, gated per key/value head by the first 32
+    channels of the block's normed input x: v += 2 σ(W_g x[..., :32]) ⊙ VE_i[ids]. The core's
+    blocks use their own table every loop. Hooks: a forward hook on wte looks each table up
+    for the current tokens, and one on the block's attn.v adds the gated rows.
+    """
+    cfg = model.config
+    blocks = [*model.prelude, *model.core, *model.coda]
+    model.value_embeds = nn.ModuleDict({i: nn.Embedding(cfg.vocab_size, cfg.n_kv_head * cfg.head_dim)
+                                        for i in cfg.value_embeds.split(",")})
+    model.wte.value_embeds = []  # (table, the attn.v it feeds): a plain list, not more parameters
+    for i, table in model.value_embeds.items():
+        v = blocks[int(i)].attn.v
+        v.ve_gate = nn.Linear(min(32, cfg.n_embd), cfg.n_kv_head, bias=False)
+        v.ve = None  # this forward's rows (B, T, kv heads * head_dim)
+        v.register_forward_hook(add_value_embedding)
+        model.wte.value_embeds.append((table, v))
+    model.wte.register_forward_hook(look_up_value_embeddings)
+
+
+def look_up_value_embeddings(wte, args, out):
+    for table, v in wte.value_embeds:
+        v.ve = table(args[0])
+
+
+def add_value_embedding(v, args, out):
+    if v.ve is None:  # (K/V recomputed outside a forward: no token ids)
+        return out
+    x = args[0]
+    gate = 2 * torch.sigmoid(v.ve_gate(x[..., :v.ve_gate.in_features]))  # (B, T, kv heads)
+    return out + (gate.unsqueeze(-1) * v.ve.unflatten(-1, (gate.size(-1), -1))).flatten(-2)
+
 
 class SequenceDepths:
     """
@@ -952,10 +1044,24 @@ def per_sequence_problem(cfg):
 # train.py's gate_stage; the exits at decoding (stop once the CDF of p reaches q, or Ouro's
 # released all-loops choice) are sample.py's exit='gate' / 'gate_all'. Hook: none (a head
 # on the states trunk records).
+#
+# The released Ouro models (data/huggingface.py loads them) differ in two ways, each a flag:
+# loop_norm_f, the final norm with its learned gain is what each loop hands on, to the next
+# loop, the gate and the head (LoopGPT.next_state); block_norm='branch', four norms per
+# block, two of them on the attention's and the MLP's outputs before each residual add.
 
 def exit_probability(model, x):
     """Ouro's λ_t for states x (..., d): (..., 1)."""
-    return torch.sigmoid(model.exit_gate(norm(x)))
+    return torch.sigmoid(model.exit_gate(model.norm_f(x) if model.config.loop_norm_f else norm(x)))
+
+
+class BranchNormBlock(Block):
+    """block_norm='branch' (Ouro's released code): x += norm_3(Attn(norm_1(x))), then
+    x += norm_4(MLP(norm_2(x))): the branch outputs are normed, the stream is not."""
+
+    def tail(self, x, a):
+        x = x + self.norm_3(a)
+        return x + self.norm_4(self.mlp(self.norm_2(x)))
 
 
 # ---- Mixture-of-Recursions (Bae et al. 2025, arXiv 2507.10524) ----------------------------------

@@ -233,8 +233,8 @@ def test_fetching_from_the_hub_and_offline(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gemma"}, "model_type='gemma'"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
-    ({"head_dim": 16}, "head_dim=16"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_type='llama3'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type='yarn'"),
     ({"attention_bias": True}, "o_proj"),
     ({"hidden_act": "gelu"}, "hidden_act"),
 ])
