@@ -69,9 +69,9 @@ import torch
 import torch.nn.functional as F
 
 from configs import autocast_context, detect_device, fail, make_dir, parse_args, parse_exit, parse_schedule, print_table
-from loopgpt import check_fits, load_checkpoint, model_from_checkpoint, summary
-from sample import decode_with_exit, kv_cache_bytes, new_cache
-from data.tokenizer import load_tokenizer, token_byte_lengths
+from loopgpt import check_fits, summary
+from sample import decode_with_exit, kv_cache_bytes, new_cache, open_model
+from data.tokenizer import token_byte_lengths
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_DATA = os.path.join(ROOT, "data", "eval")  # what data/eval/prepare.py downloads
@@ -808,7 +808,8 @@ def parse_routes(model, budgets, schedules, exits, kv_sharing=""):
 
 def main():
     defaults = dict(
-        out_dir="out",
+        out_dir="out",           # the checkpoint, and where eval.jsonl / eval.png go
+        init_from="",            # hf:NAME: evaluate a released looped model (results in out_dir, default out-hf-OWNER--NAME)
         tasks="bpb",             # see the module docstring
         budgets=(),              # loop budgets M; () = 1..2L (1..L for MoR)
         schedule="",             # LoopFormer schedules in units of 1/L (or fractions), several separated by "/"
@@ -828,7 +829,9 @@ def main():
         metric="bpb",
         plot_file="budgets.png",
     )
-    args, _ = parse_args(sys.argv[1:], defaults, allow_config=False)
+    args, explicit = parse_args(sys.argv[1:], defaults, allow_config=False)
+    if args["init_from"] and "out_dir" not in explicit:
+        args["out_dir"] = "out-hf-" + args["init_from"].removeprefix("hf:").strip("/").replace("/", "--")
     if args["runs"]:  # comma-separated, each a folder or a quoted pattern: --runs='out-exp/*'
         runs = [r for item in args["runs"].split(",") if item
                 for r in (sorted(glob.glob(item)) if glob.has_magic(item) else [item])]
@@ -868,19 +871,17 @@ def main():
             return t
     autocast, dtype = autocast_context(device, args["dtype"])
 
-    ckpt_path = os.path.join(args["out_dir"], "ckpt.pt")
-    try:
-        ckpt = load_checkpoint(ckpt_path)
-        model = model_from_checkpoint(ckpt).to(device)
-    except ValueError as e:
-        fail(str(e))
-    try:
-        enc = load_tokenizer(ckpt["data_meta"]["tokenizer"])
-    except RuntimeError as e:
-        fail(str(e))
-    meta = dict(ckpt["data_meta"])
-    tc = ckpt.get("train_config", {})
-    meta["data_dir"] = tc.get("data_dir") or os.path.join(ROOT, "data", tc.get("dataset", "pydoc"))
+    model, enc, what = open_model(args["out_dir"], args["init_from"])
+    model.to(device)
+    meta = dict(what["data_meta"])
+    tc = what["train_config"]
+    if args["init_from"]:
+        if "bpb" in [t.strip() for t in args["tasks"].split(",")]:
+            fail(f"--tasks=bpb scores a checkpoint's own held-out data; {args['init_from']} has none here: "
+                 f"use --tasks=core, wikitext2 or a task by name")
+        make_dir(args["out_dir"], "out_dir")
+    else:
+        meta["data_dir"] = tc.get("data_dir") or os.path.join(ROOT, "data", tc.get("dataset", "pydoc"))
     if args["stride"] > model.config.block_size:
         fail(f"--stride={args['stride']}: a window moves by at most its length, block_size={model.config.block_size}")
     routes = parse_routes(model, args["budgets"], args["schedule"], args["exit"], args["kv_sharing"])
@@ -897,8 +898,8 @@ def main():
     tasks = resolve_tasks(args["tasks"], data_dir)
     master = rank == 0
     if master:
-        print(f"{ckpt_path}: {summary(model)}, trained {ckpt['iter_num']} steps | {device}, {dtype} | "
-              f"{len(tasks)} tasks x {len(routes)} routes")
+        trained = "" if what["iter_num"] is None else f", trained {what['iter_num']} steps"
+        print(f"{what['source']}: {summary(model)}{trained} | {device}, {dtype} | {len(tasks)} tasks x {len(routes)} routes")
     t0 = time.time()
     from tqdm import tqdm
     results = evaluate_tasks(model, enc, tasks, routes + grid, device, autocast, meta, data_dir, args["max_per_task"],
@@ -918,11 +919,12 @@ def main():
             for name, _ in grid:  # (kept in the sweep, out of the table's columns)
                 del res[name]
         print(f"({seconds:.0f} s)")
-        record = {"type": "eval", "step": ckpt["iter_num"], "n_loops": model.config.n_loops, "tasks": args["tasks"],
+        record = {"type": "eval", "step": what["iter_num"], "n_loops": model.config.n_loops, "tasks": args["tasks"],
                   "max_per_task": args["max_per_task"], "seconds": seconds, "device": device, "dtype": dtype,
                   "routes": [[n, {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}] for n, r in routes],
                   "results": results, "sweep": sweep,
-                  "title": f"{ckpt_path} (L={model.config.n_loops}, step {ckpt['iter_num']})"}
+                  "title": f"{what['source']} (L={model.config.n_loops}" +
+                           ("" if what["iter_num"] is None else f", step {what['iter_num']}") + ")"}
         with open(os.path.join(args["out_dir"], "eval.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if args["plot"]:

@@ -426,13 +426,12 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, d, n_freq=256):
         super().__init__()
-        self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(n_freq // 2) / (n_freq // 2)),
-                             persistent=False)
         self.fc1 = nn.Linear(n_freq, d)
         self.fc2 = nn.Linear(d, d)
 
     def forward(self, s):
-        args = s * self.freqs
+        n = self.fc1.in_features // 2
+        args = s * torch.exp(-math.log(1e4) * torch.arange(n, device=s.device) / n)
         return self.fc2(F.silu(self.fc1(torch.cat([args.cos(), args.sin()]))))
 
 

@@ -324,9 +324,45 @@ def generate(model, idx, max_new_tokens, loops=None, schedule=None, temperature=
 
 # ---- the command line ----------------------------------------------------------------------------
 
+def open_model(out_dir, init_from=""):
+    """(model, tokenizer, what it is) for sample.py and eval.py: the checkpoint in out_dir, or
+    with init_from=hf:NAME a released model or a loopgpt export (data/huggingface.py), in
+    float32 (autocast gives bfloat16). `what` has source, iter_num, data_meta, train_config.
+    Bad input stops with one line."""
+    if init_from:
+        from data.huggingface import model_from_hf  # (only when asked: it reads hub files)
+        if not init_from.startswith("hf:"):
+            fail(f"--init_from={init_from}: give hf:NAME (a hub id such as ByteDance/Ouro-1.4B, or a folder with "
+                 f"config.json); a checkpoint of ours is --out_dir=DIR")
+        try:
+            model, tok, _ = model_from_hf(init_from[3:], dtype=torch.float32)
+        except ValueError as e:
+            fail(f"--init_from={init_from}: {e}")
+        if tok is None:
+            fail(f"--init_from={init_from}: it has no tokenizer.json (Parcae keeps its tokenizer in a repository of its "
+                 f"own): put that tokenizer.json in data/hf/{init_from[3:].replace('/', '--')}/")
+        try:
+            enc = load_tokenizer(tok)
+        except (ValueError, RuntimeError) as e:
+            fail(f"--init_from={init_from}: its tokenizer: {e}")
+        return model, enc, {"source": init_from, "iter_num": None, "data_meta": {"tokenizer": tok}, "train_config": {}}
+    try:
+        ckpt = load_checkpoint(f"{out_dir}/ckpt.pt")
+        model = model_from_checkpoint(ckpt)
+    except ValueError as e:
+        fail(str(e))
+    try:
+        enc = load_tokenizer(ckpt["data_meta"]["tokenizer"])
+    except RuntimeError as e:  # GPT-2's BPE files need a network the first time
+        fail(str(e))
+    return model, enc, {"source": f"{out_dir}/ckpt.pt", "iter_num": ckpt["iter_num"], "data_meta": ckpt["data_meta"],
+                        "train_config": ckpt.get("train_config", {})}
+
+
 def main():
     defaults = dict(
         out_dir="out",
+        init_from="",            # hf:NAME: a released looped model (Ouro, Huginn, Parcae, ...) instead of out_dir's
         start="\n",              # prompt text, or FILE:path to read it from a file
         budgets=(),              # loop budgets M to compare; () = the train budget
         schedule="",             # LoopFormer schedules: step sizes in units of 1/L (or fractions),
@@ -368,15 +404,7 @@ def main():
         # hand-off that outweighs its work, and a busy neighbour core stalls it far more
         torch.set_num_threads(args["threads"])
 
-    try:
-        ckpt = load_checkpoint(f"{args['out_dir']}/ckpt.pt")
-        model = model_from_checkpoint(ckpt)
-    except ValueError as e:
-        fail(str(e))
-    try:
-        enc = load_tokenizer(ckpt["data_meta"]["tokenizer"])
-    except RuntimeError as e:  # GPT-2's BPE files need a network the first time
-        fail(str(e))
+    model, enc, what = open_model(args["out_dir"], args["init_from"])
     cfg = model.config
     budgets = args["budgets"] or (() if args["schedule"] else (cfg.n_loops,))
     for M in budgets:  # the model's own check: M >= 1, and M <= n_loops for MoR
@@ -425,8 +453,8 @@ def main():
             except ValueError as e:
                 fail(f"{e}; choose a smaller budget")
 
-    print(f"{args['out_dir']}/ckpt.pt: {summary(model)}, trained {ckpt['iter_num']} steps | {device}, {dtype}, "
-          f"{torch.get_num_threads()} threads")
+    trained = "" if what["iter_num"] is None else f", trained {what['iter_num']} steps"
+    print(f"{what['source']}: {summary(model)}{trained} | {device}, {dtype}, {torch.get_num_threads()} threads")
     rows = []
     for name, route, M in routes:
         torch.manual_seed(args["seed"])

@@ -39,7 +39,7 @@ from loopgpt import (CHECKPOINT_VERSION, INIT_CORES, Attention, LoopGPT, LoopGPT
                      compile_blocks, confidence_logit, configure_optimizer, exit_probability, flops_per_token,
                      init_from_source, layer_similarity, load_checkpoint, model_from_checkpoint, muon_momentum,
                      per_sequence_problem, save_checkpoint, summary, unrolled_blocks)
-from data.huggingface import load_model as load_hf_model
+from data.huggingface import build_model as build_hf_model, load_model as load_hf_model
 from data.tokenizer import load_tokenizer, token_byte_lengths
 from eval import budget_sweep, score_batches, sweep_routes
 
@@ -366,10 +366,10 @@ def main():
         if tc.init_core not in INIT_CORES:
             fail(f"init_core={tc.init_core!r} (valid: {', '.join(INIT_CORES)})")
         try:
-            if tc.init_from.startswith("hf:"):  # a Hugging Face Llama-family checkpoint (data/huggingface.py)
+            if tc.init_from.startswith("hf:"):  # a released model, looped or plain (data/huggingface.py)
                 hf_keys, hf_weights, hf_tokenizer = load_hf_model(tc.init_from[3:])
-                source = LoopGPT(LoopGPTConfig(**hf_keys))
-                source.load_state_dict(hf_weights)
+                source = build_hf_model(hf_keys, hf_weights, torch.float32)
+                hf_keys = source.config.to_dict()  # (with what the weights decided, e.g. Parcae's value_embeds)
                 del hf_weights
                 source_ckpt = {"model_config": hf_keys, "data_meta": {"tokenizer": hf_tokenizer}, "iter_num": None}
             else:

@@ -19,8 +19,9 @@ and torch (no transformers, no safetensors package):
   tokenizer.json     a byte-level BPE (GPT-2's byte alphabet) -> tiktoken mergeable ranks
 
 How each format maps onto loopgpt (its section below has the tensor names):
-  llama, qwen2   a plain stack: n_core = layers, n_loops = 1 (with num_loops > 1, Nanbeige's
-                 looped Llama: the final norm at every loop boundary, loop_norm_f)
+  llama, qwen2   a plain stack: n_core = layers, n_loops = 1
+  nanbeige       Nanbeige4.2's looped Llama: the stack num_loops times, the final norm at every
+                 loop boundary (loop_norm_f), head_dim twice d / heads
   ouro           the whole stack looped total_ut_steps times, branch norms, loop_norm_f and
                  the exit gate
   huginn_raven   prelude / 4-block core / coda of sandwich blocks, the adapter, embed_scale
@@ -189,9 +190,7 @@ def adjacent_to_halves(w, head_dim):
     return w.unflatten(0, (-1, head_dim))[:, order].flatten(0, 1)
 
 
-# ---- Llama, Qwen2 (plain stacks; also looped: Nanbeige) ----
-
-LLAMA_TYPES = ("llama", "qwen2")
+# ---- Llama, Qwen2 (plain stacks) ----
 
 
 def llama_keys(hf):
@@ -212,11 +211,10 @@ def llama_keys(hf):
         problems.append("sliding-window attention")
     if problems:
         raise ValueError("this checkpoint is not expressible in loopgpt: " + "; ".join(problems))
-    loops = int(hf.get("num_loops") or 1)  # Nanbeige's looped Llama: the whole stack, num_loops times
     return dict(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048), n_embd=d,
                 n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or d // heads,
-                n_prelude=0, n_core=hf["num_hidden_layers"], n_coda=0, n_loops=loops, injection="none",
-                state_init="prelude", loop_norm_f=loops > 1, norm_gains=True, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                n_prelude=0, n_core=hf["num_hidden_layers"], n_coda=0, n_loops=1, injection="none",
+                state_init="prelude", norm_gains=True, norm_eps=hf.get("rms_norm_eps", 1e-6),
                 embed_norm=False, qkv_bias=kind == "qwen2", qk_norm=False, mlp="swiglu",
                 mlp_ratio=hf["intermediate_size"] / d, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 softcap=0.0, rope_base=theta)
@@ -258,13 +256,33 @@ def llama_weights(t, keys, hf):
     return sd
 
 
+# ---- Nanbeige4.2 looped (model_type 'nanbeige') ----
+# A Llama stack looped num_loops times (len(loop_loss_weights) + 1 if those are given), the
+# final norm at every loop boundary unless skip_loop_final_norm (then once, at the end: a
+# plain loop); Llama's tensor names.
+
+NANBEIGE_EXTRAS = ("enable_hyper_connection", "enable_mhc", "enable_depth_attention", "enable_double_loop_split",
+                   "loop_share_kv", "emb_neighbor_num", "qk_layernorm", "attention_bias")
+
+
+def nanbeige_keys(hf):
+    extras = [f"{k}={hf[k]!r}" for k in NANBEIGE_EXTRAS if hf.get(k)]
+    if hf.get("pretraining_tp", 1) != 1:
+        extras.append(f"pretraining_tp={hf['pretraining_tp']}")
+    if extras:
+        raise ValueError("this Nanbeige checkpoint is not expressible in loopgpt: " + ", ".join(extras))
+    loops = len(hf["loop_loss_weights"]) + 1 if hf.get("loop_loss_weights") else int(hf.get("num_loops") or 1)
+    keys = llama_keys({**hf, "model_type": "llama"})
+    return dict(keys, n_loops=loops, loop_norm_f=loops > 1 and not hf.get("skip_loop_final_norm"))
+
+
 # ---- Ouro (Zhu et al. 2025, arXiv 2510.25741; model_type 'ouro') ----
 # The whole stack looped total_ut_steps times; four norms per layer, the *_2 ones on the
 # attention's and MLP's outputs (block_norm='branch'); model.norm after every loop, and what
 # it gives is the next loop's input, the exit gate's and the head's (loop_norm_f).
 
 def ouro_keys(hf):
-    keys = llama_keys({**hf, "model_type": "llama", "num_loops": None, "attention_bias": False})
+    keys = llama_keys({**hf, "model_type": "llama"})
     return dict(keys, n_loops=int(hf.get("total_ut_steps", 4)), block_norm="branch", loop_norm_f=True, exit_gate=True)
 
 
@@ -426,7 +444,8 @@ def loopgpt_weights(t, keys, hf):
 
 # ---- one entry point ---------------------------------------------------------------------------
 
-FORMATS = {"llama": (llama_keys, llama_weights), "qwen2": (llama_keys, llama_weights), "ouro": (ouro_keys, ouro_weights),
+FORMATS = {"llama": (llama_keys, llama_weights), "qwen2": (llama_keys, llama_weights),
+           "nanbeige": (nanbeige_keys, llama_weights), "ouro": (ouro_keys, ouro_weights),
            "huginn_raven": (huginn_keys, huginn_weights), "parcae": (parcae_keys, parcae_weights),
            "loopgpt": (loopgpt_keys, loopgpt_weights)}
 
