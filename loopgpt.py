@@ -1245,11 +1245,11 @@ def unrolled_blocks(model):
     between its passes. Otherwise a ValueError: such a model is not a stack of layers."""
     cfg = model.config
     looped = cfg.n_loops > 1
-    if looped and (cfg.injection != "none" or cfg.norm_state or cfg.modulation != "none" or cfg.lora_rank
-                   or cfg.state_init != "prelude" or cfg.routing != "none" or cfg.selective_gate):
+    if looped and (cfg.injection != "none" or cfg.norm_state or cfg.loop_norm_f or cfg.modulation != "none"
+                   or cfg.lora_rank or cfg.state_init != "prelude" or cfg.routing != "none" or cfg.selective_gate):
         raise ValueError("init_from needs a source that is a plain stack of layers: n_loops=1, or a loop with "
-                         "injection='none' and no norm_state, modulation, lora_rank, state_init, routing or "
-                         "selective_gate")
+                         "injection='none' and no norm_state, loop_norm_f, modulation, lora_rank, state_init, "
+                         "routing or selective_gate")
     return list(model.prelude) + [block for _ in range(cfg.n_loops) for block in model.core] + list(model.coda)
 
 

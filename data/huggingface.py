@@ -84,6 +84,7 @@ def hf_folder(name, weights=True):
 
     fetch("config.json")
     fetch("tokenizer.json", missing_ok=True)  # (Parcae's tokenizer is a repository of its own)
+    fetch("tokenizer_config.json", missing_ok=True)  # (where eos_token is, if config.json has no eos_token_id)
     if weights and not any(os.path.exists(os.path.join(folder, f)) for f in WEIGHT_FILES):
         index = fetch("model.safetensors.index.json", missing_ok=True)
         if index is not None:
@@ -480,8 +481,9 @@ def load_model(name):
     hf = read_json(os.path.join(folder, "config.json"))
     keys = model_keys(hf)
     sd = state_dict(read_weights(folder), keys, hf)
-    has_tokenizer = os.path.exists(os.path.join(folder, "tokenizer.json"))
-    return keys, sd, load_tokenizer_dict(name) if has_tokenizer else None
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return keys, sd, load_tokenizer_dict(name)
+    return keys, sd, hf.get("loopgpt_tokenizer")  # (an export of ours keeps its tokenizer here)
 
 
 def build_model(keys, sd, dtype=None):
@@ -532,7 +534,8 @@ def export(model, out, tokenizer=None, layout="loopgpt"):
     init_from=hf:OUT (or the hub, once uploaded) reads back bit for bit. layout='loopgpt'
     keeps loopgpt's model keys and tensor names (any model); layout='llama' writes a plain
     stack (n_loops = 1, no injection, Llama's blocks) as transformers' LlamaForCausalLM, so
-    the transformers library loads it too. tokenizer: a tokenizer.json dict to write beside."""
+    the transformers library loads it too. tokenizer: loopgpt's tokenizer dict (a checkpoint's
+    data_meta), kept in config.json as loopgpt_tokenizer for init_from=hf: to read back."""
     cfg = model.config
     sd = {k: v for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
@@ -543,13 +546,13 @@ def export(model, out, tokenizer=None, layout="loopgpt"):
         config, sd = llama_export(model, sd)
     else:
         raise ValueError(f"layout={layout!r} (valid: loopgpt, llama)")
+    if tokenizer is not None:
+        config["loopgpt_tokenizer"] = tokenizer
     os.makedirs(out, exist_ok=True)
     write_safetensors(os.path.join(out, "model.safetensors"), sd)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    if tokenizer is not None:
-        with open(os.path.join(out, "tokenizer.json"), "w") as f:
-            json.dump(tokenizer, f)
+    with open(os.path.join(out, "config.json.tmp"), "w") as f:
+        json.dump(config, f, indent=1)
+    os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
 
 
 def llama_export(model, sd):
@@ -560,8 +563,10 @@ def llama_export(model, sd):
                  norm_gains=True, embed_norm=False, embed_scale=1.0, coda_norm=False, loop_norm_f=False,
                  qk_norm=False, mlp="swiglu", softcap=0.0, modulation="none", routing="none", lora_rank=0,
                  exit_gate=False, selective_gate=False, confidence_head=False, melt=False, value_embeds="",
-                 window_pattern="L", qkv_bias=False)
-    wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in plain.items() if getattr(cfg, k) != v and not (k == "window_pattern" and set(cfg.window_pattern) == {"L"})]
+                 qkv_bias=False)
+    wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in plain.items() if getattr(cfg, k) != v]
+    if set(cfg.window_pattern) != {"L"}:
+        wrong.append(f"window_pattern={cfg.window_pattern!r}")
     if wrong:
         raise ValueError("layout='llama' holds a plain Llama stack (n_loops=1, norm_gains, swiglu, no QK-norm, "
                          f"soft-cap or embedding norm): this model has {', '.join(wrong)}; use layout='loopgpt'")
@@ -629,15 +634,21 @@ def load_tokenizer_dict(name):
     lowest id, the tokenizers library the pair earliest in the merge list: the same thing when
     merged tokens are numbered in merge order, which is checked here."""
     folder = hf_folder(name, weights=False)
+    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        raise ValueError(f"{name} has no tokenizer.json")
     tok, hf = read_json(os.path.join(folder, "tokenizer.json")), read_json(os.path.join(folder, "config.json"))
     model = tok.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback") or tok.get("normalizer"):
-        raise ValueError(f"{name}'s tokenizer is not a plain byte-level BPE (a SentencePiece-style one, with byte "
-                         "fallback or a normalizer, e.g. Llama 2 / TinyLlama): loopgpt's tiktoken-based data "
+    to_byte = byte_alphabet()
+    vocab = model.get("vocab", {})
+    # byte fallback never fires where all 256 byte-level characters are tokens (Parcae's has both)
+    fallback = model.get("byte_fallback") and not all(c in vocab for c in to_byte)
+    normalizer = (tok.get("normalizer") or {}).get("type")
+    if model.get("type") != "BPE" or fallback or normalizer:
+        found = (f"a {model.get('type')} model" if model.get("type") != "BPE" else
+                 "byte fallback to <0x..> tokens" if fallback else f"a {normalizer} normalizer")
+        raise ValueError(f"{name}'s tokenizer is not a plain byte-level BPE ({found}): loopgpt's tiktoken-based "
                          "pipeline cannot reproduce it")
     pattern = split_pattern(tok.get("pre_tokenizer"))
-    to_byte = byte_alphabet()
-    vocab = model["vocab"]
     ranks = [None] * (max(vocab.values()) + 1)
     try:
         for text, i in vocab.items():
@@ -657,8 +668,13 @@ def load_tokenizer_dict(name):
     eos = hf.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     eot = next((c for c, i in specials.items() if i == eos), None)
-    if eot is None:
-        raise ValueError(f"{name}: config.json's eos_token_id={eos} is not one of the tokenizer's special tokens")
+    if eos is None:  # (Huginn's and Parcae's configs name none: tokenizer_config.json's eos_token)
+        path = os.path.join(folder, "tokenizer_config.json")
+        eot = read_json(path).get("eos_token") if os.path.exists(path) else None
+        eot = eot.get("content") if isinstance(eot, dict) else eot
+    if eot not in specials:
+        raise ValueError(f"{name}: its end-of-text token (config.json's eos_token_id={eos}, or tokenizer_config.json's "
+                         f"eos_token) is not one of the tokenizer's special tokens")
     if len(ranks) + len([i for i in specials.values() if i >= len(ranks)]) > 65536:
         raise ValueError(f"{name}'s tokenizer has more than 65,536 tokens: loopgpt's token files are uint16")
     return {"kind": "hf", "name": name, "pattern": pattern, "ranks": ranks, "specials": specials, "eot": eot}

@@ -282,7 +282,13 @@ def test_tokenizer_json_becomes_the_same_bpe(tmp_path):
 def test_tokenizers_loopgpt_cannot_reproduce_say_why(tmp_path):
     tok, _ = tokenizer_json()
     c = llama_config()
-    for change, message in ((lambda t: t["model"].update(byte_fallback=True), "SentencePiece-style"),
+    def fallback_without_every_byte(t):  # (with all 256 byte characters as tokens, byte fallback never fires)
+        t["model"].update(byte_fallback=True)
+        t["model"]["vocab"].pop(byte_level(b"~"))
+
+    for change, message in ((fallback_without_every_byte, r"\(byte fallback to <0x..> tokens\)"),
+                            (lambda t: t.update(normalizer={"type": "NFC"}), r"\(a NFC normalizer\)"),
+                            (lambda t: t["model"].update(type="Unigram"), r"\(a Unigram model\)"),
                             (lambda t: t["pre_tokenizer"].update(pretokenizers=[{"type": "Metaspace"}]), "pre-tokenizer"),
                             (lambda t: t["model"]["merges"].reverse(), "merge order")):
         broken = json.loads(json.dumps(tok))

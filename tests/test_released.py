@@ -9,6 +9,7 @@ Also: transformers-5 configs, the refusals, export and its round trip, memory-ma
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -88,10 +89,11 @@ def swiglu(x, fc, proj):
 
 # ---- Ouro: the whole stack looped, branch norms, the final norm at every loop, an exit gate ----
 
-def ouro_checkpoint(folder, layers=2, loops=3, n_kv=2, head_dim=None):
+def ouro_checkpoint(folder, layers=2, loops=3, n_kv=2, head_dim=None, vocab=V):
     g = torch.Generator().manual_seed(1)
     hd = head_dim or D // H
-    c = dict(model_type="ouro", architectures=["OuroForCausalLM"], vocab_size=V, hidden_size=D, intermediate_size=48,
+    V = vocab  # noqa: N806
+    c = dict(model_type="ouro", architectures=["OuroForCausalLM"], vocab_size=V, eos_token_id=0, hidden_size=D, intermediate_size=48,
              num_hidden_layers=layers, num_attention_heads=H, num_key_value_heads=n_kv, head_dim=hd, rms_norm_eps=1e-6,
              rope_theta=1e6, max_position_embeddings=64, tie_word_embeddings=False, hidden_act="silu",
              total_ut_steps=loops, early_exit_threshold=1.0)
@@ -477,3 +479,64 @@ def test_weights_are_memory_mapped_in_their_dtype(tmp_path):
     model = hf.build_model(keys, sd)  # built on the meta device: no random init, the file's dtype
     assert model.wte.weight.dtype == torch.bfloat16 and model.lm_head.weight is model.wte.weight
     assert model.rope_cos.device.type == "cpu" and model.num_params() == sum(v.numel() for v in t.values())
+
+
+# ---- through the scripts, as a user runs them ---------------------------------------------------
+
+from test_eval import write_tasks  # noqa: E402
+from test_hf import tokenizer_json  # noqa: E402
+from test_train import SMALL, records, run  # noqa: E402
+from test_train import data_dir  # noqa: E402,F401  (the module-scoped prepared corpus)
+
+
+@pytest.fixture(scope="module")
+def ouro_folder(tmp_path_factory):
+    folder, _, _ = ouro_checkpoint(tmp_path_factory.mktemp("ouro"), vocab=320)
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        json.dump(tokenizer_json()[0], f)
+    return folder
+
+
+def test_sample_and_eval_a_released_model(ouro_folder, tmp_path):
+    p = run("sample.py", f"--init_from=hf:{ouro_folder}", "--budgets=1,3,5", "--max_new_tokens=6", "--start=def f",
+            "--temperature=0")
+    assert f"hf:{ouro_folder}: " in p.stdout and all(f"━━━ M={M} " in p.stdout for M in (1, 3, 5))
+    p = run("sample.py", f"--init_from=hf:{ouro_folder}", "--budgets=4", "--max_new_tokens=6", "--exit=gate:0.5")
+    assert "[exit gate:0.5] loops per token" in p.stdout
+    write_tasks(tmp_path)
+    p = run("eval.py", f"--init_from=hf:{ouro_folder}", f"--data_dir={tmp_path}", "--tasks=core", "--budgets=1,2,3",
+            f"--out_dir={tmp_path / 'ev'}", "--plot=False")
+    record = json.loads((tmp_path / "ev" / "eval.jsonl").read_text().splitlines()[-1])
+    assert record["step"] is None and set(record["results"]) == {"mc", "schema", "lm", "CORE"}
+    assert record["title"].startswith(f"hf:{ouro_folder} (L=3")
+    for args, message in (([f"--init_from={ouro_folder}"], "give hf:NAME"),
+                          (["--init_from=hf:/nonexistent/x/y"], "neither a folder nor a hub id"),
+                          ([f"--init_from=hf:{ouro_folder}", "--budgets=0"], "budget")):
+        p = run("sample.py", *args, ok=False)
+        assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = run("eval.py", f"--init_from=hf:{ouro_folder}", "--tasks=bpb", f"--out_dir={tmp_path / 'ev'}", ok=False)
+    assert "--tasks=bpb" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_fine_tune_a_released_looped_model(ouro_folder, tmp_path):
+    run("data/pydoc/prepare.py", f"--tokenizer=hf:{ouro_folder}", f"--out_dir={tmp_path / 'data'}")
+    p = run("train.py", f"--init_from=hf:{ouro_folder}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'ft'}",
+            "--block_size=32", "--batch_size=2", "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
+            "--eval_budgets=1,3")
+    assert f"initialised from hf:{ouro_folder}" in p.stdout and "the same" in p.stdout
+    evals = records(tmp_path / "ft", "eval")
+    assert [e["step"] for e in evals] == [0, 2] and all(math.isfinite(e["val"]["3"]["loss"]) for e in evals)
+
+
+def test_export_a_trained_run_and_read_it_back(data_dir, tmp_path):
+    out = tmp_path / "run"
+    run("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", *SMALL)
+    p = run("export.py", f"--out_dir={out}", f"--to={tmp_path / 'hub'}")
+    assert "loopgpt layout" in p.stdout
+    same = ["--budgets=1,3", "--max_new_tokens=8", "--temperature=0", "--start=def "]
+    a = run("sample.py", f"--out_dir={out}", *same).stdout
+    b = run("sample.py", f"--init_from=hf:{tmp_path / 'hub'}", *same).stdout
+    texts = lambda out: re.findall(r"━━━ (M=\d+) [^\n]*\n(.*?)\n\n", out, re.S)  # noqa: E731  (route, its text)
+    assert len(texts(a)) == 2 and texts(a) == texts(b)
+    p = run("export.py", f"--out_dir={out}", f"--to={tmp_path / 'llama'}", "--layout=llama", ok=False)
+    assert "layout='loopgpt'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
