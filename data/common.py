@@ -158,6 +158,12 @@ def download(url, path, timeout=30, headers=None, missing_ok=False):
         if missing_ok and (getattr(e, "code", None) == 404 or isinstance(getattr(e, "reason", None), FileNotFoundError)):
             return None
         reason = (str(getattr(e, "reason", None) or e).splitlines() or ["?"])[0]
+        code = getattr(e, "code", None)
+        if code in (401, 403):  # the server answered: not a network problem
+            raise SystemExit(f"error: could not download {url}: HTTP {code} {reason} (a gated or private "
+                             f"repository: accept its terms on the hub and set HF_TOKEN)") from None
+        if code:
+            raise SystemExit(f"error: could not download {url}: HTTP {code} {reason}") from None
         raise SystemExit(f"error: could not download {url} (no network?): {reason}") from None
     finally:  # an error or Ctrl-C leaves no partial file behind
         if os.path.exists(tmp):

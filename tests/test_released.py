@@ -540,3 +540,28 @@ def test_export_a_trained_run_and_read_it_back(data_dir, tmp_path):
     assert len(texts(a)) == 2 and texts(a) == texts(b)
     p = run("export.py", f"--out_dir={out}", f"--to={tmp_path / 'llama'}", "--layout=llama", ok=False)
     assert "layout='loopgpt'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_gated_or_missing_download_says_why_in_one_line(tmp_path, monkeypatch):
+    import http.server
+    import threading
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # a gated repository without a token, and a missing one
+            self.send_error(401 if "gated" in self.path else 404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(hf, "HF_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    try:
+        for name, message in (("org/gated", "HTTP 401 Unauthorized (a gated or private repository: accept its terms "
+                                            "on the hub and set HF_TOKEN)"), ("org/missing", "HTTP 404 Not Found")):
+            with pytest.raises(SystemExit) as e:
+                hf.hf_folder(name)
+            assert str(e.value).endswith(message) and "\n" not in str(e.value)
+    finally:
+        server.shutdown()
