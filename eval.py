@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from configs import autocast_context, detect_device, fail, make_dir, parse_args, parse_exit, parse_schedule, print_table
 from loopgpt import check_fits, summary
 from sample import decode_with_exit, kv_cache_bytes, new_cache, open_model
+from data.common import token_dtype
 from data.tokenizer import token_byte_lengths
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -396,7 +397,8 @@ def eval_text(model, tokens, token_bytes, routes, device, autocast, stride=0, ba
 
 
 def text_tokens(task, enc, meta, data_dir, max_tokens):
-    """The token stream of a text task: the checkpoint's own val split, or WikiText-2's test
+    """The token stream of a text task: the checkpoint's own val split (in the dtype its
+    dataset's meta, saved in the checkpoint, records: uint16 when none), or WikiText-2's test
     text; for a task dataset's val split its rows (inputs, targets, groups: eval_rows)."""
     if task["label"] == "bpb":
         path = os.path.join(meta.get("data_dir") or os.path.join(ROOT, "data", meta.get("dataset", "")), "val.bin")
@@ -404,9 +406,9 @@ def text_tokens(task, enc, meta, data_dir, max_tokens):
             fail(f"bpb: no {path} (the checkpoint's val split); prepare its dataset first "
                  f"(python data/<dataset>/prepare.py), or choose other --tasks")
         if meta.get("format") == "task":  # rows of prompt + answer (data/tasks): the answers are scored
-            rows = task_rows(os.path.dirname(path), meta["row_len"])
+            rows = task_rows(os.path.dirname(path), meta["row_len"], meta=meta)
             return tuple(t[:max(1, max_tokens // meta["row_len"])] for t in rows) if max_tokens else rows
-        tokens = np.fromfile(path, dtype=np.uint16)
+        tokens = np.fromfile(path, dtype=token_dtype(meta))
     else:  # as the FLT code reads it: every line of the test file on its own, after a document token
         path = os.path.join(data_dir, "wikitext-2", "wiki.test.tokens")
         if not os.path.isfile(path):
@@ -462,12 +464,13 @@ def score_batches(model, batches, routes, autocast, token_bytes, groups=None, re
     return results
 
 
-def task_rows(folder, L, split="val"):
+def task_rows(folder, L, split="val", meta=None):
     """A task dataset's rows of L tokens (data/tasks: prompt + answer): inputs, targets (-1
-    off the answer) and each row's group, as int64 tensors."""
+    off the answer) and each row's group, as int64 tensors. The tokens are in the dtype the
+    dataset's meta records (uint16 when none)."""
     def read(suffix, dtype):
         return np.fromfile(os.path.join(folder, f"{split}{suffix}.bin"), dtype=dtype)
-    rows = read("", np.uint16).reshape(-1, L).astype(np.int64)
+    rows = read("", token_dtype(meta)).reshape(-1, L).astype(np.int64)
     mask = read("_mask", np.uint8).reshape(-1, L)
     y = np.where(mask[:, 1:] == 1, rows[:, 1:], -1)
     group = read("_group", np.uint8).astype(np.int64)

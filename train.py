@@ -7,8 +7,8 @@ Train a LoopGPT. One file, nanoGPT-style:
     python train.py --resume=True                    # continue exactly from out_dir/ckpt.pt
 
 Read in this order: the training objectives (Objective, the papers' losses around the model,
-the module DDP wraps), then main(): settings, data, model and optimizer (or a conversion, or a
-resume), the eval helpers, the training loop.
+the module DDP wraps), the token files' readers, then main(): settings, data, model and
+optimizer (or a conversion, or a resume), the eval helpers, the training loop.
 
 Settings come from TrainConfig (configs/__init__.py) and LoopGPTConfig (loopgpt.py), then configs/NAME.py,
 then the command line. Every process sees different batches; the batch of global
@@ -39,6 +39,7 @@ from loopgpt import (CHECKPOINT_VERSION, INIT_CORES, Attention, LoopGPT, LoopGPT
                      compile_blocks, confidence_logit, configure_optimizer, exit_probability, flops_per_token,
                      init_from_source, layer_similarity, load_checkpoint, model_from_checkpoint, muon_momentum,
                      per_sequence_problem, save_checkpoint, summary, unrolled_blocks)
+from data.common import token_dtype
 from data.huggingface import build_model as build_hf_model, load_model as load_hf_model
 from data.tokenizer import load_tokenizer, token_byte_lengths
 from eval import budget_sweep, score_batches, sweep_routes
@@ -233,6 +234,23 @@ def residual_rms(model, idx, loops=None, record=None):
     return [s.float().pow(2).mean(-1).sqrt().mean().item() for s in record["states"]]
 
 
+# ---- the token files ------------------------------------------------------------------------------
+
+def load_split(data_dir, meta, split, suffix="", dtype=None):
+    """data_dir/{split}{suffix}.bin as a read-only memmap: the tokens in the dtype the dataset's
+    meta.json records (uint16, or uint32 for a vocabulary above 65,536; uint16 when it records
+    none), or dtype (a task's uint8 masks and groups)."""
+    return np.memmap(os.path.join(data_dir, f"{split}{suffix}.bin"), dtype=dtype or token_dtype(meta), mode="r")
+
+
+def text_batch(data, rng, B, T):
+    """B random windows of T + 1 tokens from data (a split's tokens): inputs and next-token targets, int64."""
+    ix = rng.integers(0, len(data) - T - 1, size=B)
+    x = torch.from_numpy(np.stack([data[i:i + T].astype(np.int64) for i in ix]))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T].astype(np.int64) for i in ix]))
+    return x, y
+
+
 def main():
     # ---- configuration -----------------------------------------------------------------------
 
@@ -308,20 +326,21 @@ def main():
         with open(meta_path) as f:
             meta = json.load(f)
         enc = load_tokenizer(meta["tokenizer"])
+        tokens_dtype = token_dtype(meta)  # uint16, or uint32 above 65,536 tokens
     except RuntimeError as e:  # GPT-2's BPE files need a network the first time
         fail(str(e))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, not a tokenizer, ...
         fail(f"{meta_path} is not a dataset description this code reads ({type(e).__name__}: {e}); {remake}")
     for split in ("train", "val"):
         path = os.path.join(data_dir, f"{split}.bin")
-        if not os.path.isfile(path) or os.path.getsize(path) % 2:
-            fail(f"{path} is missing or truncated (not whole uint16 tokens); {remake}")
+        if not os.path.isfile(path) or os.path.getsize(path) % tokens_dtype.itemsize:
+            fail(f"{path} is missing or truncated (not whole {tokens_dtype} tokens); {remake}")
     token_bytes = torch.tensor(token_byte_lengths(enc), dtype=torch.float32, device=device)
     is_task = meta.get("format") == "task"  # rows of prompt + answer, loss on the answer only
 
 
-    def load_split(split, suffix="", dtype=np.uint16):
-        return np.memmap(os.path.join(data_dir, f"{split}{suffix}.bin"), dtype=dtype, mode="r")
+    def split_file(split, suffix="", dtype=None):
+        return load_split(data_dir, meta, split, suffix, dtype)
 
 
     def to_device(*tensors):
@@ -333,23 +352,20 @@ def main():
     def task_rows(split, ix):
         """Task rows ix: inputs, targets (-1 off the answer) and groups."""
         L = meta["row_len"]
-        rows = load_split(split).reshape(-1, L)[ix].astype(np.int64)
-        mask = load_split(split, "_mask", np.uint8).reshape(-1, L)[ix]
+        rows = split_file(split).reshape(-1, L)[ix].astype(np.int64)
+        mask = split_file(split, "_mask", np.uint8).reshape(-1, L)[ix]
         y = np.where(mask[:, 1:] == 1, rows[:, 1:], -1)
-        return torch.from_numpy(rows[:, :-1]), torch.from_numpy(y), load_split(split, "_group", np.uint8)[ix]
+        return torch.from_numpy(rows[:, :-1]), torch.from_numpy(y), split_file(split, "_group", np.uint8)[ix]
 
 
     def get_batch(split, rng, B, T):
         if is_task:  # B random examples
             x, y, _ = task_rows(split, np.sort(rng.integers(0, meta[f"{split}_rows"], size=B)))
             return to_device(x, y)
-        data = load_split(split)  # a fresh memmap per batch avoids a known memory leak (nanoGPT)
+        data = split_file(split)  # a fresh memmap per batch avoids a known memory leak (nanoGPT)
         if len(data) <= T + 1:
             fail(f"{split}.bin has {len(data)} tokens, fewer than block_size+1={T + 1}")
-        ix = rng.integers(0, len(data) - T - 1, size=B)
-        x = torch.from_numpy(np.stack([data[i:i + T].astype(np.int64) for i in ix]))
-        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T].astype(np.int64) for i in ix]))
-        return to_device(x, y)
+        return to_device(*text_batch(data, rng, B, T))
 
 
     # ---- model, optimizer, resume -----------------------------------------------------------

@@ -2,8 +2,10 @@
 Shared helpers for the data/<name>/prepare.py scripts.
 
 A prepared dataset is a folder with (nanoGPT format):
-    train.bin, val.bin  flat np.uint16 token arrays; every document starts with EOT
-    meta.json           tokenizer dict, vocab size, token/doc/byte counts, source info
+    train.bin, val.bin  flat token arrays; every document starts with EOT. np.uint16 while
+                        every id fits (at most 65,536 tokens), np.uint32 above (Qwen3's
+                        ~151.7k): meta.json's "dtype" says which (token_dtype reads it)
+    meta.json           tokenizer dict, vocab size, dtype, token/doc/byte counts, source info
 meta.json is written last, so its presence (with both bins) means "prepared".
 """
 
@@ -21,10 +23,32 @@ from tqdm import tqdm
 from data.tokenizer import load_tokenizer
 
 BATCH_DOCS = 256  # docs per encode_ordinary_batch call: big enough for tiktoken's threads
+TOKEN_DTYPES = ("uint16", "uint32")  # what a dataset's token files may hold
 
 
-def _encode_to_file(enc, docs, path, desc):
-    """Encode docs ([eot] + tokens each) and append them to path as uint16.
+def storage_dtype(n_vocab):
+    """The dtype a tokenizer of n_vocab ids is stored in: uint16 while every id fits (at most
+    65,536 tokens: half the bytes, and what every dataset prepared before uint32 holds), uint32
+    above (Llama 3's 128k, Qwen3's ~151.7k)."""
+    if n_vocab <= 1 << 16:
+        return "uint16"
+    if n_vocab <= 1 << 32:
+        return "uint32"
+    raise ValueError(f"a vocabulary of {n_vocab} tokens does not fit in uint32 token files")
+
+
+def token_dtype(meta):
+    """The numpy dtype of a dataset's token files (train.bin, val.bin) from its meta: its
+    "dtype", uint16 when it has none (a meta from before uint32 files, a checkpoint without
+    its dataset's meta). ValueError for anything else."""
+    name = (meta or {}).get("dtype") or "uint16"
+    if name not in TOKEN_DTYPES:
+        raise ValueError(f"token dtype {name!r} (valid: {', '.join(TOKEN_DTYPES)})")
+    return np.dtype(name)
+
+
+def _encode_to_file(enc, docs, path, desc, dtype="uint16"):
+    """Encode docs ([eot] + tokens each) and append them to path as dtype.
     Streams batch by batch, so an iterator of docs never sits in memory at once.
     Returns (n_tokens, n_docs, n_bytes)."""
     n_tokens = n_docs = n_bytes = 0
@@ -36,7 +60,7 @@ def _encode_to_file(enc, docs, path, desc):
         def flush():
             nonlocal n_tokens
             for ids in enc.encode_ordinary_batch(batch):
-                arr = np.empty(len(ids) + 1, dtype=np.uint16)
+                arr = np.empty(len(ids) + 1, dtype=dtype)
                 arr[0] = enc.eot_token
                 arr[1:] = ids
                 arr.tofile(f)
@@ -58,10 +82,11 @@ def write_dataset(out_dir, train_docs, val_docs, tok, source_meta):
     """
     Tokenize docs (lists or iterables of str) with the tokenizer dict tok and write
     train.bin / val.bin / meta.json into out_dir, atomically: files are built in a
-    temp dir and moved into place with os.replace, meta.json last. Returns the meta dict.
+    temp dir and moved into place with os.replace, meta.json last. The tokens are uint16,
+    or uint32 above 65,536 tokens (storage_dtype), as meta["dtype"] says. Returns the meta dict.
     """
     enc = load_tokenizer(tok)
-    assert enc.n_vocab <= 65536, f"vocab of {enc.n_vocab} does not fit in uint16"
+    dtype = storage_dtype(enc.n_vocab)  # uint16 up to 65,536 tokens, uint32 above
     out_folder(out_dir)
     # drop a stale meta.json first: otherwise, between the os.replace calls
     # below, new bins next to the old meta would look like a prepared dataset
@@ -72,12 +97,12 @@ def write_dataset(out_dir, train_docs, val_docs, tok, source_meta):
     try:
         counts = {}
         for split, docs in (("train", train_docs), ("val", val_docs)):
-            counts[split] = _encode_to_file(enc, docs, os.path.join(tmp, f"{split}.bin"), split)
+            counts[split] = _encode_to_file(enc, docs, os.path.join(tmp, f"{split}.bin"), split, dtype)
         meta = {
             "tokenizer": tok,
             "vocab_size": enc.n_vocab,
             "eot_token": enc.eot_token,
-            "dtype": "uint16",
+            "dtype": dtype,  # what train.bin / val.bin hold: readers take it from here (token_dtype)
         }
         for split, (n_tokens, n_docs, n_bytes) in counts.items():
             meta[f"{split}_tokens"] = n_tokens
@@ -110,10 +135,11 @@ def out_folder(path):
 
 
 def check_vocab_size(n):
-    """A byte-level BPE has the 256 bytes and the document token; tokens are stored as uint16."""
-    if not 257 <= n <= 65535:
-        raise SystemExit(f"error: --vocab_size={n}: a byte-level BPE needs 257 to 65535 tokens (256 bytes, the "
-                         "document token, and merges; the token files are uint16)")
+    """A byte-level BPE has the 256 bytes and the document token; its ids are stored as uint16
+    up to 65,536 tokens and as uint32 above (storage_dtype), so uint32 bounds it."""
+    if not 257 <= n <= 1 << 32:
+        raise SystemExit(f"error: --vocab_size={n}: a byte-level BPE needs 257 to {1 << 32} tokens (256 bytes, the "
+                         "document token, and merges; the token files hold uint32 ids at most)")
 
 
 def hf_tokenizer(arg):

@@ -675,6 +675,4 @@ def load_tokenizer_dict(name):
     if eot not in specials:
         raise ValueError(f"{name}: its end-of-text token (config.json's eos_token_id={eos}, or tokenizer_config.json's "
                          f"eos_token) is not one of the tokenizer's special tokens")
-    if len(ranks) + len([i for i in specials.values() if i >= len(ranks)]) > 65536:
-        raise ValueError(f"{name}'s tokenizer has more than 65,536 tokens: loopgpt's token files are uint16")
     return {"kind": "hf", "name": name, "pattern": pattern, "ranks": ranks, "specials": specials, "eot": eot}

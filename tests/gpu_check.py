@@ -55,6 +55,7 @@ from configs import (autocast_context, detect_device, fail, gpu_peak_flops, make
 from loopgpt import (LoopGPT, LoopGPTConfig, configure_optimizer, flops_per_token, load_checkpoint,  # noqa: E402
                      model_from_checkpoint)
 from sample import generate, kv_cache_bytes  # noqa: E402
+from data.common import token_dtype  # noqa: E402
 
 BF16_TOLERANCE = 0.01  # |loss_bf16 - loss_fp32| <= 1% of loss_fp32 at every step
 RUNS = ("flt_small compiled", "flt_small eager", "plain compiled", "plain eager", "huginn_small compiled")
@@ -172,6 +173,13 @@ def prepare_data():
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
     return {"source": meta["source"], "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"]}
+
+
+def val_tokens():
+    """The prepared corpus's val split, in the dtype its meta.json records (uint16 when none)."""
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        dtype = token_dtype(json.load(f))
+    return np.memmap(os.path.join(data_dir, "val.bin"), dtype=dtype, mode="r")
 
 
 def settings(config, extra):
@@ -294,7 +302,7 @@ def decode():
         raise RuntimeError("no flt_small run finished: nothing trained to decode with")
     model = model_from_checkpoint(load_checkpoint(run["checkpoint"])).to(device).eval()
     M, n_new, P = model.config.n_loops, (128 if gpu else 4), 16
-    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    val = val_tokens()
     bf16, _ = autocast_context(device, "bfloat16")
     fp32, _ = autocast_context(device, "float32")
     out = {"loops": M, "new_tokens": n_new, "prompt_tokens": P}
@@ -347,7 +355,7 @@ def kv_sharing():
         raise RuntimeError("no flt_small run finished: nothing trained to decode with")
     model = model_from_checkpoint(load_checkpoint(run["checkpoint"])).to(device).eval()
     L, n_new, P, B = model.config.n_loops, (64 if gpu else 4), 16, 8
-    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    val = val_tokens()
     prompt = torch.from_numpy(val[:B * P].astype(np.int64)).view(B, P).to(device)
     bf16, _ = autocast_context(device, "bfloat16")
     out = {"batch": B, "new_tokens": n_new}
@@ -387,7 +395,7 @@ def eval_speed():
         raise RuntimeError("no flt_small run finished: nothing trained to evaluate")
     model = model_from_checkpoint(load_checkpoint(run["checkpoint"])).to(device).eval()
     n, T = (512, 512) if gpu else (8, 32)
-    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    val = val_tokens()
     rows = [(val[i * T:(i + 1) * T].astype(np.int64).tolist(), T // 2, T) for i in range(n)]  # score the 2nd half
     routes = [(f"M={M}", {"loops": M}) for M in (1, 3, 6, 9, 12)]
     bf16, _ = autocast_context(device, "bfloat16")

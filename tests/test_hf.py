@@ -17,6 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data.huggingface as hf  # noqa: E402
 from data.tokenizer import load_tokenizer, train_bpe  # noqa: E402
+from data.common import storage_dtype  # noqa: E402
 from loopgpt import LoopGPT, LoopGPTConfig, init_from_source  # noqa: E402
 
 ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -301,6 +302,19 @@ def test_tokenizers_loopgpt_cannot_reproduce_say_why(tmp_path):
         with pytest.raises(ValueError, match=message):
             hf.load_tokenizer_dict(str(tmp_path))
 
+
+def test_a_tokenizer_above_65536_ids_is_stored_as_uint32(tmp_path):
+    """Llama 3 and Qwen2 put their special tokens past the BPE ranks (128,000+, 151,643+): the
+    tokenizer converts, and its ids need uint32 token files."""
+    tok, _ = tokenizer_json()
+    tok["added_tokens"].append({"id": 70000, "content": "<|big|>", "special": True})
+    with open(tmp_path / "tokenizer.json", "w") as f:
+        json.dump(tok, f)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(llama_config(), f)
+    enc = load_tokenizer(hf.load_tokenizer_dict(str(tmp_path)))
+    assert enc.n_vocab == 70001 and enc.encode("<|big|>", allowed_special="all") == [70000]
+    assert storage_dtype(enc.n_vocab) == "uint32"
 
 # ---- through the scripts, as a user runs them ---------------------------------------------------
 

@@ -12,6 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from data.common import token_dtype  # noqa: E402
 from data.tasks.prepare import TASKS, prepare  # noqa: E402
 from tests.test_train import records, run  # noqa: E402
 
@@ -21,7 +22,7 @@ EOT = 256
 def load(d, split):
     meta = json.load(open(os.path.join(d, "meta.json")))
     L = meta["row_len"]
-    rows = np.fromfile(os.path.join(d, f"{split}.bin"), dtype=np.uint16).reshape(-1, L)
+    rows = np.fromfile(os.path.join(d, f"{split}.bin"), dtype=token_dtype(meta)).reshape(-1, L)
     mask = np.fromfile(os.path.join(d, f"{split}_mask.bin"), dtype=np.uint8).reshape(-1, L)
     groups = np.fromfile(os.path.join(d, f"{split}_group.bin"), dtype=np.uint8)
     return meta, rows, mask, groups

@@ -28,6 +28,7 @@ tokenizer is the 256 single bytes plus EOT, served by tiktoken like the BPE ones
 
 Rows on disk (train.py reads them when meta.json says "format": "task"):
     {split}.bin       uint16 (rows, row_len): EOT, prompt, answer, EOT, then EOT padding
+                      (meta.json's "dtype"; uint32 only for a tokenizer above 65,536 tokens)
     {split}_mask.bin  uint8, same shape: 1 where the token is answer (or its closing EOT),
                       the only positions the loss and the exact-match accuracy look at
     {split}_group.bin uint8 (rows,): what the task varies (digits, p or hop count)
@@ -50,7 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from data.common import ArgumentParser, out_folder  # noqa: E402
+from data.common import ArgumentParser, out_folder, storage_dtype  # noqa: E402
 from data.tokenizer import load_tokenizer, tokenizer_to_dict  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -186,6 +187,7 @@ def prepare(task, out_dir=None, train_rows=20000, val_rows=1000, seed=0, **overr
         train, val = examples(draw, train_rows, seen), examples(draw, val_rows, seen)
     tok = byte_tokenizer()
     enc = load_tokenizer(tok)
+    dtype = storage_dtype(enc.n_vocab)  # uint16 (257 tokens); readers take it from meta["dtype"]
     splits = {name: to_rows(exs, enc) for name, exs in (("train", train), ("val", val))}
     row_len = max(len(p) + len(a) for enc_rows, _ in splits.values() for p, a in enc_rows)
 
@@ -196,10 +198,10 @@ def prepare(task, out_dir=None, train_rows=20000, val_rows=1000, seed=0, **overr
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=out_dir)
     try:
         meta = {"format": "task", "version": VERSION, "task": task, "params": kw, "seed": seed, "tokenizer": tok,
-                "vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "dtype": "uint16", "row_len": row_len,
+                "vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "dtype": dtype, "row_len": row_len,
                 "group_name": GROUP_NAMES[task]}
         for split, (rows, groups) in splits.items():
-            tokens = np.full((len(rows), row_len), enc.eot_token, dtype=np.uint16)
+            tokens = np.full((len(rows), row_len), enc.eot_token, dtype=dtype)
             mask = np.zeros((len(rows), row_len), dtype=np.uint8)
             for i, (p, a) in enumerate(rows):
                 tokens[i, :len(p) + len(a)] = p + a
