@@ -229,7 +229,8 @@ def main():
     print(f"transformers {transformers.__version__}, torch {torch.__version__}; the models are in {out}")
     print(f"{'model':20} {'logits':>9} {'(scale)':>8} {'states':>9} {'loop lgts':>9} {'cache':>9}")
     for r in rows:
-        print(f"{r[0]:20} {r[1]:9.1e} {r[2]:8.2f} {r[3]:9.1e} {r[4]:9.1e} {r[5]:9.1e}  {r[6]}")
+        e = [f"{x:9.1e}" if not math.isnan(x) else f"{'-':>9}" for x in (r[1], r[3], r[4], r[5])]  # - : no loop
+        print(f"{r[0]:20} {e[0]} {r[2]:8.2f} {e[1]} {e[2]} {e[3]}  {r[6]}")
 
 
 if __name__ == "__main__":
