@@ -7,7 +7,7 @@ verdict against its target.
     python bench.py --quick=True    # under a minute on a 2-core CPU
     python bench.py --profile=True  # torch.profiler tables of a train step and a decode step
     python bench.py --only=generation,relu2   # some sections: mfu, loop, generation, relu2,
-                                              # compile, routes, memory, eval, kv
+                                              # compile, routes, memory, eval, kv, load
 
 Measured:
 - training throughput and MFU of a d=512 looped model: on CPU against the matmul throughput
@@ -30,6 +30,11 @@ Measured:
   RSS during one training step minus its RSS before it; on CUDA, max_memory_allocated.
 - K/V memory per cached position against the budget M for each kv_sharing (measured from the
   cache's buffers), and decoding speed with each: shared caches should stay constant in M.
+- loading a released checkpoint (an Ouro-shaped model of random bfloat16 weights, 612M
+  parameters; 126M in quick mode), every weight read once after: peak RSS above the process's
+  before the load, against what it must hold. The file is memory-mapped and converted tensor
+  by tensor, so a float32 load holds the float32 weights plus the file's pages it read, and a
+  bfloat16 load only the mapped file (target <= 1.1x: nothing held twice).
 
 The first line says the threads and the OpenMP wait policy it ran with (PASSIVE unless
 OMP_WAIT_POLICY is set: see below).
@@ -59,9 +64,9 @@ from loopgpt import (LoopGPT, LoopGPTConfig, ReLUSquared, compile_blocks, config
 from sample import generate, new_cache  # noqa: E402
 from train import Objective, sample_short_route  # noqa: E402
 
-SECTIONS = ("mfu", "loop", "generation", "relu2", "compile", "routes", "memory", "eval", "kv")
+SECTIONS = ("mfu", "loop", "generation", "relu2", "compile", "routes", "memory", "eval", "kv", "load")
 args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "memory_probe": "", "profile": False,
-                                    "only": ""}, allow_config=False)
+                                    "only": "", "load_probe": ""}, allow_config=False)
 only = [s for s in args["only"].split(",") if s] or list(SECTIONS)
 if set(only) - set(SECTIONS):
     fail(f"--only={args['only']}: valid sections are {', '.join(SECTIONS)}")
@@ -400,6 +405,61 @@ def bench_loop_memory():
     print(print_table(rows, ["setting", "L=4", "L=16", "L16 / L4", "target", "verdict"]))
 
 
+def load_probe(spec):
+    """Load the checkpoint folder in `spec` = 'FOLDER,DTYPE' as sample.py does; prints the peak
+    RSS above the RSS before the load, and the parameters' bytes, in MB."""
+    import data.huggingface as hf  # an internal key: the load section runs itself with it, one process per dtype
+    folder, _, dtype = spec.rpartition(",")
+    if not os.path.isdir(folder) or dtype not in ("float32", "bfloat16", "float16"):
+        fail(f"--load_probe={spec}: an internal key, 'FOLDER,DTYPE' (a checkpoint folder; float32, bfloat16 or float16)")
+    for dt in (torch.float32, torch.bfloat16):  # torch's own first-use allocations (about 70 MB, building a
+        torch.ones(64, 64, dtype=dt).sum().item()  # first model included) go before the baseline
+    with torch.device("meta"):
+        LoopGPT(LoopGPTConfig())
+    base = rss_kb("VmRSS") * 1024
+    t0 = time.time()
+    model, _, _ = hf.model_from_hf(folder, dtype=getattr(torch, dtype))
+    for p in model.parameters():  # read every page of every weight, as a forward would: mapped pages count once read
+        p.detach().reshape(-1)[::4096 // p.element_size()].sum().item()
+    seconds = time.time() - t0
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(json.dumps({"peak": (rss_kb("VmHWM") * 1024 - base) / 2 ** 20, "params": params / 2 ** 20, "s": seconds}))
+
+
+def bench_load():
+    import tempfile
+    import data.huggingface as hf
+    layers, d = (2, 1024) if quick else (8, 2048)  # Ouro-1.4B's width and vocabulary; 8 of its 24 layers
+    ouro = {"model_type": "ouro", "vocab_size": 49152, "hidden_size": d, "intermediate_size": d * 11 // 4,
+            "num_hidden_layers": layers, "num_attention_heads": d // 128, "num_key_value_heads": d // 128,
+            "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 4096,
+            "tie_word_embeddings": False, "hidden_act": "silu", "total_ut_steps": 4}
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LoopGPT(LoopGPTConfig(**hf.ouro_keys(ouro))).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        weights = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+        hf.write_safetensors(os.path.join(folder, "model.safetensors"), weights)
+        del weights
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({"model_type": "loopgpt", "loopgpt": LoopGPTConfig(**hf.ouro_keys(ouro)).to_dict()}, f)
+        n = sum(s.numel() for s in shapes.values())
+        rows, file_mb = [], os.path.getsize(os.path.join(folder, "model.safetensors")) / 2 ** 20
+        for dtype in ("float32", "bfloat16"):
+            out = subprocess.run([sys.executable, __file__, f"--load_probe={folder},{dtype}"], capture_output=True,
+                                 text=True, check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            # float32: the converted weights plus the file's pages read to make them (the kernel may
+            # reclaim those); bfloat16: the weights are the mapped file's pages, nothing else
+            held = r["params"] + (file_mb if dtype != "bfloat16" else 0)
+            rows.append((dtype, f"{r['params']:.0f}", f"{held:.0f}", f"{r['peak']:.0f}", f"{r['peak'] / held:.2f}x",
+                         f"{r['s']:.1f}", verdict(r["peak"] / held <= 1.1)))
+    print(f"\nloading a released checkpoint (Ouro-shaped, {layers} layers, d={d}, {n / 1e6:.0f}M parameters, "
+          f"a {file_mb:.0f} MB bfloat16 file) on cpu: peak RSS above the process's before the load, against the "
+          f"weights it must hold (target <= 1.1x: nothing held twice)")
+    print(print_table(rows, ["loaded as", "params MB", "must hold MB", "peak MB", "peak / held", "seconds", "verdict"]))
+
+
 def profile():
     """Where the time of a training step (tiny size) and of a decoding step goes."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -424,6 +484,8 @@ def profile():
 
 if __name__ == "__main__" and args["memory_probe"]:
     memory_probe(args["memory_probe"])
+elif __name__ == "__main__" and args["load_probe"]:
+    load_probe(args["load_probe"])
 elif __name__ == "__main__" and args["profile"]:
     profile()
 elif __name__ == "__main__":
@@ -432,6 +494,7 @@ elif __name__ == "__main__":
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}{' (quick)' if quick else ''}")
     for name, bench in (("mfu", bench_train_mfu), ("loop", bench_loop_vs_deep), ("generation", bench_generation),
                         ("relu2", bench_relu2), ("compile", bench_compile), ("routes", bench_short_routes),
-                        ("memory", bench_loop_memory), ("eval", bench_eval_budgets), ("kv", bench_kv_sharing)):
+                        ("memory", bench_loop_memory), ("eval", bench_eval_budgets), ("kv", bench_kv_sharing),
+                        ("load", bench_load)):
         if name in only and not (name == "compile" and quick and not args["only"]):  # compiling takes a CPU minute
             bench()
