@@ -107,6 +107,7 @@ class LoopGPTConfig:
     coda_norm: bool = False    # Huginn: the final norm (same weights) also after the loop, before the coda
     loop_norm_f: bool = False  # Ouro: every loop's output through the final norm; the next loop, gate and head read it
     value_embeds: str = ""     # Parcae: blocks (0-based over prelude, core, coda) whose values add a gated token embedding
+    qk_gains: bool = False     # Qwen3 (an uptraining source): per-head RMSNorm with gains on q and k, before RoPE
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -168,6 +169,8 @@ class LoopGPTConfig:
                             f"{self.n_prelude + self.n_core + self.n_coda - 1}, comma-separated")
         elif blocks and (self.melt or self.routing != "none"):
             problems.append("value_embeds (Parcae) not with melt or routing")
+        if self.qk_gains and self.qk_norm:
+            problems.append("qk_gains=True (Qwen3) is the q/k norm, before RoPE: set qk_norm=False, not both")
         if self.n_head % self.n_kv_head:
             problems.append(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.n_core < 1 or self.n_loops < 1 or self.n_prelude < 0 or self.n_coda < 0:
@@ -906,6 +909,8 @@ def add_extensions(model):
         model.melt_alpha = 1.0  # MELT's phase-1 interpolation (train.py sets it; 1 = MELT itself)
     if cfg.value_embeds:  # Parcae: gated token embeddings added to some blocks' values
         add_value_embeddings(model)
+    if cfg.qk_gains:  # Qwen3 as an uptraining source: gained per-head norms on q and k
+        add_qk_gains(model)
 
 
 @torch.no_grad()
@@ -1181,8 +1186,9 @@ LORA_MATRIX = {name: (lambda block, p=p: getattr(getattr(block, p[0]), p[1])) fo
 
 def lora_shapes(cfg):
     """{target: (in, out)} of the per-loop LoRA's matrices (lora_targets)."""
-    d, kv, hidden = cfg.n_embd, cfg.n_kv_head * (cfg.n_embd // cfg.n_head), round(cfg.mlp_ratio * cfg.n_embd)
-    shapes = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d),
+    d, q, kv = cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    hidden = round(cfg.mlp_ratio * cfg.n_embd)
+    shapes = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d),
               "fc": (d, (2 if cfg.mlp == "swiglu" else 1) * hidden), "down": (hidden, d)}
     names = LORA_TARGETS if cfg.lora_targets == "all" else cfg.lora_targets.split(",")
     return {name: shapes[name] for name in LORA_TARGETS if name in names}
@@ -1234,6 +1240,26 @@ def init_lora(model):
         for j, block in enumerate(model.core):
             LORA_MATRIX[name](block).lora_A.copy_(A[:, j])
             LORA_MATRIX[name](block).lora_B.zero_()
+
+
+def add_qk_gains(model):
+    """
+    Qwen3 (Qwen team 2025, arXiv 2505.09388), a source for uptraining, norms each head's
+    query and key with a learned gain before RoPE: q_h = g_q ⊙ norm(W_q x)_h, the same for k
+    (flag qk_gains). Part 1's qk_norm has no gain and comes after RoPE, where the two orders
+    agree; a gain per channel does not commute with the rotation, so this one goes first.
+    Hook: a forward hook on every block's attn.q and attn.k (a LoRALinear too: the norm reads
+    the adapted projection), holding its gain as .norm.
+    """
+    cfg = model.config
+    for block in [*model.prelude, *model.core, *model.coda]:
+        for layer in (block.attn.q, block.attn.k):
+            layer.norm = RMSNorm(cfg.head_dim, True, cfg.norm_eps)
+            layer.register_forward_hook(norm_heads)
+
+
+def norm_heads(layer, args, out):
+    return layer.norm(out.unflatten(-1, (-1, layer.norm.weight.numel()))).flatten(-2)
 
 
 INIT_CORES = ("lower", "stepwise", "average")
@@ -1300,8 +1326,8 @@ def init_from_source(target, source, init_core="average"):
     if cfg.lora_rank and T != cfg.n_loops:
         raise ValueError(f"lora_rank needs one loop per group of replaced layers: n_loops={cfg.n_loops}, but the "
                          f"source's {len(middle)} replaced layers make {T} loops of {K}")
-    shape_keys = ("n_embd", "n_head", "n_kv_head", "mlp", "mlp_ratio", "norm_gains", "qk_norm", "block_norm", "qkv_bias",
-                  "vocab_size", "tie_embeddings")
+    shape_keys = ("n_embd", "n_head", "n_kv_head", "head_dim", "mlp", "mlp_ratio", "norm_gains", "qk_norm", "qk_gains",
+                  "block_norm", "qkv_bias", "vocab_size", "tie_embeddings")
     differ = [f"{k}={getattr(source.config, k)!r} there, {getattr(cfg, k)!r} here" for k in shape_keys
               if getattr(cfg, k) != getattr(source.config, k)]
     if differ:

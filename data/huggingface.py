@@ -1,6 +1,6 @@
 """
 Released checkpoints as loopgpt models: the looped models (Ouro, Huginn-0125, Parcae,
-Nanbeige's looped Llama), plain Llama-family stacks (Llama, SmolLM, TinyLlama, Qwen2) and
+Nanbeige's looped Llama), plain Llama-family stacks (Llama, SmolLM, TinyLlama, Qwen2, Qwen3) and
 loopgpt's own exports. For sampling and evaluation at any loop budget (sample.py / eval.py
 --init_from=hf:NAME), uptraining and fine-tuning (train.py --init_from=hf:NAME) and tokenizing
 data with the model's tokenizer (data/*/prepare.py --tokenizer=hf:NAME).
@@ -20,6 +20,7 @@ and torch (no transformers, no safetensors package):
 
 How each format maps onto loopgpt (its section below has the tensor names):
   llama, qwen2   a plain stack: n_core = layers, n_loops = 1
+  qwen3          the same, with its gained per-head q/k norms before RoPE (qk_gains)
   nanbeige       Nanbeige4.2's looped Llama: the stack num_loops times, the final norm at every
                  loop boundary (loop_norm_f), head_dim twice d / heads
   ouro           the whole stack looped total_ut_steps times, branch norms, loop_norm_f and
@@ -204,7 +205,7 @@ def llama_keys(hf):
         problems.append(str(e))
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r} (loopgpt's swiglu is silu)")
-    if kind == "llama" and hf.get("attention_bias"):
+    if kind in ("llama", "qwen3") and hf.get("attention_bias"):
         problems.append("attention_bias=True (a bias on o_proj too; loopgpt's output projections have none)")
     if hf.get("mlp_bias"):
         problems.append("mlp_bias=True")
@@ -216,7 +217,7 @@ def llama_keys(hf):
                 n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or d // heads,
                 n_prelude=0, n_core=hf["num_hidden_layers"], n_coda=0, n_loops=1, injection="none",
                 state_init="prelude", norm_gains=True, norm_eps=hf.get("rms_norm_eps", 1e-6),
-                embed_norm=False, qkv_bias=kind == "qwen2", qk_norm=False, mlp="swiglu",
+                embed_norm=False, qkv_bias=kind == "qwen2", qk_norm=False, qk_gains=kind == "qwen3", mlp="swiglu",
                 mlp_ratio=hf["intermediate_size"] / d, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 softcap=0.0, rope_base=theta)
 
@@ -229,6 +230,9 @@ def llama_layer(t, hf, ours, keys):
         sd[ours + f"attn.{x}.weight"] = t.take(hf + f"self_attn.{x}_proj.weight")
         if keys["qkv_bias"]:
             sd[ours + f"attn.{x}.bias"] = t.take(hf + f"self_attn.{x}_proj.bias")
+    if keys.get("qk_gains"):  # Qwen3: each head's q and k normed with a gain, before RoPE
+        sd[ours + "attn.q.norm.weight"] = t.take(hf + "self_attn.q_norm.weight")
+        sd[ours + "attn.k.norm.weight"] = t.take(hf + "self_attn.k_norm.weight")
     sd[ours + "attn.proj.weight"] = t.take(hf + "self_attn.o_proj.weight")
     sd[ours + "mlp.fc.weight"] = torch.cat([t.take(hf + "mlp.gate_proj.weight"), t.take(hf + "mlp.up_proj.weight")])
     sd[ours + "mlp.proj.weight"] = t.take(hf + "mlp.down_proj.weight")
@@ -445,7 +449,7 @@ def loopgpt_weights(t, keys, hf):
 
 # ---- one entry point ---------------------------------------------------------------------------
 
-FORMATS = {"llama": (llama_keys, llama_weights), "qwen2": (llama_keys, llama_weights),
+FORMATS = {"llama": (llama_keys, llama_weights), "qwen2": (llama_keys, llama_weights), "qwen3": (llama_keys, llama_weights),
            "nanbeige": (nanbeige_keys, llama_weights), "ouro": (ouro_keys, ouro_weights),
            "huginn_raven": (huginn_keys, huginn_weights), "parcae": (parcae_keys, parcae_weights),
            "loopgpt": (loopgpt_keys, loopgpt_weights)}
@@ -456,7 +460,8 @@ def format_of(hf):
     kind = "parcae" if hf.get("_class_name") == "ParcaeConfig" else hf.get("model_type")
     if kind not in FORMATS:
         raise ValueError(f"model_type={kind!r}: loopgpt reads {', '.join(FORMATS)} checkpoints (Parcae's by its "
-                         f"_class_name); not Qwen3 or OLMo-2 (q/k norms with gains: not expressible yet)")
+                         f"_class_name); not OLMo-2 (norms after each branch and none before it, q/k norms "
+                         f"across all heads: not expressible)")
     return kind
 
 
@@ -563,7 +568,7 @@ def llama_export(model, sd):
                  norm_gains=True, embed_norm=False, embed_scale=1.0, coda_norm=False, loop_norm_f=False,
                  qk_norm=False, mlp="swiglu", softcap=0.0, modulation="none", routing="none", lora_rank=0,
                  exit_gate=False, selective_gate=False, confidence_head=False, melt=False, value_embeds="",
-                 qkv_bias=False)
+                 qkv_bias=False, qk_gains=False)
     wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in plain.items() if getattr(cfg, k) != v]
     if set(cfg.window_pattern) != {"L"}:
         wrong.append(f"window_pattern={cfg.window_pattern!r}")

@@ -17,7 +17,7 @@ saver, runs the authors' forward, loads the saved folder with hf.model_from_hf, 
         safetensors huggingface_hub numpy tiktoken
     /tmp/refvenv/bin/python tests/official_released.py --huginn=PATH/recurrent-pretraining \\
         --parcae=PATH/parcae --ouro=DIR_WITH_modeling_ouro.py --nanbeige=DIR_WITH_modeling_nanbeige.py \\
-        --llama_export [--out=/tmp/official]          # any subset of the families
+        --llama_export --qwen3 [--out=/tmp/official]  # any subset of the families
 
 The authors' code, and how each file is found:
   --huginn    github.com/seal-rg/recurrent-pretraining; recpre/raven_modeling_minimal.py and
@@ -30,6 +30,7 @@ The authors' code, and how each file is found:
               Nanbeige/Nanbeige4.2-3B on Hugging Face, or a third-party copy
   --llama_export  no code: a plain LoopGPT exported with hf.export(layout='llama') and read by
               transformers' LlamaForCausalLM
+  --qwen3     no code: transformers' own Qwen3ForCausalLM (an uptraining source) read by loopgpt
 transformers 4.56-4.57: Ouro's cache assigns Cache.key_cache (read-only before 4.56), and
 transformers 5.x breaks both remote codes (Ouro's RoPE init and mask kwargs; Nanbeige's inv_freq
 loads as zeros). Where a family draws a random initial state, both sides start from zero
@@ -203,9 +204,24 @@ def llama_export(out):
             max(cached_vs_full(model, M) for M in (1, 2)), f"read back by loopgpt {back:.1e}")
 
 
+def qwen3(out):
+    """A plain Qwen3 (gained q/k norms before RoPE) from transformers' own Qwen3ForCausalLM, the
+    uptraining source loopgpt reads with qk_gains."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    cfg = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, max_position_embeddings=128, rms_norm_eps=1e-6,
+                      rope_theta=1e6, tie_word_embeddings=True, attn_implementation="eager")
+    model = randomise(Qwen3ForCausalLM(cfg), 6)
+    model.save_pretrained(out)
+    ref = model(IDS).logits
+    ours = hf.model_from_hf(out, dtype=torch.float32)[0]
+    return (diff(ours(IDS)[0], ref), ref.abs().max().item(), math.nan, math.nan,
+            max(cached_vs_full(ours, M) for M in (1, 2)), "head_dim 32 where d / heads = 16")
+
+
 def main():
     args = {k: v if eq else "1" for k, eq, v in (a.removeprefix("--").partition("=") for a in sys.argv[1:])}
-    known = {"huginn", "parcae", "ouro", "nanbeige", "llama_export", "out"}
+    known = {"huginn", "parcae", "ouro", "nanbeige", "llama_export", "qwen3", "out"}
     if not args or set(args) - known:
         sys.exit(__doc__ + f"\nunknown or missing arguments: {sorted(set(args) - known) or 'none given'}")
     import transformers
@@ -226,6 +242,8 @@ def main():
             rows.append((name, *compare(folder, build(os.path.abspath(path), folder))))
     if "llama_export" in args:
         rows.append(("llama_export", *llama_export(os.path.join(out, "llama_export"))))
+    if "qwen3" in args:
+        rows.append(("qwen3", *qwen3(os.path.join(out, "qwen3"))))
     print(f"transformers {transformers.__version__}, torch {torch.__version__}; the models are in {out}")
     print(f"{'model':20} {'logits':>9} {'(scale)':>8} {'states':>9} {'loop lgts':>9} {'cache':>9}")
     for r in rows:

@@ -98,6 +98,8 @@ def random_weights(c, dtype=torch.float32, seed=0):
         if c["model_type"] == "qwen2":
             for x, n in (("q", c["num_attention_heads"]), ("k", c["num_key_value_heads"]), ("v", c["num_key_value_heads"])):
                 t[p + f"self_attn.{x}_proj.bias"] = w(n * hd, std=0.5)
+        if c["model_type"] == "qwen3":  # a gain per head dimension, shared by the heads
+            t[p + "self_attn.q_norm.weight"], t[p + "self_attn.k_norm.weight"] = gain()[:hd], gain()[:hd]
         t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"] = w(I, d), w(I, d)
         t[p + "mlp.down_proj.weight"] = w(d, I)
     return t
@@ -150,7 +152,10 @@ def reference_logits(t, c, idx):
             y = a @ t[p + f"self_attn.{name}_proj.weight"].T
             if p + f"self_attn.{name}_proj.bias" in t:
                 y = y + t[p + f"self_attn.{name}_proj.bias"]
-            return y.view(idx.size(0), T, n, hd).transpose(1, 2)
+            y = y.view(idx.size(0), T, n, hd)
+            if p + f"self_attn.{name}_norm.weight" in t:  # Qwen3: each head normed, with a gain, before RoPE
+                y = rms(y, t[p + f"self_attn.{name}_norm.weight"])
+            return y.transpose(1, 2)
 
         q, k, v = rope(proj("q", H)), rope(proj("k", Hkv)), proj("v", Hkv)
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
@@ -174,7 +179,8 @@ def loopgpt_model(folder):
 
 CASES = {"llama tied GQA": (llama_config(), torch.float32, 1),
          "llama untied MHA bf16, 3 shards": (llama_config(tie=False, n_kv=4), torch.bfloat16, 3),
-         "qwen2 biases": (llama_config(kind="qwen2", tie=False), torch.float32, 1)}
+         "qwen2 biases": (llama_config(kind="qwen2", tie=False), torch.float32, 1),
+         "qwen3 q/k norm gains": (llama_config(kind="qwen3", head_dim=8), torch.float32, 1)}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -189,6 +195,9 @@ def test_loaded_model_matches_a_reference_llama_forward(case, tmp_path):
     ref = reference_logits(t, c, idx)
     assert ref.std() > 0.1  # not a degenerate comparison
     assert (logits.double() - ref).abs().max() < 2e-5
+    if case == "qwen3 q/k norm gains":  # the gains matter (and sit before RoPE: they do not commute with it)
+        plain = {k: torch.ones_like(v) if k.endswith(("q_norm.weight", "k_norm.weight")) else v for k, v in t.items()}
+        assert (logits.double() - reference_logits(plain, c, idx)).abs().max() > 1e-3
     if case == "llama tied GQA":  # each convention the mapping depends on, broken one at a time, shows
         for broken in ({"rms_norm_eps": 1e-8}, {"rope_theta": 10000.0}):
             assert (logits.double() - reference_logits(t, {**c, **broken}, idx)).abs().max() > 1e-3
@@ -199,12 +208,15 @@ def test_loaded_model_matches_a_reference_llama_forward(case, tmp_path):
         assert (logits.double() - reference_logits(swapped, c, idx)).abs().max() > 1e-3
 
 
-def test_a_converted_model_without_sharing_reproduces_the_hf_model(tmp_path):
-    c = llama_config()
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_a_converted_model_without_sharing_reproduces_the_hf_model(tmp_path, kind):
+    c = llama_config(kind=kind)
     t = random_weights(c)
     write_checkpoint(tmp_path, c, t)
     source, _ = loopgpt_model(tmp_path)
     keys = dict(source.config.to_dict(), n_prelude=2, n_core=3, n_coda=1, n_loops=1)
+    if kind == "qwen3":  # the q/k norms read the LoRA-adapted projections (B = 0 at init: the same)
+        keys.update(lora_rank=2, lora_targets="q,k")
     target = LoopGPT(LoopGPTConfig(**keys)).eval()
     init_from_source(target, source, "average")
     idx = torch.randint(0, c["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(2))

@@ -400,8 +400,8 @@ def test_a_transformers_5_config_reads_its_rope_parameters(tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"model_type": "qwen3"}, "model_type='qwen3'"),
-    ({"model_type": "olmo2"}, "not Qwen3 or OLMo-2"),
+    ({"model_type": "qwen3", "attention_bias": True}, "attention_bias=True"),
+    ({"model_type": "olmo2"}, "not OLMo-2"),
     ({"model_type": "ouro", "rope_scaling": {"type": "yarn"}}, "rope_type='yarn'"),
     ({"model_type": "huginn_raven", "block_class_name": "PreNormBlock"}, "block_class_name='PreNormBlock'"),
     ({"model_type": "huginn_raven", "injection_type": "add"}, "injection_type='add'"),
