@@ -27,6 +27,9 @@ with enough of time_limit left is skipped, and a run still going at the deadline
    that makes CORE take (an estimate from CORE's size, the bundle is not there offline).
 4. bf16 autocast against fp32: flt_small from the same init on the same batches; every
    step's loss must stay within BF16_TOLERANCE of the fp32 one.
+5. (--peers=DIR only, a call of its own: compiling the peers takes minutes) loopgpt's
+   training step beside the FLT code's and nanochat's on this GPU: tests/peer_step.py with
+   DIR/FullyLoopedTransformer and DIR/nanochat, checkouts carried to the machine.
 
 Prints a table last; DIR/gpu_check.log keeps every run's output. --only=decode,... runs
 only the named steps of STEPS (decode, kv sharing and eval speed bring the flt_small run they need).
@@ -60,7 +63,7 @@ from data.common import token_dtype  # noqa: E402
 BF16_TOLERANCE = 0.01  # |loss_bf16 - loss_fp32| <= 1% of loss_fp32 at every step
 RUNS = ("flt_small compiled", "flt_small eager", "plain compiled", "plain eager", "huginn_small compiled")
 STEPS = ("flt_small compiled", "flt_small eager", "plain", "step breakdown", "decode", "kv sharing", "eval speed",
-         "bf16 vs fp32", "huginn_small compiled")
+         "bf16 vs fp32", "huginn_small compiled", "peers")
 
 args, _ = parse_args(sys.argv[1:], {
     "out_dir": "",        # where gpu_check.json and gpu_check.log go
@@ -70,6 +73,7 @@ args, _ = parse_args(sys.argv[1:], {
     "shrink": "",         # --key=value settings added to every run (a CPU rehearsal's smaller model)
     "compile": True,      # False: skip the compiled runs (a quick CPU rehearsal)
     "only": "",           # run only these steps (comma-separated names from STEPS); "" = all
+    "peers": "",          # a folder with checkouts FullyLoopedTransformer/ and nanochat/: step 5
 }, allow_config=False)
 if not args["out_dir"]:
     fail("say where the results go: --out_dir=DIR")
@@ -284,9 +288,28 @@ def step_breakdown():
             opt.step()
         out[f"{name}_fwd_bwd_ms"], out[f"{name}_opt_step_ms"] = timed(fwd_bwd), timed(opt.step)
         out[f"{name}_muon_matrices"] = sum(len(g["params"]) for g in opt.param_groups if g.get("use_muon"))
+        if gpu:  # how much of a whole step the GPU is busy: kernel time over wall time
+            out[f"{name}_gpu_busy"] = gpu_busy(lambda: (fwd_bwd(), opt.step(), opt.zero_grad(set_to_none=True)))
         del model, opt
     out["plain_over_looped_fwd_bwd"] = out["plain_fwd_bwd_ms"] / out["looped_fwd_bwd_ms"]
     return out
+
+
+def gpu_busy(fn, n=3):
+    """The fraction of fn's wall time the GPU spends in kernels, from torch.profiler: the
+    kernels of one stream do not overlap, so their summed time is the time the GPU is busy.
+    Below 1, the GPU waits for Python to launch the next kernel (or for the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        wall_us = 1e6 * (time.perf_counter() - t0)
+    kernels_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+    return kernels_us / wall_us
 
 
 # ---- 3. decoding ---------------------------------------------------------------------------
@@ -423,6 +446,29 @@ def bf16_vs_fp32():
             "step_ms_fp32": runs["float32"]["step_ms"], "step_ms_bf16": runs["bfloat16"]["step_ms"]}
 
 
+# ---- 5. the peers ----------------------------------------------------------------------------
+
+def peers():
+    """tests/peer_step.py on this device (a process of its own: the peers' modules, their
+    compiled graphs and their memory go with it)."""
+    folders = {k: os.path.join(args["peers"], k) for k in ("FullyLoopedTransformer", "nanochat")}
+    out = os.path.join(work, "peers.json")
+    given = [f"--{'flt' if k == 'FullyLoopedTransformer' else k}={path}" for k, path in folders.items()
+             if os.path.isdir(path)]
+    if not given:
+        return {"error": f"--peers={args['peers']} holds neither FullyLoopedTransformer/ nor nanochat/"}
+    cmd = [sys.executable, "tests/peer_step.py", f"--device={device}", f"--out={out}", *given,
+           *([] if gpu else ["--size=tiny", "--steps=1", "--compile=False"])]
+    log(f"\n$ {' '.join(cmd[1:])}")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(1, deadline - time.time()))
+    log(proc.stdout + proc.stderr)
+    if proc.returncode:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        return {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
+    with open(out) as f:
+        return json.load(f)
+
+
 # ---- the check --------------------------------------------------------------------------------
 
 flt = settings("flt_small", shrink)
@@ -446,6 +492,8 @@ step("bf16 vs fp32", bf16_vs_fp32, need_s=60)
 if args["compile"]:
     step("huginn_small compiled", lambda: train("huginn_small compiled", "huginn_small", "--compile=True",
                                                 "--eval_budgets=1,8"), need_s=60)
+if args["peers"]:
+    step("peers", peers, need_s=120)
 shutil.rmtree(work, ignore_errors=True)
 
 # ---- the tables -------------------------------------------------------------------------------
@@ -484,9 +532,13 @@ mode = "compiled" if args["compile"] else "eager"
 looped, base = runs.get(f"flt_small {mode}", {}), runs.get(f"plain {mode}", {})
 if looped.get("mfu") is not None:
     check(f"MFU, flt_small {mode}", pct(looped["mfu"]), ">= 40%", looped["mfu"] >= 0.4)
+if looped.get("peak_mem_gb") is not None:
+    check(f"peak memory, flt_small {mode}, {looped['batch_size']} x {looped['block_size']} tokens",
+          f"{looped['peak_mem_gb']:.1f} GB", "<= 40 GB", looped["peak_mem_gb"] <= 40)
 if "step_ms" in looped and "step_ms" in base:
+    # the loop costs nothing beyond its FLOPs (>= 0.95), and neither do 72 blocks' optimizer updates (<= 1.05)
     results["plain_over_looped_step_time"] = ratio = base["step_ms"] / looped["step_ms"]
-    check("step time, plain / looped (same FLOPs)", f"{ratio:.3f}", ">= 0.95", ratio >= 0.95)
+    check("whole step, plain / looped (same FLOPs)", f"{ratio:.3f}", "0.95 .. 1.05", 0.95 <= ratio <= 1.05)
 d = results.get("decode", {})
 for B in (1, 8):
     if f"B{B}_cache_speedup" in d:
@@ -510,6 +562,19 @@ if "plain_over_looped_fwd_bwd" in b:
           f"{b['looped_fwd_bwd_ms']:.0f} ms)", ">= 0.95", ratio >= 0.95)
     check("optimizer step, plain / looped (Muon matrices)", f"{b['plain_opt_step_ms']:.0f} / {b['looped_opt_step_ms']:.0f}"
           f" ms ({b['plain_muon_matrices']} / {b['looped_muon_matrices']})")
+for name in ("looped", "plain"):
+    if f"{name}_gpu_busy" in b:
+        check(f"GPU busy in a {name} step (profiler: kernel time / wall time)", pct(b[f"{name}_gpu_busy"]), ">= 90%",
+              b[f"{name}_gpu_busy"] >= 0.9)
+p = results.get("peers", {})
+for ours, theirs, target in (("loopgpt flt_small", "FLT code", 1.1), ("loopgpt plain 72x1", "nanochat plain 72x1", None)):
+    for name in (ours, theirs):
+        if "error" in p.get(name, {}):
+            check(f"peers: {name}", p[name]["error"], ok=False)
+    if f"{ours} / {theirs}" in p:
+        r = p[f"{ours} / {theirs}"]
+        check(f"tokens/s, {ours} / {theirs} (same step, same GPU)", f"{r:.2f}x ({p[ours]['tokens_per_s']:,.0f} / "
+              f"{p[theirs]['tokens_per_s']:,.0f})", *((f">= {target}x", r >= target) if target else ()))
 if "fp32_first_difference" in d:
     first = d["fp32_first_difference"]
     check(f"decode B=8, fp32: cached greedy tokens = uncached ({d['fp32_greedy_tokens']})",
@@ -526,7 +591,7 @@ e = results.get("eval speed", {})
 if "tok_s" in e:
     check("eval.py at budgets 1,3,6,9,12 (one pass), bf16", f"{e['tok_s']:,.0f} tok/s; CORE ~{e['core_estimate_s'] / 60:.0f}"
           f" min (estimate)")
-for name in ("step breakdown", "decode", "kv sharing", "eval speed", "bf16 vs fp32"):
+for name in ("step breakdown", "decode", "kv sharing", "eval speed", "bf16 vs fp32", "peers"):
     if "error" in results.get(name, {}) or "skipped" in results.get(name, {}):
         check(name, results[name].get("error") or results[name]["skipped"], ok=False)
 save()

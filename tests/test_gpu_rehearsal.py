@@ -191,3 +191,8 @@ def test_gpu_check_rehearsal(tmp_path):
     result = json.loads((out / "gpu_check.json").read_text())
     assert {"flt_small eager", "decode"} <= set(result) and "plain eager" not in result and "bf16 vs fp32" not in result
     assert result["decode"]["fp32_first_difference"] is None
+    # the peers' step needs their checkouts: a folder without them is an error in the table, not a crash
+    (tmp_path / "no-peers").mkdir()
+    p = run("tests/gpu_check.py", f"--out_dir={out}", "--device=cpu", "--only=peers", f"--peers={tmp_path / 'no-peers'}")
+    assert "holds neither FullyLoopedTransformer/ nor nanochat/" in json.loads((out / "gpu_check.json").read_text())[
+        "peers"]["error"] and "MISSED" in p.stdout
