@@ -540,16 +540,23 @@ def main():
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         del ckpt
     raw_model = model
-    if tc.compile:
+    compile_kwargs = {"mode": tc.compile_mode} if tc.compile_mode else {}
+    if tc.compile and tc.compile_scope == "blocks":
         # compile each block, not the model: the loop stays in Python, so every budget M (a
         # depth sampled per step, an eval sweep) reuses the same compiled blocks. Compiling
         # the whole model would unroll the loop and compile once more for every new M.
-        compile_blocks(raw_model)
+        compile_blocks(raw_model, **compile_kwargs)
     # the training loss around the model (the objectives above); DDP wraps it, teacher and all
     model = Objective(raw_model, tc.lambda_short, tc.lambda_cons, tc.gate_stage, tc.gate_beta, tc.gate_k, tc.gate_gamma,
                       tc.lambda_mono, teacher=teacher, lambda_attn=tc.lambda_attn)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    if tc.compile and tc.compile_scope == "step":
+        # the whole training forward and loss as one graph (the loop unrolled): one launch
+        # stream with no Python between blocks, which a small width (each kernel short) needs
+        # on a GPU. A new budget M compiles again, so it suits a fixed train budget; the
+        # evaluation runs the model itself, eagerly.
+        model = torch.compile(model, dynamic=False, **compile_kwargs)
 
     if tc.objective == "shortcut" and cfg.modulation != "loopformer":
         fail("objective=shortcut samples schedules with unequal steps: it needs modulation=loopformer")

@@ -115,7 +115,9 @@ class TrainConfig:
     # system
     device: str = ""              # "" = cuda if available, else cpu
     dtype: str = ""               # bfloat16 (autocast) | float32; "" = bfloat16 on CUDA, float32 on CPU
-    compile: bool = False
+    compile: bool = False         # torch.compile, as compile_scope says
+    compile_scope: str = "blocks"  # blocks: each block (every budget reuses them) | step: the training forward and loss whole, the loop unrolled (one graph per budget)
+    compile_mode: str = ""        # torch.compile's mode: "" (default) | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
 
     def __post_init__(self):
         """A bad setting stops here, before any data or model is made: the first problem, one
@@ -138,6 +140,10 @@ class TrainConfig:
                            ("recurrence_schedule", ("linear", "1-sqrt"))):
             if getattr(self, key) not in valid:
                 yield f"{key}={getattr(self, key)!r} (valid: {', '.join(map(str, valid))})"
+        for key, valid in (("compile_scope", ("blocks", "step")),
+                           ("compile_mode", ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))):
+            if getattr(self, key) not in valid:
+                yield f"{key}={getattr(self, key)!r} (valid: {', '.join(repr(v) for v in valid)})"
         if self.loop_sampling != "fixed" and self.objective != "final":
             yield f"objective={self.objective} draws its short route from a fixed full route: use loop_sampling=fixed"
         shared_depth = self.objective == "final" and self.loop_sampling != "per_sequence"  # one depth for the batch

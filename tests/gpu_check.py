@@ -13,9 +13,10 @@ with enough of time_limit left is skipped, and a run still going at the deadline
 
 1. device, torch and CUDA versions; a bf16 8192³ matmul's TFLOP/s beside the datasheet peak.
 2. training runs, each `torchrun --standalone --nproc_per_node=1 train.py --config NAME` for
-   `steps` steps on one micro-batch per step: flt_small compiled and eager; a plain stack of
-   flt_small's depth (6 x 12 = 72 blocks, the same FLOPs) compiled, for the looped / plain step
-   time ratio; huginn_small compiled (sampled depth, truncated backprop, the adapter, a random
+   `steps` steps on one micro-batch per step: flt_small and a plain stack of flt_small's depth
+   (6 x 12 = 72 blocks, the same FLOPs), each with its blocks compiled (train.py's default)
+   and with the whole step compiled (compile_scope=step), for MFU and the looped / plain step
+   time ratio (eager instead of both with --compile=False); huginn_small compiled (sampled depth, truncated backprop, the adapter, a random
    initial state). Tokens/s, MFU against the bf16 peak, peak memory, first and last loss. A
    run that runs out of memory is retried at half the batch. Then the step breakdown:
    forward + backward and the optimizer step timed apart, looped against plain, in-process.
@@ -60,9 +61,12 @@ from loopgpt import (LoopGPT, LoopGPTConfig, configure_optimizer, flops_per_toke
 from sample import generate, kv_cache_bytes  # noqa: E402
 from data.common import token_dtype  # noqa: E402
 
+FLT_RUNS = ("flt_small compiled", "flt_small step-compiled", "flt_small eager")  # decoding reads the first trained
 BF16_TOLERANCE = 0.01  # |loss_bf16 - loss_fp32| <= 1% of loss_fp32 at every step
-RUNS = ("flt_small compiled", "flt_small eager", "plain compiled", "plain eager", "huginn_small compiled")
-STEPS = ("flt_small compiled", "flt_small eager", "plain", "step breakdown", "decode", "kv sharing", "eval speed",
+RUNS = ("flt_small compiled", "flt_small step-compiled", "flt_small eager", "plain compiled", "plain step-compiled",
+        "plain eager", "huginn_small compiled")
+STEPS = ("flt_small compiled", "flt_small step-compiled", "flt_small eager", "plain", "step breakdown", "decode",
+         "kv sharing", "eval speed",
          "bf16 vs fp32", "huginn_small compiled", "peers")
 
 args, _ = parse_args(sys.argv[1:], {
@@ -82,8 +86,8 @@ if args["steps"] < 0 or args["time_limit"] <= 0:
 only = {s for s in args["only"].split(",") if s}
 if only - set(STEPS):
     fail(f"--only={args['only']}: the steps are {', '.join(STEPS)}")
-if only & {"decode", "kv sharing", "eval speed"} and not only & {"flt_small compiled", "flt_small eager"}:
-    only.add("flt_small eager")  # they decode and score with the flt_small that run trains
+if only & {"decode", "kv sharing", "eval speed"} and not only & set(FLT_RUNS):
+    only.add(FLT_RUNS[0] if args["compile"] else "flt_small eager")  # they decode and score with the flt_small it trains
 device = detect_device(args["device"])
 gpu = device.startswith("cuda")
 deadline = time.time() + args["time_limit"]
@@ -110,8 +114,7 @@ def log(text):
 
 def step(name, fn, need_s=20):
     """Run one step of the check; its result or its error goes into results[name]."""
-    if only and name not in only | {"environment", "data", "plain compiled", "plain eager"} or (
-            name.startswith("plain") and only and "plain" not in only):
+    if only and name not in only | {"environment", "data"} and not (name.startswith("plain ") and "plain" in only):
         return
     left = deadline - time.time()
     if left < need_s:
@@ -319,7 +322,7 @@ def decode():
     graph, the same cache launched eagerly, and no cache. Whether cached and uncached greedy
     tokens agree is asked in fp32, where the two differ only by rounding (in bf16 a near-tie
     can flip)."""
-    run = next((results[k] for k in ("flt_small compiled", "flt_small eager") if "checkpoint" in results.get(k, {})),
+    run = next((results[k] for k in FLT_RUNS if "checkpoint" in results.get(k, {})),
                None)
     if run is None:
         raise RuntimeError("no flt_small run finished: nothing trained to decode with")
@@ -372,7 +375,7 @@ def kv_sharing():
     """Decoding with the KV cache shared across loops (kv_sharing='last') against the exact
     one, eagerly (sharing has no CUDA graph), B=8, bf16, at the train budget and twice it: the
     cache's bytes, the allocator's peak during generation, and tokens/s."""
-    run = next((results[k] for k in ("flt_small compiled", "flt_small eager") if "checkpoint" in results.get(k, {})),
+    run = next((results[k] for k in FLT_RUNS if "checkpoint" in results.get(k, {})),
                None)
     if run is None:
         raise RuntimeError("no flt_small run finished: nothing trained to decode with")
@@ -412,7 +415,7 @@ def eval_speed():
     """eval.py's scoring with the trained flt_small at FLT's budgets 1, 3, 6, 9, 12 (bf16), on
     sequences of real text: tokens/s, and CORE's time at that rate (an estimate)."""
     import eval as ev
-    run = next((results[k] for k in ("flt_small compiled", "flt_small eager") if "checkpoint" in results.get(k, {})),
+    run = next((results[k] for k in FLT_RUNS if "checkpoint" in results.get(k, {})),
                None)
     if run is None:
         raise RuntimeError("no flt_small run finished: nothing trained to evaluate")
@@ -477,12 +480,15 @@ plain = [f"--n_core={flt['n_prelude'] + flt['n_core'] * flt['n_loops'] + flt['n_
 looped_budgets = f"--eval_budgets=1,{flt['n_loops']}"
 step("environment", environment, need_s=5)
 step("data", prepare_data, need_s=5)
-if args["compile"]:
+if args["compile"]:  # each block compiled (train.py's default), then the whole step as one graph
     step("flt_small compiled", lambda: train("flt_small compiled", "flt_small", "--compile=True", looped_budgets))
-step("flt_small eager", lambda: train("flt_small eager", "flt_small", "--compile=False", looped_budgets), need_s=40)
-if args["compile"]:
+    step("flt_small step-compiled", lambda: train("flt_small step-compiled", "flt_small", "--compile=True",
+                                                  "--compile_scope=step", looped_budgets), need_s=90)
+    step("plain step-compiled", lambda: train("plain step-compiled", "flt_small", "--compile=True",
+                                              "--compile_scope=step", *plain), need_s=90)
     step("plain compiled", lambda: train("plain compiled", "flt_small", "--compile=True", *plain))
 else:
+    step("flt_small eager", lambda: train("flt_small eager", "flt_small", "--compile=False", looped_budgets), need_s=40)
     step("plain eager", lambda: train("plain eager", "flt_small", "--compile=False", *plain), need_s=40)
 step("step breakdown", step_breakdown, need_s=60)
 step("decode", decode, need_s=30)
@@ -528,17 +534,18 @@ if f"matmul_bf16_{n}_tflops" in env:
     peak = env.get("datasheet_bf16_tflops")
     tflops = env[f"matmul_bf16_{n}_tflops"]
     check(f"bf16 matmul {n}³, TFLOP/s", f"{tflops:.3g}", f"datasheet {peak:.0f}" if peak else "-")
-mode = "compiled" if args["compile"] else "eager"
-looped, base = runs.get(f"flt_small {mode}", {}), runs.get(f"plain {mode}", {})
-if looped.get("mfu") is not None:
-    check(f"MFU, flt_small {mode}", pct(looped["mfu"]), ">= 40%", looped["mfu"] >= 0.4)
-if looped.get("peak_mem_gb") is not None:
-    check(f"peak memory, flt_small {mode}, {looped['batch_size']} x {looped['block_size']} tokens",
-          f"{looped['peak_mem_gb']:.1f} GB", "<= 40 GB", looped["peak_mem_gb"] <= 40)
-if "step_ms" in looped and "step_ms" in base:
-    # the loop costs nothing beyond its FLOPs (>= 0.95), and neither do 72 blocks' optimizer updates (<= 1.05)
-    results["plain_over_looped_step_time"] = ratio = base["step_ms"] / looped["step_ms"]
-    check("whole step, plain / looped (same FLOPs)", f"{ratio:.3f}", "0.95 .. 1.05", 0.95 <= ratio <= 1.05)
+for mode in ("compiled", "step-compiled", "eager"):
+    looped, base = runs.get(f"flt_small {mode}", {}), runs.get(f"plain {mode}", {})
+    if looped.get("mfu") is not None:
+        check(f"MFU, flt_small {mode}", pct(looped["mfu"]), ">= 40%", looped["mfu"] >= 0.4)
+    if looped.get("peak_mem_gb") is not None:
+        check(f"peak memory, flt_small {mode}, {looped['batch_size']} x {looped['block_size']} tokens",
+              f"{looped['peak_mem_gb']:.1f} GB", "<= 40 GB", looped["peak_mem_gb"] <= 40)
+    if "step_ms" in looped and "step_ms" in base:
+        # the loop costs nothing beyond its FLOPs (>= 0.95), nor do 72 blocks' optimizer updates (<= 1.05)
+        results[f"plain_over_looped_step_time_{mode}"] = ratio = base["step_ms"] / looped["step_ms"]
+        check(f"whole step, plain / looped (same FLOPs), {mode}", f"{ratio:.3f}", "0.95 .. 1.05",
+              0.95 <= ratio <= 1.05)
 d = results.get("decode", {})
 for B in (1, 8):
     if f"B{B}_cache_speedup" in d:

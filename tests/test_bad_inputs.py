@@ -90,6 +90,7 @@ def cases(fx):
             (["--config", "no_such_config"], ("unknown config 'no_such_config'", "tiny")),
             (["--n_lops=3"], ("unknown key 'n_lops'", "n_loops", "max_iters")), (["--max_iters=ten"], ("--max_iters=ten", "int")),
             (["--injection=bogus", data], "valid: none, add"), (["--learning_rate=nan"], "finite learning_rate"),
+            (["--compile_scope=model"], "compile_scope='model' (valid: 'blocks', 'step')"),
             (["--dataset=nowhere"], "python data/nowhere/prepare.py"),
             ([f"--out_dir={fx / 'nockpt'}", "--resume=True", data], "no checkpoint"),
             ([f"--out_dir={fx / 'junk'}", "--resume=True", data], "cannot read checkpoint"),
