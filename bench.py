@@ -5,8 +5,9 @@ verdict against its target.
 
     python bench.py                 # full
     python bench.py --quick=True    # under a minute on a 2-core CPU
-    python bench.py --profile=True  # torch.profiler tables of a train step and a decode step
-    python bench.py --only=generation,relu2   # some sections: mfu, loop, generation, relu2,
+    python bench.py --profile=True  # torch.profiler tables of a train step, a decode step and
+                                    # a Muon optimizer step
+    python bench.py --only=generation,relu2   # some sections: mfu, loop, muon, generation, relu2,
                                               # compile, routes, memory, eval, kv, load
 
 Measured:
@@ -14,6 +15,10 @@ Measured:
   this same run measures (goal 40%), on GPU against the datasheet bf16 peak (goal 40%).
 - looping costs nothing beyond its FLOPs: a 2⊗4 core vs an 8⊗1 stack of the same
   effective depth, step time deep / looped (target >= 0.95).
+- Muon's optimizer step alone, the matrices of a shape orthogonalised as one batch against
+  one matrix at a time, for an 8⊗1 stack and a 2⊗4 core at the same d: the stack has 4x
+  the matrices (and Newton-Schulz FLOPs), and one at a time its step pays a launch per
+  small op for each (the GPU check's 72⊗1 stack: 432 matrices).
 - generation at the `tiny` size: tokens/s with the KV cache vs without at 256 new tokens
   (target >= 5x; block_size covers prompt + 256, so the cache is never rebuilt), at B=1
   and B=8, on 1 CPU thread (as sample.py decodes) and on all; seconds per token vs the
@@ -64,7 +69,7 @@ from loopgpt import (LoopGPT, LoopGPTConfig, ReLUSquared, compile_blocks, config
 from sample import generate, new_cache  # noqa: E402
 from train import Objective, sample_short_route  # noqa: E402
 
-SECTIONS = ("mfu", "loop", "generation", "relu2", "compile", "routes", "memory", "eval", "kv", "load")
+SECTIONS = ("mfu", "loop", "muon", "generation", "relu2", "compile", "routes", "memory", "eval", "kv", "load")
 args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "memory_probe": "", "profile": False,
                                     "only": "", "load_probe": ""}, allow_config=False)
 only = [s for s in args["only"].split(",") if s] or list(SECTIONS)
@@ -166,6 +171,43 @@ def bench_loop_vs_deep():
                       [("deep / looped", f"{ratio:.3f}x  (target >= 0.95: {verdict(ratio >= 0.95)})")],
                       ["model", "ms/step"]))
     return ratio
+
+
+def bench_muon():
+    """Muon's optimizer step alone (fixed gradients), Newton-Schulz one matrix at a time
+    (batched=False) against each shape's matrices as one batch (True), for an 8⊗1 stack and
+    a 2⊗4 core at one d. (MuonAdamW's default batches on a GPU only.)"""
+    d = 128 if quick else 256
+    variants, matrices, ns_flops = {}, {}, {}
+    for name, n_core, L in (("2⊗4 looped", 2, 4), ("8⊗1 plain", 8, 1)):
+        torch.manual_seed(0)
+        cfg = LoopGPTConfig(vocab_size=2048, block_size=64, n_embd=d, n_head=d // 64, n_prelude=0, n_core=n_core,
+                            n_coda=0, n_loops=L)
+        model = LoopGPT(cfg).to(device)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        for batched in (False, True):
+            opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "muon")
+            opt.batched = batched
+            variants[name, batched] = opt.step
+        shapes = [(g["ns_steps"], *sorted(p.shape)) for g in opt.param_groups if g["use_muon"] for p in g["params"]]
+        matrices[name] = len(shapes)  # Newton-Schulz on s x l (s <= l): 3 matmuls a step, 4 s^2 l + 2 s^3 FLOPs
+        ns_flops[name] = sum(steps * (4 * s * s * l + 2 * s ** 3) for steps, s, l in shapes)
+    secs = time_steps(variants, rounds=5 if quick else 20)
+    rows = [(name, matrices[name], f"{1000 * secs[name, False]:.1f}", f"{1000 * secs[name, True]:.1f}",
+             f"{secs[name, False] / secs[name, True]:.2f}x") for name in matrices]
+    plain, looped = "8⊗1 plain", "2⊗4 looped"
+    rows.append(("plain / looped", f"{matrices[plain] / matrices[looped]:.0f}x",
+                 *(f"{secs[plain, b] / secs[looped, b]:.2f}x" for b in (False, True)),
+                 f"(Newton-Schulz FLOPs {ns_flops[plain] / ns_flops[looped]:.0f}x)"))
+    speedup = secs[plain, False] / secs[plain, True]
+    print(f"\nMuon optimizer step alone, d={d} on {device}: Newton-Schulz one matrix at a time vs batched by shape")
+    print(print_table(rows, ["model", "Muon matrices", "one at a time ms", "batched ms", "speedup"]))
+    if device.startswith("cuda"):  # one at a time, each small matrix costs ~40 kernel launches
+        print(f"plain stack, batched vs one at a time: {speedup:.2f}x (target >= 2x: {verdict(speedup >= 2)})")
+    else:  # a CPU is not launch-bound, and its batched matmul is slower than single ones
+        print("(on a CPU MuonAdamW orthogonalises one matrix at a time: batched=None)")
+    return speedup
 
 
 def bench_generation():
@@ -461,7 +503,7 @@ def bench_load():
 
 
 def profile():
-    """Where the time of a training step (tiny size) and of a decoding step goes."""
+    """Where the time of a training step (tiny size), a decoding step and Muon's step goes."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     torch.manual_seed(0)
     cfg = LoopGPTConfig(vocab_size=2048, block_size=128, n_embd=128, n_head=4, n_prelude=1, n_core=2, n_coda=1,
@@ -470,10 +512,17 @@ def profile():
     opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95))
     step = train_step_fn(model, opt, tuple(torch.randint(0, 2048, (8, 128), device=device) for _ in range(2)))
     prompt = torch.randint(0, 2048, (1, 16), device=device)
+    # Muon's step alone on an 8-block plain stack (48 matrices, 3 shapes) at the same size
+    plain = LoopGPT(LoopGPTConfig(**{**cfg.to_dict(), "n_prelude": 0, "n_core": 8, "n_coda": 0, "n_loops": 1}))
+    plain.to(device)
+    for p in plain.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    muon = configure_optimizer(plain, 0.1, 1e-3, (0.9, 0.95), "muon")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     for name, fn in (("training step, B=8, T=128", step),
                      ("decoding 64 tokens with the KV cache",
-                      lambda: model.eval().generate(prompt, 64, temperature=0))):
+                      lambda: model.eval().generate(prompt, 64, temperature=0)),
+                     ("Muon optimizer step, plain 8⊗1 stack", muon.step)):
         fn()
         with torch_profile(activities=activities) as prof:
             fn()
@@ -492,7 +541,8 @@ elif __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     print(f"bench.py on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}{' (quick)' if quick else ''}")
-    for name, bench in (("mfu", bench_train_mfu), ("loop", bench_loop_vs_deep), ("generation", bench_generation),
+    for name, bench in (("mfu", bench_train_mfu), ("loop", bench_loop_vs_deep), ("muon", bench_muon),
+                        ("generation", bench_generation),
                         ("relu2", bench_relu2), ("compile", bench_compile), ("routes", bench_short_routes),
                         ("memory", bench_loop_memory), ("eval", bench_eval_budgets), ("kv", bench_kv_sharing),
                         ("load", bench_load)):

@@ -43,6 +43,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -1653,10 +1654,14 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, optimizer="ad
 # instead of an SVD. Every direction of the matrix then moves by the same amount, whatever
 # the gradient's spectrum. Embeddings, the head and vectors are not hidden-layer matrices:
 # they keep AdamW, in the same optimizer object (one state dict for checkpoints).
-# Under DDP the gradients are averaged before step(), and this update is a deterministic
-# function of the gradient and the optimizer state, so every rank computes the same update
-# (the orthogonalisation is repeated on each rank rather than sharded, as nanochat does:
-# simpler, and the cost is small next to a forward and backward pass).
+# The matrices of one shape are orthogonalised together, as one batch of matmuls: one at a
+# time, a 72-block stack's 432 small matrices made the step launch-bound (376 ms against 26
+# ms for the looped 6-block model of the same FLOPs on an H200; docs/performance.md).
+# Under DDP the gradients are averaged before step(), so every rank holds the same momenta:
+# each rank orthogonalises its share of each batch and all-gathers the rest, so that every
+# rank applies the same updates and none repeats another's work. Each matrix's update is
+# a function of its own momentum alone, so batching and sharding change it by rounding at
+# most (on a CPU not at all: tests/test_muon.py).
 
 # the quintic's coefficients from Muon: they push every singular value of the normalised
 # matrix into about [0.7, 1.2] in 5 steps (fast, not exactly 1: Muon does not need exact)
@@ -1664,19 +1669,20 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(G, steps=5):
-    """About U V^T for G = U S V^T (2-D), by the quintic Newton-Schulz iteration
-    X <- a X + (b A + c A^2) X, A = X X^T, from X = G / ||G||_F (so that ||X||_2 <= 1)."""
+    """About U V^T for G = U S V^T, by the quintic Newton-Schulz iteration
+    X <- a X + (b A + c A^2) X, A = X X^T, from X = G / ||G||_F (so that ||X||_2 <= 1).
+    G is one matrix (rows, cols) or a batch of them (..., rows, cols), each on its own."""
     a, b, c = NS_COEFFS
     # bf16 on GPU (as Muon does: fast and good enough); fp32 on CPU, where bf16 is slow
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    tall = X.size(0) > X.size(1)
+    tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the short side: A is min(rows, cols) square
-        X = X.T
-    X = X / (X.norm() + 1e-7)
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # each matrix by its own norm
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return (X.T if tall else X).to(G.dtype)
+    return (X.mT if tall else X).to(G.dtype)
 
 
 def muon_momentum(step, warmup, start=0.85, end=0.95):
@@ -1686,42 +1692,48 @@ def muon_momentum(step, warmup, start=0.85, end=0.95):
     return (1 - frac) * start + frac * end
 
 
+def rank_and_world():
+    """This process's rank and the number of processes, (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """
     One optimizer, two rules. Groups with use_muon=True: SGD momentum (Nesterov), the
     momentum orthogonalised, scaled by sqrt(max(1, rows / cols)) so a tall matrix's
     update has the RMS of a square one's, decoupled weight decay. Other groups: AdamW.
+    Under torch.distributed every rank must hold the same parameters and gradients (DDP):
+    step() then splits the orthogonalisation across the ranks. batched: True runs Newton-
+    Schulz on each shape's matrices as one batch, False one matrix at a time (the same
+    updates); None (default) batches on a GPU and not on a CPU, where torch's batched
+    matmul is slower than a loop of single ones (bench.py --only=muon measures both).
     """
 
-    def __init__(self, groups, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, ns_steps=5):
+    def __init__(self, groups, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, ns_steps=5, batched=None):
         super().__init__(groups, dict(lr=0.0, weight_decay=0.0, use_muon=False, betas=betas, eps=eps,
                                       momentum=momentum, ns_steps=ns_steps))
         for group in self.param_groups:
             if group["use_muon"] and any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon updates 2-D weight matrices only")
+        self.batched = batched
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["use_muon"]:
+                same_shape = {}  # the matrices of one shape: one batch for Newton-Schulz
+                for p in params:
+                    same_shape.setdefault(p.shape, []).append(p)
+                for matrices in same_shape.values():
+                    self.muon_update(matrices, group)
+                continue
             lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in params:
                 state = self.state[p]
                 p.mul_(1 - lr * wd)  # decoupled weight decay, as in AdamW
-                if group["use_muon"]:
-                    if not state:
-                        state["momentum"] = torch.zeros_like(p)
-                    # buf <- mu buf + g, update from g + mu buf. FLT's (nanochat's) Muon keeps
-                    # an EMA instead: buf <- lerp(buf, g, 1 - mu), update from lerp(g, buf, mu).
-                    # With mu constant, theirs is (1 - mu) times ours at every step, and
-                    # Newton-Schulz first divides by the norm: the same orthogonalised update.
-                    # (While mu warms up the two differ slightly in how past steps are weighted.)
-                    buf, mu = state["momentum"], group["momentum"]
-                    buf.mul_(mu).add_(p.grad)
-                    update = orthogonalize(p.grad.add(buf, alpha=mu), group["ns_steps"])  # Nesterov
-                    p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
-                    continue
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p)
@@ -1733,6 +1745,45 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                 denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+
+    def muon_update(self, params, group):
+        """One Muon step of `params`, matrices of one shape in one group: their momenta
+        updated, the Nesterov directions orthogonalised as one batch (each rank its share
+        under torch.distributed, then all-gathered), weight decay, the update applied.
+        (torch._foreach_* ops: one kernel launch for the list where a GPU has them.)"""
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        grads = [p.grad for p in params]
+        for p in params:
+            if not self.state[p]:
+                self.state[p]["momentum"] = torch.zeros_like(p)
+        bufs = [self.state[p]["momentum"] for p in params]
+        # buf <- mu buf + g, update from g + mu buf. FLT's (nanochat's) Muon keeps
+        # an EMA instead: buf <- lerp(buf, g, 1 - mu), update from lerp(g, buf, mu).
+        # With mu constant, theirs is (1 - mu) times ours at every step, and
+        # Newton-Schulz first divides by the norm: the same orthogonalised update.
+        # (While mu warms up the two differ slightly in how past steps are weighted.)
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        # this rank's share of the batch: ceil(n / world) matrices, the last shares padded
+        # with zeros (which orthogonalise to zeros) so every rank sends the same size
+        rank, world = rank_and_world()
+        n = len(params)
+        share = -(-n // world)
+        lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
+        nesterov = list(torch._foreach_add(grads[lo:hi], bufs[lo:hi], alpha=mu)) if hi > lo else []
+        nesterov += [torch.zeros_like(params[0])] * (share - len(nesterov))
+        if self.batched or (self.batched is None and params[0].device.type != "cpu"):
+            update = orthogonalize(torch.stack(nesterov), group["ns_steps"])
+        else:
+            update = torch.stack([orthogonalize(g, group["ns_steps"]) for g in nesterov])
+        if world > 1:
+            everyone = update.new_empty(world * share, *update.shape[1:])
+            dist.all_gather(list(everyone.chunk(world)), update)  # (torch 2.13 deprecates all_gather_into_tensor)
+            update = everyone[:n]
+        if lr * wd:
+            torch._foreach_mul_(params, 1 - lr * wd)  # decoupled weight decay, as in AdamW
+        rows, cols = params[0].shape
+        torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------

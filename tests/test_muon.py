@@ -1,6 +1,8 @@
 """Muon (loopgpt.MuonAdamW): the Newton-Schulz orthogonalisation against a direct computation from the
 SVD, one Muon step by hand, the AdamW half against torch's AdamW, the momentum warmup and
-FLT's momentum rule, and the optimizer groups of FLT's recipe."""
+FLT's momentum rule, the optimizer groups of FLT's recipe, the batched step against one matrix
+at a time, and the step split across two torchrun processes (gloo) against one process.
+Run as a script (by torchrun), this file is that test's worker."""
 
 import os
 import sys
@@ -153,3 +155,156 @@ def test_flt_recipe_groups():
     opt = configure_optimizer(tied, 0.1, 1e-3, (0.9, 0.95), "muon", embedding_lr=0.3, head_lr=0.004)
     assert _lr_of(opt, tied, "wte.weight")["lr"] == pytest.approx(0.004)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(tied.parameters()))
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+def test_orthogonalize_a_batch_is_each_matrix_on_its_own(shape):
+    # each matrix normalised by its own norm: a batch of very different scales, one of them
+    # zero (the padding of a rank's share: it must stay zero), and two leading dimensions
+    torch.manual_seed(0)
+    G = torch.randn(2, 3, *shape) * torch.tensor([1e-3, 1.0, 1e3]).view(1, 3, 1, 1)
+    G[1, 2] = 0
+    got = orthogonalize(G)
+    assert got.shape == G.shape
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(got[i, j], orthogonalize(G[i, j]), rtol=1e-6, atol=1e-7)
+    assert not got[1, 2].any()
+
+
+# shapes (tall, wide, square, several of a shape, one alone) in two Muon groups of different lr and
+# weight decay, an AdamW group, and a matrix that gets no gradient
+MIXED = [[(24, 40), (24, 40), (24, 40), (40, 24), (32, 32), (32, 32), (16, 48)],
+         [(24, 40), (24, 40), (40, 24)],
+         [(8, 4)]]
+NO_GRAD = (0, 5)  # group 0's sixth matrix: its grad stays None
+
+
+def mixed_params(batched=None):
+    """MIXED's parameters (seeded) and a MuonAdamW over them."""
+    torch.manual_seed(0)
+    params = [[torch.nn.Parameter(torch.randn(*s)) for s in shapes] for shapes in MIXED]
+    opt = MuonAdamW([{"params": params[0], "lr": 0.02, "weight_decay": 0.1, "use_muon": True},
+                     {"params": params[1], "lr": 0.01, "weight_decay": 0.0, "use_muon": True},
+                     {"params": params[2], "lr": 1e-2, "weight_decay": 0.1}], batched=batched)
+    return params, opt
+
+
+def mixed_steps(params, opt, steps):
+    """Muon steps with seeded gradients and the momentum warming up, as train.py sets it."""
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        for i, group in enumerate(params):
+            for j, p in enumerate(group):
+                p.grad = None if (i, j) == NO_GRAD else torch.randn(p.shape, generator=g)
+        for group in opt.param_groups:
+            group["momentum"] = muon_momentum(step, 3)
+
+
+def per_matrix_muon(params, steps):
+    """The Muon rule one matrix at a time, written out (as MuonAdamW ran before batching)."""
+    bufs = {}
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        mu = muon_momentum(step, 3)
+        for i, (lr, wd) in enumerate([(0.02, 0.1), (0.01, 0.0)]):
+            for j, p in enumerate(params[i]):
+                if (i, j) == NO_GRAD:
+                    continue
+                grad = torch.randn(p.shape, generator=g)
+                buf = bufs.setdefault((i, j), torch.zeros_like(p))
+                buf.mul_(mu).add_(grad)
+                p.mul_(1 - lr * wd)
+                p.add_(orthogonalize(grad.add(buf, alpha=mu)), alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+
+def test_batched_muon_equals_one_matrix_at_a_time():
+    params, opt = mixed_params(batched=True)  # as on a GPU: each shape's matrices in one batch
+    ref = [[p.detach().clone() for p in group] for group in params[:2]]
+    start = [p.detach().clone() for p in params[2]]
+    for step in range(4):
+        mixed_steps(params, opt, [step])
+        opt.step()
+    per_matrix_muon(ref, range(4))
+    for group, expected in zip(params, ref):
+        for p, e in zip(group, expected):
+            torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-6)
+    assert not opt.state[params[0][5]] and torch.equal(params[0][5].detach(), ref[0][5])  # no grad: untouched
+    assert not torch.equal(params[2][0].detach(), start[0])  # the AdamW group stepped too
+    # on a CPU the default orthogonalises one matrix at a time: the old step's numbers, bit for bit
+    again, opt = mixed_params()
+    for step in range(4):
+        mixed_steps(again, opt, [step])
+        opt.step()
+    for group, expected in zip(again, ref):
+        for p, e in zip(group, expected):
+            assert torch.equal(p.detach(), e)
+
+
+def test_muon_resumes_from_its_state_dict_exactly():
+    straight, opt = mixed_params()
+    for step in range(6):
+        mixed_steps(straight, opt, [step])
+        opt.step()
+    split, opt = mixed_params()
+    for step in range(3):
+        mixed_steps(split, opt, [step])
+        opt.step()
+    state = opt.state_dict()
+    # a fresh optimizer over copies of the parameters, loaded mid-run (as a resumed train.py)
+    copies, opt = mixed_params()
+    with torch.no_grad():
+        for group, saved in zip(copies, split):
+            for p, q in zip(group, saved):
+                p.copy_(q)
+    opt.load_state_dict(state)
+    for step in range(3, 6):
+        mixed_steps(copies, opt, [step])
+        opt.step()
+    for group, other in zip(straight, copies):
+        for p, q in zip(group, other):
+            assert torch.equal(p, q)
+
+
+def test_muon_split_across_two_processes_equals_one(tmp_path):
+    # every rank orthogonalises its share of each shape's batch, the rest comes by all-gather:
+    # both ranks must end with the parameters of one process doing it all
+    from test_train import ROOT, run  # torchrun as test_train's comparisons run it
+    run("torchrun", cmd=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         os.path.join(ROOT, "tests", "test_muon.py"), str(tmp_path)])
+    params, opt = mixed_params(batched=True)
+    for step in range(3):
+        mixed_steps(params, opt, [step])
+        opt.step()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for group, saved in zip(params, got["params"]):
+            for p, q in zip(group, saved):
+                torch.testing.assert_close(q, p.detach(), rtol=1e-6, atol=1e-6)
+        # the batches each rank orthogonalised, a step: its half of every shape group, rounded up
+        # (group 0: 3 wide, 1 tall, 1 square with a gradient, 1 16x48; group 1: 2 wide, 1 tall)
+        assert got["batches"] == [2, 1, 1, 1, 1, 1] * 3, got["batches"]
+
+
+def ddp_worker(out_dir):
+    """test_muon_split_across_two_processes_equals_one's processes: 3 steps, each rank's params saved."""
+    import torch.distributed as dist
+    import loopgpt
+    dist.init_process_group("gloo")
+    batches, plain = [], loopgpt.orthogonalize
+
+    def counted(G, steps=5):
+        batches.append(G.size(0))
+        return plain(G, steps)
+    loopgpt.orthogonalize = counted
+    params, opt = mixed_params(batched=True)
+    for step in range(3):
+        mixed_steps(params, opt, [step])
+        opt.step()
+    torch.save({"params": [[p.detach() for p in group] for group in params], "batches": batches},
+               os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    ddp_worker(sys.argv[1])
