@@ -8,7 +8,7 @@ verdict against its target.
     python bench.py --profile=True  # torch.profiler tables of a train step, a decode step and
                                     # a Muon optimizer step
     python bench.py --only=generation,relu2   # some sections: mfu, loop, muon, generation, relu2,
-                                              # compile, routes, memory, eval, kv, load
+                                              # compile, routes, memory, loss, eval, kv, load
 
 Measured:
 - training throughput and MFU of a d=512 looped model: on CPU against the matmul throughput
@@ -33,6 +33,10 @@ Measured:
   backprop (bptt_k = 4) and per-loop activation checkpointing should not (target <= 1.3x).
   On CPU each setting runs in a fresh process and the peak is the process's high-water
   RSS during one training step minus its RSS before it; on CUDA, max_memory_allocated.
+- the training loss through the head in chunks of loss_chunk tokens (loopgpt.ChunkedHeadLoss)
+  against the whole logits, for a model whose head dominates (GPT-2's vocabulary, one block at
+  d=128): peak memory of one step's forward and backward, measured as above (target <= 0.25x
+  at chunks of 1/8 of the tokens), and the step time the recomputed head matmul costs.
 - K/V memory per cached position against the budget M for each kv_sharing (measured from the
   cache's buffers), and decoding speed with each: shared caches should stay constant in M.
 - loading a released checkpoint (an Ouro-shaped model of random bfloat16 weights, 612M
@@ -69,9 +73,9 @@ from loopgpt import (LoopGPT, LoopGPTConfig, ReLUSquared, compile_blocks, config
 from sample import generate, new_cache  # noqa: E402
 from train import Objective, sample_short_route  # noqa: E402
 
-SECTIONS = ("mfu", "loop", "muon", "generation", "relu2", "compile", "routes", "memory", "eval", "kv", "load")
+SECTIONS = ("mfu", "loop", "muon", "generation", "relu2", "compile", "routes", "memory", "loss", "eval", "kv", "load")
 args, _ = parse_args(sys.argv[1:], {"quick": False, "device": "", "seed": 0, "memory_probe": "", "profile": False,
-                                    "only": "", "load_probe": ""}, allow_config=False)
+                                    "only": "", "load_probe": "", "loss_probe": ""}, allow_config=False)
 only = [s for s in args["only"].split(",") if s] or list(SECTIONS)
 if set(only) - set(SECTIONS):
     fail(f"--only={args['only']}: valid sections are {', '.join(SECTIONS)}")
@@ -447,6 +451,66 @@ def bench_loop_memory():
     print(print_table(rows, ["setting", "L=4", "L=16", "L16 / L4", "target", "verdict"]))
 
 
+def head_heavy_step(loss_chunk):
+    """A model whose training step is mostly its head: one block at d=128 with GPT-2's
+    vocabulary (50,304), 8 x 512 tokens (quick: 4 x 512). Returns (step function: forward and
+    backward of train.py's loss with this loss_chunk, the tokens, the model)."""
+    B, T = (4, 512) if quick else (8, 512)
+    torch.manual_seed(0)
+    cfg = LoopGPTConfig(vocab_size=50304, block_size=T, n_embd=128, n_head=2, n_prelude=0, n_core=1, n_coda=0,
+                        n_loops=1)
+    model = LoopGPT(cfg).to(device)
+    objective = Objective(model, loss_chunk=loss_chunk)
+    x, y = (torch.randint(0, cfg.vocab_size, (B, T), device=device) for _ in range(2))
+
+    def step(n=B):
+        with autocast:
+            loss = objective(x[:n], y[:n])
+        loss.backward()
+    return step, B * T, model
+
+
+def loss_probe(spec):
+    """One step of head_heavy_step(loss_chunk = spec); prints its peak memory above the model and its gradients, in MB."""
+    if not spec.isdigit():  # an internal key: bench.py's loss section runs itself with it, one process per setting
+        fail(f"--loss_probe={spec}: an internal key, loss_chunk (an integer >= 0)")
+    step, _, _ = head_heavy_step(int(spec))
+    step(1)  # allocate the gradients before measuring (one row: at most loss_chunk tokens, the whole-logits path)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_kb("VmRSS") * 1024
+    step()
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else rss_kb("VmHWM") * 1024
+    print(json.dumps({"mb": (peak - base) / 2 ** 20}))
+
+
+def bench_loss_memory():
+    """The whole logits (loss_chunk=0) against chunks of 1/2 and 1/8 of the tokens: peak memory
+    (a fresh process each, loss_probe) and step time (interleaved, in this process)."""
+    _, N, model = head_heavy_step(0)
+    chunks = (0, N // 2, N // 8)
+    mb = {}
+    for rows in chunks:  # (the same allocator setting as the memory section, for the same reason)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        out = subprocess.run([sys.executable, __file__, f"--loss_probe={rows}", f"--quick={quick}", f"--device={device}"],
+                             capture_output=True, text=True, check=True, env=env).stdout
+        mb[rows] = json.loads(out.strip().splitlines()[-1])["mb"]
+    secs = time_steps({rows: head_heavy_step(rows)[0] for rows in chunks}, rounds=3 if quick else 5, warmup=1)
+    logits_mb = N * model.config.vocab_size * 4 / 2 ** 20
+    rows = [("0 (whole logits)", f"{mb[0]:,.0f}", "1.00x", f"{1000 * secs[0]:,.0f}", "1.00x", "-", "-")]
+    for r in chunks[1:]:
+        target = r == N // 8
+        rows.append((f"{r} (1/{N // r} of the tokens)", f"{mb[r]:,.0f}", f"{mb[r] / mb[0]:.2f}x", f"{1000 * secs[r]:,.0f}",
+                     f"{secs[r] / secs[0]:.2f}x", "<= 0.25x" if target else "-",
+                     verdict(mb[r] / mb[0] <= 0.25) if target else "-"))
+    print(f"\ntraining loss in chunks (loss_chunk), 1 block at d=128, vocab 50,304, {N:,} tokens on {device}: peak "
+          f"memory of a step's forward + backward above the model (the fp32 logits alone: {logits_mb:,.0f} MB)")
+    print(print_table(rows, ["loss_chunk", "peak MB", "vs whole", "ms/step", "vs whole", "target", "verdict"]))
+
+
 def load_probe(spec):
     """Load the checkpoint folder in `spec` = 'FOLDER,DTYPE' as sample.py does; prints the peak
     RSS above the RSS before the load, and the parameters' bytes, in MB."""
@@ -533,6 +597,8 @@ def profile():
 
 if __name__ == "__main__" and args["memory_probe"]:
     memory_probe(args["memory_probe"])
+elif __name__ == "__main__" and args["loss_probe"]:
+    loss_probe(args["loss_probe"])
 elif __name__ == "__main__" and args["load_probe"]:
     load_probe(args["load_probe"])
 elif __name__ == "__main__" and args["profile"]:
@@ -544,7 +610,7 @@ elif __name__ == "__main__":
     for name, bench in (("mfu", bench_train_mfu), ("loop", bench_loop_vs_deep), ("muon", bench_muon),
                         ("generation", bench_generation),
                         ("relu2", bench_relu2), ("compile", bench_compile), ("routes", bench_short_routes),
-                        ("memory", bench_loop_memory), ("eval", bench_eval_budgets), ("kv", bench_kv_sharing),
-                        ("load", bench_load)):
+                        ("memory", bench_loop_memory), ("loss", bench_loss_memory), ("eval", bench_eval_budgets),
+                        ("kv", bench_kv_sharing), ("load", bench_load)):
         if name in only and not (name == "compile" and quick and not args["only"]):  # compiling takes a CPU minute
             bench()

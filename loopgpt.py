@@ -23,7 +23,9 @@ Part 1, a complete looped GPT, top to bottom:
 - LoopGPT: core_pass is one loop, with every `injection` as one branch (search its flag
   value, e.g. `inj == "full_attn"`); conditioning is the `modulation`; trunk runs the loop
   over a schedule (truncated backprop, checkpointing); forward(idx, targets) returns the
-  logits and the cross-entropy; logits_at_budgets; generate with the exact KV cache.
+  logits and the cross-entropy; chunked_loss, the same cross-entropy a chunk of tokens at a
+  time, never holding the whole logits (ChunkedHeadLoss, for training); logits_at_budgets;
+  generate with the exact KV cache.
 
 Part 2, one section per paper's extension, each opening with its citation, its flags and
 the hook in Part 1 it uses: Huginn, Parcae, Ouro, Mixture-of-Recursions, Relaxed Recursive
@@ -439,6 +441,67 @@ class TimestepEmbedder(nn.Module):
         return self.fc2(F.silu(self.fc1(torch.cat([args.cos(), args.sin()]))))
 
 
+class ChunkedHeadLoss(torch.autograd.Function):
+    """
+    The head, the soft-cap and the mean cross-entropy over the targets that are not -1, as one
+    op that never holds the (N, V) logits nor their gradient: LoopGPT.chunked_loss, the same
+    number as F.cross_entropy(model.logits(h), targets, ignore_index=-1) to float precision
+    (tested). At flt_small's 32 x 1024 tokens and GPT-2's 50,304 ids the float32 logits alone
+    are 6.6 GB, and autograd keeps several such tensors (the tanh, the log-softmax) plus their
+    gradients; here the largest tensors are a few (rows, V) ones, one chunk at a time.
+
+    forward: per chunk of `rows` rows, z = c tanh((h W^T) / c) in float32 (the matmul in
+    `dtype`, as lm_head runs under autocast), CE_i = logsumexp(z_i) - z_{i, y_i}; it keeps
+    only the N logsumexps. backward: per chunk, z is recomputed (one more head matmul) and
+    dCE_i / dz_i = softmax(z_i) - onehot(y_i), times the soft-cap's derivative
+    1 - tanh²(raw / c), times the incoming gradient / the number of targets; then
+    grad_h = g W and grad_W += g^T h (accumulated in float32).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, softcap, rows, dtype):
+        w = weight.to(dtype)
+        lse = torch.empty(len(h), dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, len(h), rows):
+            z = F.linear(h[s:s + rows].to(dtype), w).float()
+            if softcap > 0:
+                z = z.div_(softcap).tanh_().mul_(softcap)  # as logits(): c * tanh(z / c)
+            y = targets[s:s + rows]
+            lse[s:s + rows] = torch.logsumexp(z, dim=-1)
+            ce = lse[s:s + rows] - z.gather(1, y.clamp_min(0)[:, None]).squeeze(1)
+            total += torch.where(y != -1, ce, 0.0).sum()
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.softcap, ctx.rows, ctx.dtype = softcap, rows, dtype
+        return total / (targets != -1).sum()  # (no targets at all: nan, as F.cross_entropy)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h, weight, targets, lse = ctx.saved_tensors
+        softcap, rows, dtype = ctx.softcap, ctx.rows, ctx.dtype
+        w = weight.to(dtype)
+        per_target = grad / (targets != -1).sum()  # d loss / d CE_i for every counted row
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for s in range(0, len(h), rows):
+            h_c, y = h[s:s + rows].to(dtype), targets[s:s + rows]
+            t = F.linear(h_c, w).float()
+            if softcap > 0:
+                t = t.div_(softcap).tanh_()  # tanh(raw / c): z = c t, dz / d raw = 1 - t²
+            g = (t * softcap if softcap > 0 else t).sub_(lse[s:s + rows, None]).exp_()  # softmax(z)
+            g[torch.arange(len(y), device=g.device), y.clamp_min(0)] -= 1  # - onehot(y)
+            g.mul_(torch.where(y != -1, per_target, 0.0)[:, None])
+            if softcap > 0:
+                g.mul_(t.square_().neg_().add_(1))
+            g = g.to(dtype)
+            if grad_h is not None:
+                grad_h[s:s + rows] = g @ w
+            if grad_w is not None:
+                grad_w += (g.t() @ h_c).float()
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+
+
 class LoopGPT(nn.Module):
     def __init__(self, cfg: LoopGPTConfig):
         super().__init__()
@@ -779,6 +842,17 @@ class LoopGPT(nn.Module):
         if self.config.softcap > 0:
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         return logits
+
+    def chunked_loss(self, h, targets, rows):
+        """F.cross_entropy(self.logits(h), targets, ignore_index=-1) for h (..., d) after norm_f,
+        computed `rows` rows at a time (ChunkedHeadLoss): the logits are never whole. Under
+        autocast the head's matmul runs in the autocast dtype, as lm_head's does."""
+        if rows < 1:
+            raise ValueError(f"rows per chunk of the loss must be >= 1, got {rows}")
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lm_head.weight.dtype
+        return ChunkedHeadLoss.apply(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                     self.config.softcap, rows, dtype)
 
     def forward(self, idx, targets=None, loops=None, schedule=None, cache=None):
         """

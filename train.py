@@ -76,16 +76,19 @@ class Objective(nn.Module):
       confidence_head, + BCE(σ(q_M), 1[argmax p_M = y]) per token (L_Q): the last loop's
       confidence logit learns whether its prediction is right.
     - teacher (MELT's phase 2, distill=True): see distill.
+    With loss_chunk = R > 0 the plain loss (no per-step losses, short route, confidence head or
+    L_Mono: nothing else reads the logits) of a micro-batch of more than R tokens goes through
+    the head R tokens at a time (LoopGPT.chunked_loss): the same number, without the whole logits.
     """
 
     def __init__(self, model, lambda_short=0.1, lambda_cons=0.1, gate_stage=0, gate_beta=0.1, gate_k=50.0,
-                 gate_gamma=0.005, lambda_mono=0.0, lambda_router=1e-3, teacher=None, lambda_attn=0.1):
+                 gate_gamma=0.005, lambda_mono=0.0, lambda_router=1e-3, teacher=None, lambda_attn=0.1, loss_chunk=0):
         super().__init__()
         self.model, self.teacher = model, teacher
         self.lambda_short, self.lambda_cons, self.lambda_mono, self.lambda_router = (lambda_short, lambda_cons,
                                                                                      lambda_mono, lambda_router)
         self.gate_stage, self.gate_beta, self.gate_k, self.gate_gamma = gate_stage, gate_beta, gate_k, gate_gamma
-        self.lambda_attn = lambda_attn
+        self.lambda_attn, self.loss_chunk = lambda_attn, loss_chunk
 
     def forward(self, idx, targets=None, loops=None, depths=None, short=None, step_weights=None, distill=False):
         model, cfg = self.model, self.model.config
@@ -106,11 +109,16 @@ class Objective(nn.Module):
                              "short route or per-sequence depths")
         steps = model.steps(loops)
         record = {}  # each loop's state, MoR's routes, LoopUS's updates
+        # only the cross-entropy reads the logits: it can go through the head a chunk at a time
+        chunked = (self.loss_chunk and targets.numel() > self.loss_chunk and not per_step and short is None
+                   and not cfg.confidence_head and not self.lambda_mono)
         with torch.no_grad() if self.gate_stage == 2 else nullcontext():  # stage 2 trains the gate only
             h = model.norm_f(model.trunk(idx, steps, record=record, depths=depths))
-            logits = model.logits(h)
+            logits = None if chunked else model.logits(h)
         y = targets.reshape(-1)
-        if per_step:
+        if chunked:
+            loss = model.chunked_loss(h, y, self.loss_chunk)
+        elif per_step:
             loss = self.per_step_loss(record["states"], logits, targets, step_weights)
         else:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1)
@@ -548,7 +556,7 @@ def main():
         compile_blocks(raw_model, **compile_kwargs)
     # the training loss around the model (the objectives above); DDP wraps it, teacher and all
     model = Objective(raw_model, tc.lambda_short, tc.lambda_cons, tc.gate_stage, tc.gate_beta, tc.gate_k, tc.gate_gamma,
-                      tc.lambda_mono, teacher=teacher, lambda_attn=tc.lambda_attn)
+                      tc.lambda_mono, teacher=teacher, lambda_attn=tc.lambda_attn, loss_chunk=tc.loss_chunk)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     if tc.compile and tc.compile_scope == "step":

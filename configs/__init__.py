@@ -90,6 +90,12 @@ class TrainConfig:
     # batch: tokens per step = batch_size * block_size * grad_accum_steps (global)
     batch_size: int = 16          # rows per micro-step per process
     grad_accum_steps: int = 1     # global micro-steps per step, split over processes
+    # the training loss of a micro-batch of more than loss_chunk tokens goes through the head and
+    # the cross-entropy loss_chunk tokens at a time, so its (tokens, vocab) logits are never whole
+    # (loopgpt.ChunkedHeadLoss: the same loss to float precision, one more head matmul in backward;
+    # only where nothing else reads the logits). 0 = off; a smaller micro-batch (every CPU config's)
+    # keeps the whole-logits path bit for bit
+    loss_chunk: int = 8192
     # optimizer: adamw, or muon (Muon for the blocks' matrices at muon_lr, AdamW for the rest
     # at learning_rate; MuonAdamW in loopgpt.py); warmup then cosine (or warmup-stable-decay) to min_lr, the
     # same shape for every group (min_lr / learning_rate is the floor's fraction of each peak)
@@ -170,6 +176,8 @@ class TrainConfig:
                    "eval_tasks_interval >= 0 (0 = the last step only) and eval_tasks_max >= 0 (0 = all)")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             yield f"need 0 <= beta1, beta2 < 1, got {self.beta1}, {self.beta2}"
+        if self.loss_chunk < 0:
+            yield f"loss_chunk must be >= 0 (tokens per chunk of the loss; 0 = off), got {self.loss_chunk}"
         if self.eval_only and not self.resume:
             yield "eval_only evaluates a checkpoint: add --resume=True"
         for key in ("max_iters", "eval_interval", "eval_iters", "batch_size", "grad_accum_steps", "log_interval"):

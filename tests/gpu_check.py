@@ -19,7 +19,9 @@ with enough of time_limit left is skipped, and a run still going at the deadline
    time ratio (eager instead of both with --compile=False); huginn_small compiled (sampled depth, truncated backprop, the adapter, a random
    initial state). Tokens/s, MFU against the bf16 peak, peak memory, first and last loss. A
    run that runs out of memory is retried at half the batch. Then the step breakdown:
-   forward + backward and the optimizer step timed apart, looped against plain, in-process.
+   forward + backward and the optimizer step timed apart, looped against plain, in-process;
+   and the loss memory: the head and cross-entropy of one flt_small micro-batch with the whole
+   logits against train.py's chunked loss (loss_chunk), peak memory, time and the two losses.
 3. decoding with the trained flt_small in bf16 at B=1 and B=8: the KV cache replayed as a
    CUDA graph, the same cache launched eagerly, no cache: tokens/s; whether cached and
    uncached greedy tokens agree (in fp32), and how far the cache's logits are from the full
@@ -53,6 +55,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from configs import (autocast_context, detect_device, fail, gpu_peak_flops, make_dir, model_config_defaults,  # noqa: E402
                      parse_args, print_table, train_config_defaults)
@@ -65,9 +68,8 @@ FLT_RUNS = ("flt_small compiled", "flt_small step-compiled", "flt_small eager") 
 BF16_TOLERANCE = 0.01  # |loss_bf16 - loss_fp32| <= 1% of loss_fp32 at every step
 RUNS = ("flt_small compiled", "flt_small step-compiled", "flt_small eager", "plain compiled", "plain step-compiled",
         "plain eager", "huginn_small compiled")
-STEPS = ("flt_small compiled", "flt_small step-compiled", "flt_small eager", "plain", "step breakdown", "decode",
-         "kv sharing", "eval speed",
-         "bf16 vs fp32", "huginn_small compiled", "peers")
+STEPS = ("flt_small compiled", "flt_small step-compiled", "flt_small eager", "plain", "step breakdown", "loss memory",
+         "decode", "kv sharing", "eval speed", "bf16 vs fp32", "huginn_small compiled", "peers")
 
 args, _ = parse_args(sys.argv[1:], {
     "out_dir": "",        # where gpu_check.json and gpu_check.log go
@@ -315,6 +317,43 @@ def gpu_busy(fn, n=3):
     return kernels_us / wall_us
 
 
+def loss_memory():
+    """train.py's loss on one flt_small micro-batch (32 x 1024 tokens, d=384, vocab 50,304, bf16):
+    the head, soft-cap and cross-entropy forward + backward on their own, with the whole logits
+    (loss_chunk=0) and in chunks of the default loss_chunk (4 chunks here at least, for a CPU
+    rehearsal's small batch): peak memory above the inputs, time, the two losses and grad_h."""
+    flt = settings("flt_small", shrink)
+    N = flt["batch_size"] * flt["block_size"]
+    rows = min(train_config_defaults()["loss_chunk"], max(1, N // 4))
+    torch.manual_seed(0)
+    model = LoopGPT(LoopGPTConfig(**{k: flt[k] for k in model_config_defaults()})).to(device)
+    h = torch.randn(N, flt["n_embd"], device=device, requires_grad=True)  # (the final norm's output)
+    y = torch.randint(0, flt["vocab_size"], (N,), device=device)
+    bf16, _ = autocast_context(device, "bfloat16")
+    out, grad_h = {"tokens": N, "loss_chunk": rows}, {}
+    for name, chunk in (("whole", 0), ("chunked", rows)):
+        def fwd_bwd():
+            h.grad = model.lm_head.weight.grad = None
+            with bf16:
+                loss = model.chunked_loss(h, y, chunk) if chunk else F.cross_entropy(model.logits(h), y)
+            loss.backward()
+            return loss.item()
+        fwd_bwd()  # warm-up
+        sync()
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        out[f"{name}_loss"] = fwd_bwd()
+        sync()
+        out[f"{name}_ms"] = 1000 * (time.perf_counter() - t0)
+        out[f"{name}_peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if gpu else None
+        grad_h[name] = h.grad
+    out["loss_rel_diff"] = abs(out["chunked_loss"] - out["whole_loss"]) / out["whole_loss"]
+    out["grad_h_max_diff_rel"] = ((grad_h["chunked"] - grad_h["whole"]).abs().max() / grad_h["whole"].abs().max()).item()
+    return out
+
+
 # ---- 3. decoding ---------------------------------------------------------------------------
 
 def decode():
@@ -491,6 +530,7 @@ else:
     step("flt_small eager", lambda: train("flt_small eager", "flt_small", "--compile=False", looped_budgets), need_s=40)
     step("plain eager", lambda: train("plain eager", "flt_small", "--compile=False", *plain), need_s=40)
 step("step breakdown", step_breakdown, need_s=60)
+step("loss memory", loss_memory, need_s=20)
 step("decode", decode, need_s=30)
 step("kv sharing", kv_sharing, need_s=30)
 step("eval speed", eval_speed, need_s=30)
@@ -582,6 +622,12 @@ for ours, theirs, target in (("loopgpt flt_small", "FLT code", 1.1), ("loopgpt p
         r = p[f"{ours} / {theirs}"]
         check(f"tokens/s, {ours} / {theirs} (same step, same GPU)", f"{r:.2f}x ({p[ours]['tokens_per_s']:,.0f} / "
               f"{p[theirs]['tokens_per_s']:,.0f})", *((f">= {target}x", r >= target) if target else ()))
+m = results.get("loss memory", {})
+if "chunked_ms" in m:
+    memory = f"peak {m['chunked_peak_gb']:.1f} / {m['whole_peak_gb']:.1f} GB, " if gpu else ""
+    check(f"loss of {m['tokens']:,} tokens, loss_chunk={m['loss_chunk']} / whole logits", f"{memory}"
+          f"{m['chunked_ms']:.0f} / {m['whole_ms']:.0f} ms; losses differ by {m['loss_rel_diff']:.1g} (relative)",
+          "< 1e-4", m["loss_rel_diff"] < 1e-4)
 if "fp32_first_difference" in d:
     first = d["fp32_first_difference"]
     check(f"decode B=8, fp32: cached greedy tokens = uncached ({d['fp32_greedy_tokens']})",
@@ -598,7 +644,7 @@ e = results.get("eval speed", {})
 if "tok_s" in e:
     check("eval.py at budgets 1,3,6,9,12 (one pass), bf16", f"{e['tok_s']:,.0f} tok/s; CORE ~{e['core_estimate_s'] / 60:.0f}"
           f" min (estimate)")
-for name in ("step breakdown", "decode", "kv sharing", "eval speed", "bf16 vs fp32", "peers"):
+for name in ("step breakdown", "loss memory", "decode", "kv sharing", "eval speed", "bf16 vs fp32", "peers"):
     if "error" in results.get(name, {}) or "skipped" in results.get(name, {}):
         check(name, results[name].get("error") or results[name]["skipped"], ok=False)
 save()

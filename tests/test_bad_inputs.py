@@ -134,7 +134,7 @@ def cases(fx):
             ([ck, "--stride=100000"], "--stride=100000"), ([ck, "--exit=gate:0.9"], "exit_gate=True"),
         ],
         "bench.py": [(["--device=foo"], "is not a device"), (["--seed=-1"], "0 <= seed"),
-                     (["--memory_probe=zzz"], "three integers"),
+                     (["--memory_probe=zzz"], "three integers"), (["--loss_probe=-1"], "an integer >= 0"),
                      (["--load_probe=nowhere,float32"], "FOLDER,DTYPE")],
         "tests/gpu_check.py": [([f"--out_dir={fx / 'afile'}"], "cannot create"),
                                  ([f"--out_dir={fx / 'gc'}", "--steps=-1"], "steps >= 0"),

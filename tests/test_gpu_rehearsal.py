@@ -179,6 +179,8 @@ def test_gpu_check_rehearsal(tmp_path):
     b = result["step breakdown"]  # forward + backward and the optimizer timed apart, looped and plain
     assert (b["looped_muon_matrices"], b["plain_muon_matrices"]) == (36, 432) and b["plain_over_looped_fwd_bwd"] > 0
     assert result["eval speed"]["tok_s"] > 0 and result["eval speed"]["sequences"] == 8
+    m = result["loss memory"]  # the chunked loss (4 chunks of the 32 tokens) against the whole logits, in bf16
+    assert m["loss_chunk"] == 8 and m["loss_rel_diff"] < 1e-4 and m["grad_h_max_diff_rel"] < 1e-2
     k = result["kv sharing"]  # the shared cache: constant in M, a twelfth of the exact one's core at M = 12
     assert k["M12_last_cache_mib"] == k["M24_last_cache_mib"] < k["M12_none_cache_mib"] < k["M24_none_cache_mib"]
     assert k["M12_last_tok_s"] > 0

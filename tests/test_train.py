@@ -99,6 +99,23 @@ def test_resume_continues_exactly(data_dir, tmp_path, optimizer):
     assert f"trained with optimizer={optimizer}" in p.stderr
 
 
+def test_loss_chunk_trains_as_the_whole_logits(data_dir, tmp_path):
+    # --loss_chunk=48 on SMALL's 4 x 32 = 128 tokens: the head and the loss in chunks of 48, 48
+    # and 32 tokens; the same losses as the whole logits (--loss_chunk=0), step after step
+    common = [f"--data_dir={data_dir}", "--max_iters=4", "--eval_interval=4", *SMALL]
+    run("train.py", f"--out_dir={tmp_path / 'whole'}", "--loss_chunk=0", *common)
+    run("train.py", f"--out_dir={tmp_path / 'chunked'}", "--loss_chunk=48", *common)
+    whole, chunked = records(tmp_path / "whole", "train"), records(tmp_path / "chunked", "train")
+    assert len(whole) == len(chunked) == 4
+    for a, b in zip(whole, chunked):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    va, vb = records(tmp_path / "whole", "eval")[-1]["val"], records(tmp_path / "chunked", "eval")[-1]["val"]
+    for m in va:
+        assert va[m]["loss"] == pytest.approx(vb[m]["loss"], rel=1e-6)
+    p = run("train.py", "--loss_chunk=-1", f"--data_dir={data_dir}", ok=False)
+    assert "loss_chunk must be >= 0" in p.stderr
+
+
 def test_lr_schedule_without_warmup_wsd_to_zero():
     # FLT's schedule: no warmup, constant, then the last 20% linearly to 0 (configs/flt_small.py)
     from configs import TrainConfig, get_lr
