@@ -66,10 +66,10 @@ LORA_TARGETS = ("q", "k", "v", "o", "fc", "down")  # attention q, k, v, output; 
 
 @dataclass
 class LoopGPTConfig:
-    vocab_size: int = 2048
+    vocab_size: int = 2048     # token ids (the tokenizer's, padded: GPT-2's 50,257 -> 50,304)
     block_size: int = 256      # context length
-    n_embd: int = 128
-    n_head: int = 4
+    n_embd: int = 128          # d, the residual stream's width
+    n_head: int = 4            # query heads
     n_kv_head: int = 0         # key/value heads for GQA; 0 means n_head (plain multi-head)
     head_dim: int = 0          # per-head width; 0 means n_embd // n_head (Nanbeige's looped model has 2x that)
     n_prelude: int = 1         # blocks run once before the loop
@@ -92,9 +92,9 @@ class LoopGPTConfig:
     checkpoint_loops: bool = False  # recompute each loop's activations in backward (memory)
     mlp: str = "relu2"         # one of MLPS
     mlp_ratio: float = 4.0     # MLP hidden width / n_embd (LoopFormer 2.5)
-    tie_embeddings: bool = False
+    tie_embeddings: bool = False  # the head is the token embedding's matrix
     softcap: float = 15.0      # logits = c * tanh(logits / c); 0 turns it off
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # RoPE's theta
     # the extensions' flags (Part 2), each explained in its paper's section
     exit_gate: bool = False    # Ouro: the exit gate λ_t = σ(w·norm(h_t) + b) on every loop's state
     routing: str = "none"      # one of ROUTINGS: "mor" = Mixture-of-Recursions token routing

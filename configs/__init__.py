@@ -8,7 +8,9 @@ plain table for the terminal. The model's flags live in loopgpt.LoopGPTConfig.
 import difflib
 import math
 import os
+import re
 import sys
+import textwrap
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -17,15 +19,16 @@ import torch
 from loopgpt import LoopGPTConfig, check_schedule
 
 CONFIGS_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(CONFIGS_DIR)
 
 
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"
+    out_dir: str = "out"          # where ckpt.pt and log.jsonl go
     dataset: str = "pydoc"        # a folder data/<dataset>/ with train.bin, val.bin, meta.json
     data_dir: str = ""            # override the folder
-    eval_interval: int = 100
+    eval_interval: int = 100      # evaluate (and save the checkpoint) every this many steps
     eval_iters: int = 20          # val batches per budget
     eval_budgets: tuple = ()      # loop budgets to evaluate; () = 1, L/2, L, 2L
     eval_only: bool = False       # with resume=True: eval.py's budget_sweep (M = 1..2L, exits, schedules), then exit
@@ -34,9 +37,9 @@ class TrainConfig:
     eval_tasks: str = ""          # eval.py's tasks at the eval budgets during training, e.g. "core" (nanochat's CORE)
     eval_tasks_interval: int = 0  # every this many steps; 0 = at the last step only
     eval_tasks_max: int = 500     # items per task (nanochat: 500 during training); 0 = all
-    log_interval: int = 10
-    always_save_checkpoint: bool = True
-    resume: bool = False
+    log_interval: int = 10        # a line of the log (and log.jsonl) every this many steps
+    always_save_checkpoint: bool = True  # False: save only when the val loss improves, and at the end
+    resume: bool = False          # go on from out_dir's checkpoint, exactly (model, optimizer, data position, RNG)
     # uptraining (loopgpt.init_from_source): start from the checkpoint in this out_dir, a plain
     # stack (or a loop without injection), its layers split into this run's prelude, core and
     # coda; model keys not given here are the source's, n_loops = the replaced layers / n_core
@@ -225,6 +228,40 @@ def available_configs():
     return sorted(f[:-3] for f in os.listdir(CONFIGS_DIR) if f.endswith(".py") and not f.startswith("_"))
 
 
+def key_notes(*paths):
+    """{key: what it does} for --help, from where each key is defined: a dataclass field
+    (`name: type = value  # note`, or a block of comments just above a group of fields) or a
+    script's defaults (`"name": value,  # note` or `name=value,  # note`). The first file that
+    documents a key wins."""
+    notes = {}
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        block, after_comment, last = [], False, None  # comments just above a group of fields; the last note
+        for line in lines:
+            stripped, indent = line.strip(), len(line) - len(line.lstrip())
+            if stripped.startswith("#"):
+                if last and indent > last[1] + 4:  # a note continued on the next line, under itself
+                    notes[last[0]] += " " + stripped.lstrip("# ")
+                    continue
+                block = (block if after_comment else []) + [stripped.lstrip("# ")]
+                after_comment, last = True, None
+                continue
+            after_comment, last = False, None
+            m = (re.match(r'\s+"?([A-Za-z_]\w*)"?\s*:\s*[^#]*?(?:#\s*(.+))?$', line) or
+                 re.match(r'\s+([A-Za-z_]\w*)=[^=][^#]*,\s*(?:#\s*(.+))?$', line))
+            note = m and (m.group(2) or " ".join(block))
+            if note and (m.group(2) or len(note.split()) >= 3) and m.group(1) not in notes:  # (no heading: "# I/O")
+                notes[m.group(1)] = note
+                last = (m.group(1), indent) if m.group(2) else None
+            if not m:
+                block = []
+    return notes
+
+
 def _unknown_key(key, valid, where):
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -277,8 +314,12 @@ def parse_args(argv, defaults, allow_config=True, default_config=None):
         arg = args.pop(0)
         if arg in ("-h", "--help"):
             config = "[--config NAME] " if allow_config else ""
-            print(f"usage: python {os.path.basename(sys.argv[0])} {config}[--key=value ...]; the keys and their "
-                  f"defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+            notes = key_notes(sys.argv[0], os.path.join(ROOT, "loopgpt.py"), __file__)
+            print(f"usage: python {os.path.basename(sys.argv[0])} {config}[--key=value ...]; the keys, their "
+                  f"defaults and what they do:\n" + "\n".join(
+                      f"  --{k}={v!r}" + ("\n" + textwrap.fill(notes[k], 100, initial_indent=" " * 6,
+                                                                subsequent_indent=" " * 6) if k in notes else "")
+                      for k, v in defaults.items()))
             raise SystemExit(0)
         if not arg.startswith("--"):
             fail(f"unexpected argument '{arg}': use --key=value")

@@ -239,6 +239,21 @@ def test_command_line_forms(capsys):
     assert e.value.code == 0 and "--max_iters=" in capsys.readouterr().out
 
 
+def test_help_says_what_every_key_does():
+    # --help prints each key's note from where it is defined: a field's own comment, the comment
+    # block above a group of fields, a script's defaults (a note continued on the next line too)
+    for script, notes in (("train.py", {"n_loops": "L: loops at train time", "loop_min": "poisson_lognormal = Huginn",
+                                        "batch_size": "rows per micro-step"}),
+                          ("sample.py", {"schedule": 'several separated by "/"', "temperature": "0 = greedy"})):
+        out = run(script, "--help").stdout
+        keys = [line.split("=")[0][4:] for line in out.splitlines() if line.startswith("  --")]
+        described = {k for k, nxt in zip(keys, out.split("\n  --")[1:]) if "\n      " in nxt}
+        for key, note in notes.items():
+            assert note in " ".join(out.split("\n  --" + key + "=")[1].split("\n  --")[0].split()), key
+        if script == "train.py":  # every training and model key
+            assert described == set(keys), sorted(set(keys) - described)
+
+
 LOOPFORMER = ["--config=loopformer_3x8_tiny", "--n_embd=32", "--n_head=2", "--n_core=1", "--n_loops=4",
               "--block_size=32", "--batch_size=4", "--eval_iters=2", "--warmup_iters=2", "--log_interval=1"]
 
