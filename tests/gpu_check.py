@@ -292,6 +292,10 @@ def step_breakdown():
             fwd_bwd()
             opt.step()
         out[f"{name}_fwd_bwd_ms"], out[f"{name}_opt_step_ms"] = timed(fwd_bwd), timed(opt.step)
+        if hasattr(opt, "batched"):  # Muon one matrix at a time, as before it batched same-shape matrices
+            opt.batched = False
+            out[f"{name}_opt_step_unbatched_ms"] = timed(opt.step)
+            opt.batched = None
         out[f"{name}_muon_matrices"] = sum(len(g["params"]) for g in opt.param_groups if g.get("use_muon"))
         if gpu:  # how much of a whole step the GPU is busy: kernel time over wall time
             out[f"{name}_gpu_busy"] = gpu_busy(lambda: (fwd_bwd(), opt.step(), opt.zero_grad(set_to_none=True)))
@@ -608,7 +612,9 @@ if "plain_over_looped_fwd_bwd" in b:
     check("forward + backward, plain / looped (same FLOPs)", f"{ratio:.3f} ({b['plain_fwd_bwd_ms']:.0f} / "
           f"{b['looped_fwd_bwd_ms']:.0f} ms)", ">= 0.95", ratio >= 0.95)
     check("optimizer step, plain / looped (Muon matrices)", f"{b['plain_opt_step_ms']:.0f} / {b['looped_opt_step_ms']:.0f}"
-          f" ms ({b['plain_muon_matrices']} / {b['looped_muon_matrices']})")
+          f" ms ({b['plain_muon_matrices']} / {b['looped_muon_matrices']})" + (
+              f"; one matrix at a time {b['plain_opt_step_unbatched_ms']:.0f} / {b['looped_opt_step_unbatched_ms']:.0f} ms"
+              if "plain_opt_step_unbatched_ms" in b else ""))
 for name in ("looped", "plain"):
     if f"{name}_gpu_busy" in b:
         check(f"GPU busy in a {name} step (profiler: kernel time / wall time)", pct(b[f"{name}_gpu_busy"]), ">= 90%",
