@@ -1656,7 +1656,8 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, optimizer="ad
 # Under DDP the gradients are averaged before step(), and this update is a deterministic
 # function of the gradient and the optimizer state, so every rank computes the same update
 # (the orthogonalisation is repeated on each rank rather than sharded, as nanochat does:
-# simpler, and the cost is small next to a forward and backward pass).
+# simpler, and the cost is small next to a forward and backward pass). Under FSDP a rank
+# holds some rows of each matrix: orthogonalize_whole gathers the matrix for the update.
 
 # the quintic's coefficients from Muon: they push every singular value of the normalised
 # matrix into about [0.7, 1.2] in 5 steps (fast, not exactly 1: Muon does not need exact)
@@ -1677,6 +1678,16 @@ def orthogonalize(G, steps=5):
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
     return (X.T if tall else X).to(G.dtype)
+
+
+def orthogonalize_whole(G, steps=5):
+    """orthogonalize for a matrix that may be an FSDP2 shard (train.py's fsdp=True: a DTensor
+    holding this rank's rows): Newton-Schulz works on the whole matrix, so every rank gathers
+    it, orthogonalises it (all the same) and keeps its own rows of the result."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(G, DTensor):  # a whole matrix (one process, DDP)
+        return orthogonalize(G, steps)
+    return distribute_tensor(orthogonalize(G.full_tensor(), steps), G.device_mesh, G.placements, src_data_rank=None)
 
 
 def muon_momentum(step, warmup, start=0.85, end=0.95):
@@ -1719,7 +1730,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     # (While mu warms up the two differ slightly in how past steps are weighted.)
                     buf, mu = state["momentum"], group["momentum"]
                     buf.mul_(mu).add_(p.grad)
-                    update = orthogonalize(p.grad.add(buf, alpha=mu), group["ns_steps"])  # Nesterov
+                    update = orthogonalize_whole(p.grad.add(buf, alpha=mu), group["ns_steps"])  # Nesterov
                     p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
                     continue
                 if not state:

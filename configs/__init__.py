@@ -116,6 +116,9 @@ class TrainConfig:
     device: str = ""              # "" = cuda if available, else cpu
     dtype: str = ""               # bfloat16 (autocast) | float32; "" = bfloat16 on CUDA, float32 on CPU
     compile: bool = False
+    # under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2)
+    # instead of DDP's full copy on each, for a model whose training state is past one GPU
+    fsdp: bool = False
 
     def __post_init__(self):
         """A bad setting stops here, before any data or model is made: the first problem, one
