@@ -1736,6 +1736,8 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, optimizer="ad
 # rank applies the same updates and none repeats another's work. Each matrix's update is
 # a function of its own momentum alone, so batching and sharding change it by rounding at
 # most (on a CPU not at all: tests/test_muon.py).
+# Under FSDP a rank holds some rows of each matrix: each matrix is gathered whole for its
+# update (orthogonalize_whole) and every rank keeps its own rows of the result.
 
 # the quintic's coefficients from Muon: they push every singular value of the normalised
 # matrix into about [0.7, 1.2] in 5 steps (fast, not exactly 1: Muon does not need exact)
@@ -1757,6 +1759,16 @@ def orthogonalize(G, steps=5):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if tall else X).to(G.dtype)
+
+
+def orthogonalize_whole(G, steps=5):
+    """orthogonalize for a matrix that may be an FSDP2 shard (train.py's fsdp=True: a DTensor
+    holding this rank's rows): Newton-Schulz works on the whole matrix, so every rank gathers
+    it, orthogonalises it (all the same) and keeps its own rows of the result."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(G, DTensor):  # a whole matrix (one process, DDP)
+        return orthogonalize(G, steps)
+    return distribute_tensor(orthogonalize(G.full_tensor(), steps), G.device_mesh, G.placements, src_data_rank=None)
 
 
 def muon_momentum(step, warmup, start=0.85, end=0.95):
@@ -1838,26 +1850,36 @@ class MuonAdamW(torch.optim.Optimizer):
         # (While mu warms up the two differ slightly in how past steps are weighted.)
         torch._foreach_mul_(bufs, mu)
         torch._foreach_add_(bufs, grads)
-        # this rank's share of the batch: ceil(n / world) matrices, the last shares padded
-        # with zeros (which orthogonalise to zeros) so every rank sends the same size
+        if hasattr(params[0], "full_tensor"):  # FSDP: this rank holds rows of every matrix (DTensors)
+            nesterov = torch._foreach_add(grads, bufs, alpha=mu)
+            update = [orthogonalize_whole(g, group["ns_steps"]) for g in nesterov]
+        else:
+            update = list(self.orthogonalize_shared(grads, bufs, mu, group["ns_steps"]).unbind(0))
+        if lr * wd:
+            torch._foreach_mul_(params, 1 - lr * wd)  # decoupled weight decay, as in AdamW
+        rows, cols = params[0].shape
+        torch._foreach_add_(params, update, alpha=-lr * max(1.0, rows / cols) ** 0.5)
+
+    def orthogonalize_shared(self, grads, bufs, mu, steps):
+        """The Nesterov directions g + mu buf of whole matrices (every rank holds the same),
+        orthogonalised as one batch, each rank its share under torch.distributed: ceil(n /
+        world) matrices, the last shares padded with zeros (which orthogonalise to zeros) so
+        every rank sends the same size, then all-gathered. Returns (n, rows, cols)."""
         rank, world = rank_and_world()
-        n = len(params)
+        n = len(grads)
         share = -(-n // world)
         lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
         nesterov = list(torch._foreach_add(grads[lo:hi], bufs[lo:hi], alpha=mu)) if hi > lo else []
-        nesterov += [torch.zeros_like(params[0])] * (share - len(nesterov))
-        if self.batched or (self.batched is None and params[0].device.type != "cpu"):
-            update = orthogonalize(torch.stack(nesterov), group["ns_steps"])
+        nesterov += [torch.zeros_like(grads[0])] * (share - len(nesterov))
+        if self.batched or (self.batched is None and grads[0].device.type != "cpu"):
+            update = orthogonalize(torch.stack(nesterov), steps)
         else:
-            update = torch.stack([orthogonalize(g, group["ns_steps"]) for g in nesterov])
+            update = torch.stack([orthogonalize(g, steps) for g in nesterov])
         if world > 1:
             everyone = update.new_empty(world * share, *update.shape[1:])
             dist.all_gather(list(everyone.chunk(world)), update)  # (torch 2.13 deprecates all_gather_into_tensor)
             update = everyone[:n]
-        if lr * wd:
-            torch._foreach_mul_(params, 1 - lr * wd)  # decoupled weight decay, as in AdamW
-        rows, cols = params[0].shape
-        torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+        return update
 
 
 # ---- checkpoints ----------------------------------------------------------------------------

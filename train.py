@@ -4,11 +4,12 @@ Train a LoopGPT. One file, nanoGPT-style:
     python train.py                                  # config `tiny`: CPU, built-in corpus, minutes
     python train.py --config base_loop --n_loops=8   # a named config, then --key=value overrides
     torchrun --nproc_per_node=2 train.py --config tiny   # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node=8 train.py --fsdp=True ...  # FSDP2: for a model past one GPU
     python train.py --resume=True                    # continue exactly from out_dir/ckpt.pt
 
 Read in this order: the training objectives (Objective, the papers' losses around the model,
-the module DDP wraps), the token files' readers, then main(): settings, data, model and
-optimizer (or a conversion, or a resume), the eval helpers, the training loop.
+the module DDP wraps), the token files' readers, FSDP's sharding, then main(): settings, data,
+model and optimizer (or a conversion, or a resume), the eval helpers, the training loop.
 
 Settings come from TrainConfig (configs/__init__.py) and LoopGPTConfig (loopgpt.py), then configs/NAME.py,
 then the command line. Every process sees different batches; the batch of global
@@ -30,12 +31,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configs import (TrainConfig, autocast_context, detect_device, fail, get_lr, gpu_peak_flops, make_dir,
                      model_config_defaults, parse_args, parse_exit, train_config_defaults)
-from loopgpt import (CHECKPOINT_VERSION, INIT_CORES, Attention, LoopGPT, LoopGPTConfig, activation_bytes, check_fits,
+from loopgpt import (CHECKPOINT_VERSION, INIT_CORES, Attention, Block, LoopGPT, LoopGPTConfig, activation_bytes, check_fits,
                      compile_blocks, confidence_logit, configure_optimizer, exit_probability, flops_per_token,
                      init_from_source, layer_similarity, load_checkpoint, model_from_checkpoint, muon_momentum,
                      per_sequence_problem, save_checkpoint, summary, unrolled_blocks)
@@ -259,6 +263,65 @@ def text_batch(data, rng, B, T):
     return x, y
 
 
+# ---- FSDP (fsdp=True) -----------------------------------------------------------------------------
+# DDP keeps the whole model, its gradients and its optimizer state on every GPU (16 bytes a
+# parameter with AdamW in fp32). FSDP2 (torch's fully_shard) keeps 1/W of each on each of the
+# W ranks and all-gathers a block's weights just before the block runs. Checkpoints stay one
+# whole state dict, written by rank 0, the format one process writes and reads.
+
+def shard(objective):
+    """
+    Shard every block, then the root (the Objective: embedding, head, norms, the extensions'
+    small parts). A prelude or coda block is gathered for its forward, freed, gathered again
+    for its backward. A core block runs every loop: gathered per visit it would cost 2 x
+    n_loops all-gathers a step, so it stays whole from its first visit until reshard_core
+    after the step's last backward (one all-gather a step; the whole core stays in memory).
+    """
+    core = set(objective.model.core)
+    for module in objective.modules():
+        if isinstance(module, Block):  # (a MELT teacher's blocks too)
+            fully_shard(module, reshard_after_forward=module not in core)
+            if module in core:
+                module.set_reshard_after_backward(False)  # (backward would free it after each loop's)
+    fully_shard(objective)
+
+
+def reshard_core(model):
+    """Free the core's gathered weights (before the optimizer changes the shards they came from)."""
+    for block in model.core:
+        block.reshard()
+
+
+def whole(t):
+    """A DTensor (a shard, or a partial result such as a norm) as the whole tensor, gathered
+    on every rank (every rank must call it, in the same order); other values as they are."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gathered_state(state, keep):
+    """An optimizer's state_dict() with every shard gathered whole onto the CPU: the format
+    one process saves (keep=False, for ranks that only take part in the gathers: no copy)."""
+    if isinstance(state, dict):
+        return {k: gathered_state(v, keep) for k, v in state.items()}
+    if isinstance(state, DTensor):
+        full = state.full_tensor()
+        return full.cpu() if keep else None
+    return state
+
+
+def sharded_state(state, optimizer):
+    """A whole optimizer state dict (as saved) made ready for an optimizer over sharded
+    parameters: each state tensor the shape of its parameter becomes this rank's shard of it."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out = dict(state, state={})
+    for i, s in state["state"].items():
+        p = params[i]
+        out["state"][i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                           if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+                           for k, v in s.items()}
+    return out
+
+
 def main():
     # ---- configuration -----------------------------------------------------------------------
 
@@ -272,7 +335,11 @@ def main():
 
     # ---- distributed setup -------------------------------------------------------------------
 
-    ddp = int(os.environ.get("RANK", -1)) != -1
+    ddp = int(os.environ.get("RANK", -1)) != -1  # under torchrun: DDP, or FSDP with fsdp=True
+    if tc.fsdp and not ddp:
+        fail("fsdp=True shards the model over torchrun's processes: torchrun --nproc_per_node=N train.py ... "
+             "(N = 1 runs too, without any saving)")
+    fsdp = tc.fsdp and not tc.eval_only  # (an evaluation alone has no gradients or optimizer state to shard)
     device = detect_device(tc.device)
     if ddp:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -525,7 +592,30 @@ def main():
                 p.requires_grad_(False)
         if cfg.tie_embeddings and "wte" in frozen:
             fail("freeze=wte with tie_embeddings=True would freeze the head too (it is the same matrix)")
-    optimizer = configure_optimizer(model, tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), tc.optimizer,
+    raw_model = model
+    compile_kwargs = {"mode": tc.compile_mode} if tc.compile_mode else {}
+    if tc.compile and tc.compile_scope == "blocks":
+        # compile each block, not the model: the loop stays in Python, so every budget M (a
+        # depth sampled per step, an eval sweep) reuses the same compiled blocks. Compiling
+        # the whole model would unroll the loop and compile once more for every new M.
+        # (Under FSDP the compiled blocks are then sharded: FSDP's gathers run in hooks that
+        # dynamo skips, so all blocks still share one graph with no graph break, in either order.)
+        compile_blocks(raw_model, **compile_kwargs)
+    # the training loss around the model (the objectives above); DDP wraps it, teacher and all,
+    # or FSDP shards it (the optimizer is then made over the shards)
+    model = Objective(raw_model, tc.lambda_short, tc.lambda_cons, tc.gate_stage, tc.gate_beta, tc.gate_k, tc.gate_gamma,
+                      tc.lambda_mono, teacher=teacher, lambda_attn=tc.lambda_attn, loss_chunk=tc.loss_chunk)
+    if fsdp:
+        shard(model)
+    elif ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    if tc.compile and tc.compile_scope == "step":
+        # the whole training forward and loss as one graph (the loop unrolled): one launch
+        # stream with no Python between blocks, which a small width (each kernel short) needs
+        # on a GPU. A new budget M compiles again, so it suits a fixed train budget; the
+        # evaluation runs the model itself, eagerly.
+        model = torch.compile(model, dynamic=False, **compile_kwargs)
+    optimizer = configure_optimizer(raw_model, tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), tc.optimizer,
                                     tc.muon_lr, tc.embedding_lr, tc.head_lr, tc.adam_eps)
     if tc.resume and not tc.eval_only:  # (an evaluation needs no optimizer state)
         trained_with = ckpt["train_config"].get("optimizer", "adamw")
@@ -537,7 +627,7 @@ def main():
                     fail(f"{ckpt_path} was trained with {key}={ckpt['train_config'].get(key, 0.0)}, this run has "
                          f"{key}={getattr(tc, key)}: set or not (0) decides the optimizer's groups; resume as trained")
             settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-            optimizer.load_state_dict(ckpt["optimizer"])
+            optimizer.load_state_dict(sharded_state(ckpt["optimizer"], optimizer) if fsdp else ckpt["optimizer"])
             for group, fresh in zip(optimizer.param_groups, settings):  # the loaded groups bring the checkpoint's
                 group.update(fresh)  # settings: this run's lr_scale (learning_rate, muon_lr, ...), eps, decay win
         elif master:  # e.g. stage 2 starting from a stage-1 checkpoint: other parameters train now
@@ -547,24 +637,6 @@ def main():
         if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         del ckpt
-    raw_model = model
-    compile_kwargs = {"mode": tc.compile_mode} if tc.compile_mode else {}
-    if tc.compile and tc.compile_scope == "blocks":
-        # compile each block, not the model: the loop stays in Python, so every budget M (a
-        # depth sampled per step, an eval sweep) reuses the same compiled blocks. Compiling
-        # the whole model would unroll the loop and compile once more for every new M.
-        compile_blocks(raw_model, **compile_kwargs)
-    # the training loss around the model (the objectives above); DDP wraps it, teacher and all
-    model = Objective(raw_model, tc.lambda_short, tc.lambda_cons, tc.gate_stage, tc.gate_beta, tc.gate_k, tc.gate_gamma,
-                      tc.lambda_mono, teacher=teacher, lambda_attn=tc.lambda_attn, loss_chunk=tc.loss_chunk)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    if tc.compile and tc.compile_scope == "step":
-        # the whole training forward and loss as one graph (the loop unrolled): one launch
-        # stream with no Python between blocks, which a small width (each kernel short) needs
-        # on a GPU. A new budget M compiles again, so it suits a fixed train budget; the
-        # evaluation runs the model itself, eagerly.
-        model = torch.compile(model, dynamic=False, **compile_kwargs)
 
     if tc.objective == "shortcut" and cfg.modulation != "loopformer":
         fail("objective=shortcut samples schedules with unequal steps: it needs modulation=loopformer")
@@ -665,18 +737,31 @@ def main():
         return lines
 
 
+    def eval_model():
+        """The model evaluations run. Under FSDP a whole copy on every rank (uncompiled; the
+        weights once more, for the eval): the ranks score different batches, at depths and
+        with exits that differ, so they cannot keep FSDP's per-block gathers in step."""
+        if not fsdp:
+            return raw_model
+        weights = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True))
+        copy = build_hf_model(cfg.to_dict(), weights).to(device)  # (built on the meta device: no random init first)
+        if cfg.melt:
+            copy.melt_alpha = raw_model.melt_alpha
+        return copy
+
+
     @torch.no_grad()
     def evaluate():
-        raw_model.eval()
+        model = eval_model().eval()
         # val loss and bits per byte at every eval budget (one pass to the largest), tasks' exact match per group
-        res = score_batches(raw_model, val_batches(), [(f"M={M}", {"loops": M}) for M in eval_budgets], autocast,
+        res = score_batches(model, val_batches(), [(f"M={M}", {"loops": M}) for M in eval_budgets], autocast,
                             token_bytes, meta["val_groups"] if is_task else None, reduce_sum)
         results = {M: res[f"M={M}"] for M in eval_budgets}
         # FLT's stability diagnostic: RMS of each loop's output h_t, at the train budget, on one val batch
         x, _ = get_batch("val", np.random.default_rng([tc.seed, 1, 0]), tc.batch_size, T)
         record = {}  # (MoR: the router's choices on the same batch, for the recursions per token)
         with autocast:
-            rms = residual_rms(raw_model, x, cfg.n_loops, record)
+            rms = residual_rms(model, x, cfg.n_loops, record)
         routes = record.get("routes", [])
         raw_model.train()
         return results, rms, sum(sel.float().mean().item() for _, _, sel in routes) or None
@@ -686,7 +771,7 @@ def main():
     def evaluate_on_tasks():
         """eval.py's tasks at the eval budgets (nanochat runs CORE this way): one line, and log.jsonl."""
         routes = [(f"M={M}", {"loops": M}) for M in eval_budgets]
-        res = evaluate_tasks(raw_model, enc, eval_tasks, routes, device, autocast, {**meta, "data_dir": data_dir},
+        res = evaluate_tasks(eval_model(), enc, eval_tasks, routes, device, autocast, {**meta, "data_dir": data_dir},
                              max_per_task=tc.eval_tasks_max, max_text_tokens=tc.eval_iters * tc.batch_size * T, rank=rank,
                              world=world, reduce=reduce_sum)
         parts = []
@@ -702,10 +787,19 @@ def main():
 
 
     def checkpoint():
+        """Rank 0 writes the checkpoint; under FSDP every rank first takes part in gathering it whole."""
+        weights, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
+        if fsdp:  # (cpu_offload: rank 0 keeps each gathered tensor on the CPU, the others drop it)
+            weights = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if cfg.tie_embeddings and master:  # one tensor under both names, as raw_model.state_dict() has it
+                weights["lm_head.weight"] = weights["wte.weight"]
+            optimizer_state = gathered_state(optimizer_state, keep=master)
+        if not master:
+            return
         save_checkpoint({
             "version": CHECKPOINT_VERSION,
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": weights,
+            "optimizer": optimizer_state,
             "model_config": cfg.to_dict(),
             "train_config": asdict(tc),
             "iter_num": iter_num,
@@ -762,8 +856,10 @@ def main():
             for micro in range(accum_local):
                 m = rank * accum_local + micro  # this process's share of the global micro-steps
                 x, y = get_batch("train", np.random.default_rng([tc.seed, 0, iter_num, m]), tc.batch_size, T)
-                if ddp:  # all-reduce gradients only on the last micro-step
+                if ddp and not fsdp:  # all-reduce gradients only on the last micro-step
                     model.require_backward_grad_sync = micro == accum_local - 1
+                # (FSDP reduce-scatters every micro-step's gradients into the shards: skipping that with
+                # set_requires_gradient_sync would hold every parameter's whole gradient in between)
                 depth = sample_depth(iter_num, m)
                 route = {"depths": depth} if torch.is_tensor(depth) else {"loops": depth}
                 loops_used.append(depth.float().mean().item() if torch.is_tensor(depth) else depth)
@@ -785,6 +881,8 @@ def main():
                                  **route, **extra)
                 (loss / accum_local).backward()
                 loss_sum += loss.detach()
+            if fsdp:  # (the core stayed whole over the micro-steps; the optimizer now changes its shards)
+                reshard_core(raw_model)
             if ddp:
                 dist.all_reduce(loss_sum)
                 if tc.loop_sampling != "per_sequence":  # by construction every rank ran the same depth: check it
@@ -799,9 +897,10 @@ def main():
                 fail(f"loss is {train_loss} at step {iter_num + 1}: training stopped, nothing saved; "
                      f"the last good checkpoint (if any) is still {ckpt_path}. Try a lower learning_rate.")
             # FLT's stability diagnostic: gradient L2 norm of the first core block's MLP, before clipping
-            mlp_grads = [p.grad.norm() for p in raw_model.core[0].mlp.parameters() if p.grad is not None]
+            mlp_grads = [whole(p.grad.norm()) for p in raw_model.core[0].mlp.parameters() if p.grad is not None]
             mlp_grad_norm = torch.linalg.vector_norm(torch.stack(mlp_grads)).item() if mlp_grads else 0.0
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                             tc.grad_clip if tc.grad_clip > 0 else float("inf")))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
@@ -836,7 +935,7 @@ def main():
                              "core0_mlp_grad_norm": mlp_grad_norm, "elapsed_s": time.time() - t_start})
                 improved = val < best_val_loss
                 best_val_loss = min(best_val_loss, val)
-                if master and (tc.always_save_checkpoint or improved or iter_num == tc.max_iters):
+                if tc.always_save_checkpoint or improved or iter_num == tc.max_iters:
                     checkpoint()
                     last_saved = iter_num
             if eval_tasks and (iter_num == tc.max_iters or (tc.eval_tasks_interval and iter_num % tc.eval_tasks_interval == 0)):

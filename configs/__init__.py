@@ -127,6 +127,9 @@ class TrainConfig:
     compile: bool = False         # torch.compile, as compile_scope says
     compile_scope: str = "blocks"  # blocks: each block (every budget reuses them) | step: the training forward and loss whole, the loop unrolled (one graph per budget)
     compile_mode: str = ""        # torch.compile's mode: "" (default) | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    # under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2)
+    # instead of DDP's full copy on each, for a model whose training state is past one GPU
+    fsdp: bool = False
 
     def __post_init__(self):
         """A bad setting stops here, before any data or model is made: the first problem, one
@@ -153,6 +156,8 @@ class TrainConfig:
                            ("compile_mode", ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))):
             if getattr(self, key) not in valid:
                 yield f"{key}={getattr(self, key)!r} (valid: {', '.join(repr(v) for v in valid)})"
+        if self.fsdp and self.compile and self.compile_scope == "step":
+            yield "compile_scope=step with fsdp=True is untested together: use compile_scope=blocks (they shard cleanly)"
         if self.loop_sampling != "fixed" and self.objective != "final":
             yield f"objective={self.objective} draws its short route from a fixed full route: use loop_sampling=fixed"
         shared_depth = self.objective == "final" and self.loop_sampling != "per_sequence"  # one depth for the batch
