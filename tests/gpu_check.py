@@ -30,7 +30,9 @@ with enough of time_limit left is skipped, and a run still going at the deadline
    that makes CORE take (an estimate from CORE's size, the bundle is not there offline).
 4. bf16 autocast against fp32: flt_small from the same init on the same batches; every
    step's loss must stay within BF16_TOLERANCE of the fp32 one.
-5. (--peers=DIR only, a call of its own: compiling the peers takes minutes) loopgpt's
+5. fsdp=True (FSDP2 over NCCL, one process): flt_small compiled, its losses against the run
+   without it (within BF16_TOLERANCE at every step).
+6. (--peers=DIR only, a call of its own: compiling the peers takes minutes) loopgpt's
    training step beside the FLT code's and nanochat's on this GPU: tests/peer_step.py with
    DIR/FullyLoopedTransformer and DIR/nanochat, checkouts carried to the machine.
 
@@ -67,9 +69,9 @@ from data.common import token_dtype  # noqa: E402
 FLT_RUNS = ("flt_small compiled", "flt_small step-compiled", "flt_small eager")  # decoding reads the first trained
 BF16_TOLERANCE = 0.01  # |loss_bf16 - loss_fp32| <= 1% of loss_fp32 at every step
 RUNS = ("flt_small compiled", "flt_small step-compiled", "flt_small eager", "plain compiled", "plain step-compiled",
-        "plain eager", "huginn_small compiled")
+        "plain eager", "huginn_small compiled", "fsdp")
 STEPS = ("flt_small compiled", "flt_small step-compiled", "flt_small eager", "plain", "step breakdown", "loss memory",
-         "decode", "kv sharing", "eval speed", "bf16 vs fp32", "huginn_small compiled", "peers")
+         "decode", "kv sharing", "eval speed", "bf16 vs fp32", "huginn_small compiled", "fsdp", "peers")
 
 args, _ = parse_args(sys.argv[1:], {
     "out_dir": "",        # where gpu_check.json and gpu_check.log go
@@ -542,6 +544,8 @@ step("bf16 vs fp32", bf16_vs_fp32, need_s=60)
 if args["compile"]:
     step("huginn_small compiled", lambda: train("huginn_small compiled", "huginn_small", "--compile=True",
                                                 "--eval_budgets=1,8"), need_s=60)
+if args["compile"]:  # FSDP2 on NCCL (one process): the same losses as the compiled DDP-less run, to bf16 noise
+    step("fsdp", lambda: train("fsdp", "flt_small", "--compile=True", "--fsdp=True", looped_budgets), need_s=60)
 if args["peers"]:
     step("peers", peers, need_s=120)
 shutil.rmtree(work, ignore_errors=True)
@@ -642,6 +646,11 @@ if "cache_logits_max_abs_diff_fp32" in d:
     fp32 = d["cache_logits_max_abs_diff_fp32"]
     check("cached vs full-forward logits, max |diff|", f"bf16 {d['cache_logits_max_abs_diff_bf16']:.2g}, "
           f"fp32 {fp32:.2g}", "fp32 < 1e-3", fp32 < 1e-3)
+f, ref = results.get("fsdp", {}), results.get("flt_small compiled", {})
+if "losses" in f and "losses" in ref and len(f["losses"]) == len(ref["losses"]):
+    diff = max(abs(a - b) / b for a, b in zip(f["losses"], ref["losses"]))
+    check(f"fsdp=True, flt_small compiled, {len(f['losses'])} steps: loss vs without, max relative diff", pct(diff),
+          f"<= {pct(BF16_TOLERANCE)}", diff <= BF16_TOLERANCE)
 c = results.get("bf16 vs fp32", {})
 if "max_rel_diff" in c:
     check(f"bf16 vs fp32 loss over {len(c['loss_bf16'])} steps, max relative diff", pct(c["max_rel_diff"]),
@@ -650,7 +659,7 @@ e = results.get("eval speed", {})
 if "tok_s" in e:
     check("eval.py at budgets 1,3,6,9,12 (one pass), bf16", f"{e['tok_s']:,.0f} tok/s; CORE ~{e['core_estimate_s'] / 60:.0f}"
           f" min (estimate)")
-for name in ("step breakdown", "loss memory", "decode", "kv sharing", "eval speed", "bf16 vs fp32", "peers"):
+for name in ("step breakdown", "loss memory", "decode", "kv sharing", "eval speed", "bf16 vs fp32", "fsdp", "peers"):
     if "error" in results.get(name, {}) or "skipped" in results.get(name, {}):
         check(name, results[name].get("error") or results[name]["skipped"], ok=False)
 save()
