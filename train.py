@@ -44,7 +44,7 @@ from loopgpt import (CHECKPOINT_VERSION, INIT_CORES, Attention, Block, LoopGPT, 
                      init_from_source, layer_similarity, load_checkpoint, model_from_checkpoint, muon_momentum,
                      per_sequence_problem, save_checkpoint, summary, unrolled_blocks)
 from data.common import token_dtype
-from data.huggingface import build_model as build_hf_model, load_model as load_hf_model
+from data.huggingface import build_model as build_hf_model, hf_folder, load_model as load_hf_model
 from data.tokenizer import load_tokenizer, token_byte_lengths
 from eval import budget_sweep, score_batches, sweep_routes
 
@@ -393,8 +393,10 @@ def main():
         else:
             fail(f"dataset '{tc.dataset}' is not prepared (no {meta_path}); prepare it with: "
                  f"python data/{tc.dataset}/prepare.py")
+    if ddp and tc.init_from.startswith("hf:") and not tc.resume and local_rank == 0:
+        hf_folder(tc.init_from[3:])  # one download per machine: its other ranks read these files
     if ddp:
-        dist.barrier()  # the other ranks wait for rank 0 to prepare the data
+        dist.barrier()  # the other ranks wait for rank 0 to prepare the data (and a released model)
     remake = f"delete {data_dir} and prepare it again" + ("" if tc.dataset in ("pydoc",) or tc.dataset.startswith("tasks/")
                                                          else f": python data/{tc.dataset}/prepare.py")
     try:

@@ -6,6 +6,7 @@ loopgpt's reading of it against a reference Llama forward written here from the 
 
 import json
 import os
+import shutil
 import struct
 import sys
 
@@ -353,3 +354,26 @@ def test_prepare_and_train_from_a_hf_checkpoint(data_dir, tmp_path):
     # a loop: 1 + 2⊗2 + 1 from the 6 layers, trained on
     p = run("train.py", *common, "--n_prelude=1", "--n_core=2", "--n_coda=1", f"--out_dir={tmp_path / 'up'}")
     assert "1 + 2⊗2 + 1" in p.stdout and [e["step"] for e in records(tmp_path / "up", "eval")] == [0, 2]
+
+
+def test_torchrun_fetches_a_hub_model_once_and_every_rank_reads_it(tmp_path, monkeypatch):
+    # under torchrun only each machine's local rank 0 downloads (the weights are not there yet:
+    # prepare.py fetched only the tokenizer); the other ranks wait at the barrier, then read
+    hub, name = tmp_path / "hub", f"loopgpt-test/tiny{os.getpid()}"
+    c = llama_config()
+    write_checkpoint(hub / name / "resolve" / "main", c, random_weights(c), shards=2)
+    cache = os.path.join(hf.HF_DIR, name.replace("/", "--"))
+    monkeypatch.setenv("HF_ENDPOINT", hub.as_uri())
+    try:
+        run("data/pydoc/prepare.py", f"--tokenizer=hf:{name}", f"--out_dir={tmp_path / 'data'}")
+        assert not any(f.endswith(".safetensors") for f in os.listdir(cache))
+        run("torchrun", cmd=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", f"--init_from=hf:{name}", f"--data_dir={tmp_path / 'data'}",
+                             f"--out_dir={tmp_path / 'out'}", "--n_prelude=1", "--n_core=2", "--n_coda=1",
+                             "--block_size=32", "--batch_size=2", "--eval_iters=1", "--eval_budgets=1",
+                             "--max_iters=1", "--eval_interval=1"])
+        assert sorted(f for f in os.listdir(cache) if f.endswith(".safetensors")) == [
+            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        assert records(tmp_path / "out", "config")[0]["world"] == 2
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
