@@ -8,6 +8,7 @@ Evaluate a checkpoint the way the papers do, at every loop budget, in one comman
     python eval.py --out_dir=out --sweep_max_steps=4            # LoopFormer: + every schedule of <= 4 steps
     python eval.py --runs=out-lt,out-lti,out-flt --plot_file=budgets.png  # compare runs: a table and a plot
     python eval.py --runs='out-exp/*'                           # (a quoted pattern: every run under out-exp)
+    python eval.py --out_dir=out --tasks=lens                   # what changes from one loop to the next
     torchrun --nproc_per_node=8 eval.py --out_dir=out --tasks=core    # items split over the processes
 
 Tasks (`--tasks`, comma-separated):
@@ -21,6 +22,10 @@ Tasks (`--tasks`, comma-separated):
                22 tasks of the DCLM eval bundle; each task's accuracy is centered against
                its random baseline, (acc - r) / (1 - r), and CORE is their mean
   flt          core + wikitext2 + bpb: the columns of the FLT paper's Table 1
+  lens         the held-out split read through sample.py's lens (docs/lens.md): per loop t of one
+               forward to the largest budget, the fraction of predictions that still change,
+               KL(p_t || p_M), the state's movement, and past the train budget L its KL and
+               distance to loop L's (settle or drift); --runs=... --metric=lens plots them per run
   loopformer   the zero-shot tasks of the LoopFormer paper that the bundle has
   NAME[:SHOTS] one task of the bundle, by its CORE label, optionally with another shot count
   FILE.jsonl   your own task in the bundle's format; its type is read from its fields

@@ -472,9 +472,18 @@ def open_model(out_dir, init_from=""):
 
 
 def token_text(enc, token, width=6):
-    """A token as a short printable cell: a space as ·, control characters escaped (\\n),
-    ids past the tokenizer's vocabulary (padding) as <id>, … where clipped to `width`."""
-    text = enc.decode([token]) if token < enc.n_vocab else f"<{token}>"
+    """A token as a short printable cell: a space as ·, control characters escaped (\\n), a
+    part of a UTF-8 character as its bytes (\\xe2), an id with no text (the padded vocabulary)
+    as <id>, … where clipped to `width`."""
+    if token >= enc.n_vocab:
+        text = f"<{token}>"
+    elif hasattr(enc, "decode_single_token_bytes"):  # (tiktoken: the token's own bytes)
+        try:
+            text = enc.decode_single_token_bytes(token).decode("utf-8", errors="backslashreplace")
+        except KeyError:  # (a hole in a Hugging Face vocabulary)
+            text = f"<{token}>"
+    else:
+        text = enc.decode([token])
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text).replace(" ", "·") or "∅"
     return text if len(text) <= width else text[:width - 1] + "…"
 
