@@ -75,7 +75,7 @@ import torch.nn.functional as F
 
 from configs import autocast_context, detect_device, fail, make_dir, parse_args, parse_exit, parse_schedule, print_table
 from loopgpt import check_fits, summary
-from sample import decode_with_exit, kv_cache_bytes, lens, new_cache, open_model
+from sample import decode_with_exit, kv_cache_bytes, lens, new_cache, open_model, small
 from data.common import token_dtype
 from data.tokenizer import token_byte_lengths
 
@@ -478,11 +478,12 @@ def lens_line(res, routes, L):
                  f"{100 * changed[-1][1]:.1f}%")
     at_L = next((v for t, v in line if t == L), None)
     if at_L is not None and M > L:
-        text += f"; at t=L={L}: KL to the last loop {at_L['kl']:.4f}, move {at_L['move']:.4f}"
+        text += f"; at t=L={L}: KL to the last loop {small(at_L['kl'])}, move {small(at_L['move'])}"
     past = [v for t, v in line if t > L and "kl_L" in v]
     if past:
-        text += (f"; past L (t={L + 1}..{M}): move {min(v['move'] for v in past):.4f}-{max(v['move'] for v in past):.4f}, "
-                 f"KL to loop L up to {max(v['kl_L'] for v in past):.4f}, state {max(v['move_L'] for v in past):.3f} "
+        text += (f"; past L (t={L + 1}..{M}): move {small(min(v['move'] for v in past))} to "
+                 f"{small(max(v['move'] for v in past))}, KL to loop L up to {small(max(v['kl_L'] for v in past))}, "
+                 f"state up to {small(max(v['move_L'] for v in past))} "
                  f"of its norm from loop L's")
     return text
 
@@ -746,7 +747,7 @@ def result_table(results, routes):
                 if any(res[n].get(key) is not None for n in names):
                     rows.append([LENS_ROWS[key]] + [
                         "-" if res[n].get(key) is None else
-                        f"{100 * res[n][key]:.1f}" if key == "changed" else f"{res[n][key]:.4f}" for n in names])
+                        f"{100 * res[n][key]:.1f}" if key == "changed" else small(res[n][key]) for n in names])
             continue
         if "bpb" in res[names[0]]:
             rows.append([("held-out" if label == "bpb" else label) + " bpb"] + [f"{res[n]['bpb']:.4f}" for n in names])
@@ -1028,6 +1029,10 @@ def main():
     try:  # one pass keeps every loop's state of a batch (and an exit route its KV cache)
         check_fits(deepest * args["batch_tokens"] * model.config.n_embd * 4, f"--budgets up to {deepest} "
                    f"(every loop's state for --batch_tokens={args['batch_tokens']})", device)
+        if LENS in [t.strip() for t in args["tasks"].split(",")]:  # + four (B, T, V) float32 log-probabilities
+            check_fits(deepest * args["batch_tokens"] * model.config.n_embd * 4 + 16 * args["batch_tokens"] *
+                       model.config.vocab_size, f"--tasks=lens up to {deepest} loops (the states and four "
+                       f"log-probabilities of --batch_tokens={args['batch_tokens']})", device)
         if args["exit"]:
             check_fits(kv_cache_bytes(model, max(1, args["batch_tokens"] // model.config.block_size), deepest),
                        f"--exit at {deepest} loops (the KV cache of a batch)", device)

@@ -488,6 +488,11 @@ def token_text(enc, token, width=6):
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+def small(v):
+    """A number that may be tiny, readable: 4 decimals, or 2 significant digits below 1e-3."""
+    return "0" if v == 0 else f"{v:.4f}" if abs(v) >= 1e-3 else f"{v:.1e}"
+
+
 def lens_summary(out):
     """Per loop (lists of M floats, means over every position of every row): prob, final,
     kl, move (and lam, conf), and changed, the fraction of positions whose prediction
@@ -516,8 +521,8 @@ def lens_view(out, enc, prompt, positions=12, width=6, tty=False, exit_name=""):
         return (mark(text.ljust(width)) if changed else text.ljust(width)) + " "
 
     means = lens_summary(out)
-    heads = [("p", "prob", 3), ("p(last)", "final", 3), ("changed", "changed", 2), ("KL→last", "kl", 4),
-             ("move", "move", 3), ("λ_t", "lam", 3), ("conf", "conf", 3)]
+    heads = [("p", "prob", 3), ("p(last)", "final", 3), ("changed", "changed", 2), ("KL→last", "kl", None),
+             ("move", "move", None), ("λ_t", "lam", 3), ("conf", "conf", 3)]  # (decimals; None: small())
     heads = [(h, k, d) for h, k, d in heads if k in means]
     label = 9
     window = f" (the last --lens_positions={positions})" if first else ""
@@ -536,8 +541,8 @@ def lens_view(out, enc, prompt, positions=12, width=6, tty=False, exit_name=""):
     for t in range(M):
         row = "".join(cell(token_text(enc, tokens[t][p], width), t > 0 and tokens[t][p] != tokens[t - 1][p])
                       for p in cols)
-        values = "  ".join(("-" if means[k][t] != means[k][t] else f"{means[k][t]:.{d}f}").rjust(7)
-                           for _, k, d in heads)
+        values = "  ".join(("-" if means[k][t] != means[k][t] else small(means[k][t]) if d is None
+                            else f"{means[k][t]:.{d}f}").rjust(7) for _, k, d in heads)
         lines.append(f"loop {t + 1}".ljust(label) + row + " | " + values)
     for name, key, what in (("exit", "exit", f"the loop --exit={exit_name} stops at"), ("MoR depth", "depth",
                                                                                       "recursions the router gave")):
