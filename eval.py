@@ -877,6 +877,8 @@ def plot_runs(run_dirs, metric, path):
             ax.set(xlabel="loop t (one forward to the largest budget)", ylabel=what, title=f"lens: {key}")
             if key != "changed":  # (they fall by orders of magnitude; the last loop's KL to itself, 0, is left out)
                 ax.set_yscale("log")
+            if key != "changed" and ax.get_legend():  # (one legend, in the first panel)
+                ax.get_legend().remove()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
