@@ -8,6 +8,7 @@ Evaluate a checkpoint the way the papers do, at every loop budget, in one comman
     python eval.py --out_dir=out --sweep_max_steps=4            # LoopFormer: + every schedule of <= 4 steps
     python eval.py --runs=out-lt,out-lti,out-flt --plot_file=budgets.png  # compare runs: a table and a plot
     python eval.py --runs='out-exp/*'                           # (a quoted pattern: every run under out-exp)
+    python eval.py --out_dir=out --tasks=lens                   # what changes from one loop to the next
     torchrun --nproc_per_node=8 eval.py --out_dir=out --tasks=core    # items split over the processes
 
 Tasks (`--tasks`, comma-separated):
@@ -21,6 +22,10 @@ Tasks (`--tasks`, comma-separated):
                22 tasks of the DCLM eval bundle; each task's accuracy is centered against
                its random baseline, (acc - r) / (1 - r), and CORE is their mean
   flt          core + wikitext2 + bpb: the columns of the FLT paper's Table 1
+  lens         the held-out split read through sample.py's lens (docs/lens.md): per loop t of one
+               forward to the largest budget, the fraction of predictions that still change,
+               KL(p_t || p_M), the state's movement, and past the train budget L its KL and
+               distance to loop L's (settle or drift); --runs=... --metric=lens plots them per run
   loopformer   the zero-shot tasks of the LoopFormer paper that the bundle has
   NAME[:SHOTS] one task of the bundle, by its CORE label, optionally with another shot count
   FILE.jsonl   your own task in the bundle's format; its type is read from its fields
@@ -70,7 +75,7 @@ import torch.nn.functional as F
 
 from configs import autocast_context, detect_device, fail, make_dir, parse_args, parse_exit, parse_schedule, print_table
 from loopgpt import check_fits, summary
-from sample import decode_with_exit, kv_cache_bytes, new_cache, open_model
+from sample import decode_with_exit, kv_cache_bytes, lens, new_cache, open_model, small
 from data.common import token_dtype
 from data.tokenizer import token_byte_lengths
 
@@ -87,6 +92,7 @@ PRESETS = {
                    "arc_challenge:0", "winogrande", "bpb"],
 }
 TEXT_TASKS = ("bpb", "wikitext2")
+LENS = "lens"  # eval_lens: the per-loop lens over the held-out text (eval.py only, not a training eval)
 
 
 # ---- tasks: what to evaluate ------------------------------------------------------------
@@ -135,8 +141,9 @@ def task_kind(item):
                      "schema (context_options, continuation, gold), language modelling (context, continuation)")
 
 
-def resolve_tasks(spec, data_dir):
-    """--tasks -> an ordered list of task dicts (text tasks are {"label": "bpb"} etc.)."""
+def resolve_tasks(spec, data_dir, allow_lens=False):
+    """--tasks -> an ordered list of task dicts (text tasks are {"label": "bpb"} etc.).
+    allow_lens: eval.py's command line takes the lens (train.py's evals do not)."""
     names = []
     for name in (s.strip() for s in spec.split(",")):
         names.extend(PRESETS.get(name, [name]) if name else [])
@@ -146,6 +153,11 @@ def resolve_tasks(spec, data_dir):
     for name in names:
         if name in TEXT_TASKS:
             tasks.append({"label": name, "kind": "text"})
+            continue
+        if name == LENS:
+            if not allow_lens:
+                fail("--eval_tasks: the lens is eval.py's (python eval.py --tasks=lens), not a training eval")
+            tasks.append({"label": name, "kind": "lens"})
             continue
         base, _, shots = name.rpartition(":") if ":" in name else (name, "", "")
         if shots and not shots.isdigit():
@@ -396,15 +408,97 @@ def eval_text(model, tokens, token_bytes, routes, device, autocast, stride=0, ba
     return results
 
 
+# the lens's per-loop measurements: (key, what it is), in the table's and the plot's order
+LENS_KEYS = (("changed", "predictions changed since loop t-1"), ("kl", "KL(p_t || p_M), nats"),
+             ("move", "||x_t - x_(t-1)|| / ||x_t||"), ("kl_L", "KL(p_t || p_L), nats, t > L"),
+             ("move_L", "||x_t - x_L|| / ||x_t||, t > L"))
+LENS_ROWS = {"changed": "lens changed %", "kl": "lens KL to last", "move": "lens move", "kl_L": "lens KL to L",
+             "move_L": "lens move from L"}  # (the table's row labels)
+
+
+def eval_lens(model, tokens, routes, device, autocast, stride=0, batch_tokens=16384, rank=0, world=1, reduce=None):
+    """
+    The lens (sample.py's lens) over the held-out text, batched as eval_text scores it (every
+    token once): ONE forward to the largest budget M of the routes, every loop t read through
+    the coda and head. Reported at each budget route M=t (other routes: nothing): the
+    fraction of positions whose argmax differs from loop t-1's, the mean KL(p_t || p_M), the
+    mean movement ||x_t - x_{t-1}|| / ||x_t||, and past the train budget L (t > L), the mean
+    KL(p_t || p_L) and ||x_t - x_L|| / ||x_t||: does the state settle where it was trained
+    to stop, or drift? Under LoopFormer's modulation, loop t of the M-step schedule.
+    """
+    budgets = [r["loops"] for _, r in routes if set(r) == {"loops"}]
+    results = {name: {} for name, _ in routes}
+    if not budgets:
+        return results
+    M, L = max(budgets), model.config.n_loops
+    anchor = L if M > L else None
+    bs = model.config.block_size
+    windows = text_windows(len(tokens), bs, stride or max(1, bs // 2))[rank::world]
+    tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    sums = torch.zeros(6, M, dtype=torch.float64, device=device)  # positions, changed, kl, move, kl_L, move_L
+    for at in range(0, len(windows), max(1, batch_tokens // bs)):
+        chunk = windows[at:at + max(1, batch_tokens // bs)]
+        idx = torch.zeros(len(chunk), bs, dtype=torch.long)
+        scored = torch.zeros(len(chunk), bs, dtype=torch.bool)  # the positions eval_text scores
+        for b, (begin, end, first) in enumerate(chunk):
+            idx[b, :end - begin] = tokens[begin:end]
+            scored[b, first - 1 - begin:end - begin] = True
+        idx, scored = idx.to(device), scored.to(device)
+        with autocast:
+            out = lens(model, idx, loops=M, anchor=anchor)
+        token = out["token"]
+        changed = torch.cat([torch.zeros_like(token[:1]), token[1:] != token[:-1]]).float()
+        zero = torch.zeros_like(out["kl"])
+        parts = [torch.ones_like(zero), changed, out["kl"], out["move"], out.get("kl_anchor", zero),
+                 out.get("move_anchor", zero)]
+        sums += torch.stack([(p * scored).sum(dim=(1, 2)) for p in parts]).double()
+    sums = reduce(sums) if reduce is not None else sums
+    mean = (sums[1:] / sums[0].clamp_min(1)).tolist()
+    for name, r in routes:
+        if set(r) == {"loops"}:
+            t = r["loops"] - 1
+            res = {"changed": mean[0][t] if t else None, "kl": mean[1][t], "move": mean[2][t],
+                   "positions": int(sums[0, t]), "lens_budget": M}
+            if anchor is not None and t + 1 > L:
+                res.update(kl_L=mean[3][t], move_L=mean[4][t])
+            results[name] = res
+    return results
+
+
+def lens_line(res, routes, L):
+    """The lens in one readable line: how fast predictions stop changing, and past L, settle or drift."""
+    line = [(r["loops"], res[n]) for n, r in routes if set(r) == {"loops"}]
+    if not line:
+        return "lens: no budget among the routes (it reads loop t at the route M=t)"
+    M = max(t for t, _ in line)
+    changed = [(t, v["changed"]) for t, v in line if v.get("changed") is not None]
+    text = f"lens (loop t of one M={M} forward, {line[0][1]['positions']} positions)"
+    if changed:
+        text += (f": predictions changed at t={changed[0][0]}: {100 * changed[0][1]:.1f}%, t={changed[-1][0]}: "
+                 f"{100 * changed[-1][1]:.1f}%")
+    at_L = next((v for t, v in line if t == L), None)
+    if at_L is not None and M > L:
+        text += f"; at t=L={L}: KL to the last loop {small(at_L['kl'])}, move {small(at_L['move'])}"
+    past = [v for t, v in line if t > L and "kl_L" in v]
+    if past:
+        text += (f"; past L (t={L + 1}..{M}): move {small(min(v['move'] for v in past))} to "
+                 f"{small(max(v['move'] for v in past))}, KL to loop L up to {small(max(v['kl_L'] for v in past))}, "
+                 f"state up to {small(max(v['move_L'] for v in past))} "
+                 f"of its norm from loop L's")
+    return text
+
+
 def text_tokens(task, enc, meta, data_dir, max_tokens):
     """The token stream of a text task: the checkpoint's own val split (in the dtype its
     dataset's meta, saved in the checkpoint, records: uint16 when none), or WikiText-2's test
     text; for a task dataset's val split its rows (inputs, targets, groups: eval_rows)."""
-    if task["label"] == "bpb":
+    if task["label"] in ("bpb", LENS):
         path = os.path.join(meta.get("data_dir") or os.path.join(ROOT, "data", meta.get("dataset", "")), "val.bin")
         if not os.path.isfile(path):
-            fail(f"bpb: no {path} (the checkpoint's val split); prepare its dataset first "
+            fail(f"{task['label']}: no {path} (the checkpoint's val split); prepare its dataset first "
                  f"(python data/<dataset>/prepare.py), or choose other --tasks")
+        if meta.get("format") == "task" and task["label"] == LENS:
+            fail("lens: it reads a text dataset's val split; this checkpoint was trained on task rows (data/tasks)")
         if meta.get("format") == "task":  # rows of prompt + answer (data/tasks): the answers are scored
             rows = task_rows(os.path.dirname(path), meta["row_len"], meta=meta)
             return tuple(t[:max(1, max_tokens // meta["row_len"])] for t in rows) if max_tokens else rows
@@ -606,7 +700,7 @@ def evaluate_tasks(model, enc, tasks, routes, device, autocast, meta, data_dir=E
     CORE task is in `tasks`. max_per_task: N items of a task (0 = all)."""
     data = []  # every task's data first: a missing or broken file stops us before any compute
     for task in tasks:
-        if task["kind"] == "text":
+        if task["kind"] in ("text", "lens"):
             data.append(text_tokens(task, enc, meta, data_dir, max_text_tokens))
         else:
             # nanochat's order: shuffled with seed 1337, then the first max_per_task; few-shot
@@ -623,6 +717,9 @@ def evaluate_tasks(model, enc, tasks, routes, device, autocast, meta, data_dir=E
             if task["kind"] == "text" and meta.get("format") == "task" and task["label"] == "bpb":
                 results["bpb"] = eval_rows(model, task_data, meta["val_groups"], token_bytes, routes, device, autocast,
                                            batch_tokens, rank, world, reduce)
+            elif task["kind"] == "lens":
+                results[LENS] = eval_lens(model, task_data, routes, device, autocast, stride, batch_tokens, rank, world,
+                                          reduce)
             elif task["kind"] == "text":
                 results[task["label"]] = eval_text(model, task_data, token_bytes, routes, device, autocast, stride,
                                                    batch_tokens, rank, world, reduce)
@@ -645,6 +742,13 @@ def result_table(results, routes):
     for label, res in results.items():
         if label == "CORE":
             continue
+        if label == LENS:  # one row per measurement, "-" where a route has none
+            for key, what in LENS_KEYS:
+                if any(res[n].get(key) is not None for n in names):
+                    rows.append([LENS_ROWS[key]] + [
+                        "-" if res[n].get(key) is None else
+                        f"{100 * res[n][key]:.1f}" if key == "changed" else small(res[n][key]) for n in names])
+            continue
         if "bpb" in res[names[0]]:
             rows.append([("held-out" if label == "bpb" else label) + " bpb"] + [f"{res[n]['bpb']:.4f}" for n in names])
             if label == "wikitext2":
@@ -660,9 +764,21 @@ def result_table(results, routes):
     return print_table(rows, ["task"] + names)
 
 
-def headline(res):
-    """The number a plot shows for one task at one route: bpb, CORE, or accuracy."""
+def headline(res, key=None):
+    """The number a plot shows for one task at one route: bpb, CORE, or accuracy; `key`, one
+    of the lens's measurements (None where the route has none)."""
+    if key is not None:
+        return res.get(key) if isinstance(res, dict) else None
     return res if isinstance(res, float) else res.get("bpb", res.get("acc"))
+
+
+def panels(label, res):
+    """The plot panels of one task: [(title, y label, key)]: one, or one per lens measurement it has."""
+    if label == LENS:
+        return [(f"lens: {key}", what, key) for key, what in LENS_KEYS
+                if any(headline(r, key) is not None for r in res.values())]
+    metric = "bits per byte" if label in TEXT_TASKS else ("centered accuracy" if label == "CORE" else "accuracy")
+    return [(label, metric, None)]
 
 
 def pyplot():
@@ -679,23 +795,23 @@ def plot_metrics(record, path):
     """One panel per task: its metric against the loops run (budgets as a line; schedules
     and exits as labelled points at the loops they use)."""
     plt = pyplot()
-    labels = list(record["results"])
+    labels = [(label, *panel) for label, res in record["results"].items() for panel in panels(label, res)]
     cols = min(3, len(labels))
     rows = math.ceil(len(labels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, label in zip(axes.flat, labels):
+    for ax, (label, title, metric, key) in zip(axes.flat, labels):
         res = record["results"][label]
-        line = [(r["loops"], headline(res[n])) for n, r in record["routes"] if set(r) == {"loops"}]
+        line = [(r["loops"], headline(res[n], key)) for n, r in record["routes"] if set(r) == {"loops"}]
+        line = [(x, y) for x, y in line if y is not None]
         if line:
-            ax.plot(*zip(*line), "o-", label="budget M")
+            ax.plot(*zip(*line), "o-", label="loop t" if key else "budget M")
         for n, r in record["routes"]:
-            if set(r) != {"loops"}:
+            if set(r) != {"loops"} and label != LENS:
                 x = res[n].get("mean_loops", len(r.get("schedule", [])) or r.get("loops")) if isinstance(res[n], dict) else (
                     len(r.get("schedule", [])) or r.get("loops"))
                 ax.plot([x], [headline(res[n])], "s")
                 ax.annotate(n, (x, headline(res[n])), fontsize=7)
-        metric = "bits per byte" if label in TEXT_TASKS else ("centered accuracy" if label == "CORE" else "accuracy")
-        ax.set(title=label, xlabel="loops", ylabel=metric)
+        ax.set(title=title, xlabel="loops", ylabel=metric)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
@@ -735,12 +851,14 @@ def compare_runs(run_dirs):
     return print_table(rows, ["run", "step", "L", "val@L", "val loss per budget M", "residual rms h_1..h_L"])
 
 
-def budget_curve(record, metric):
-    """([(M, value), ...], L) of `metric` at the plain budgets of one eval.jsonl record, or None
-    where it has fewer than two (another task, or a record another version of eval.py wrote)."""
+def budget_curve(record, metric, key=None):
+    """([(M, value), ...], L) of `metric` (with `key`, that lens measurement) at the plain budgets
+    of one eval.jsonl record, or None where it has fewer than two (another task, or a record
+    another version of eval.py wrote)."""
     try:
         res = record["results"][metric]
-        line = [(r["loops"], float(headline(res[n]))) for n, r in record["routes"] if set(r) == {"loops"}]
+        line = [(r["loops"], headline(res[n], key)) for n, r in record["routes"] if set(r) == {"loops"}]
+        line = [(M, float(v)) for M, v in line if v is not None]
         return (line, int(record["n_loops"])) if len(line) > 1 else None
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
@@ -748,9 +866,26 @@ def budget_curve(record, metric):
 
 def plot_runs(run_dirs, metric, path):
     """The lead plot: `metric` (a task label) against the budget M, one line per run, from
-    the latest record of each run's eval.jsonl that has it at two budgets or more."""
+    the latest record of each run's eval.jsonl that has it at two budgets or more; for
+    --metric=lens, a panel per lens measurement against the loop t."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    keys = [(key, what) for key, what in LENS_KEYS] if metric == LENS else [(None, None)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 if metric != LENS else 4.2 * len(keys), 4), squeeze=False)
+    for ax, (key, what) in zip(axes.flat, keys):
+        plot_runs_panel(ax, run_dirs, metric, key)
+        if key:
+            ax.set(xlabel="loop t (one forward to the largest budget)", ylabel=what, title=f"lens: {key}")
+            if key != "changed":  # (they fall by orders of magnitude; the last loop's KL to itself, 0, is left out)
+                ax.set_yscale("log")
+            if key != "changed" and ax.get_legend():  # (one legend, in the first panel)
+                ax.get_legend().remove()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_runs_panel(ax, run_dirs, metric, key=None):
+    """One panel of plot_runs: `metric` (or its lens measurement `key`) for every run."""
     for run in run_dirs:
         log_path = os.path.join(run, "eval.jsonl")
         try:
@@ -758,20 +893,22 @@ def plot_runs(run_dirs, metric, path):
                 records = [json.loads(line) for line in f if line.strip()]
         except (OSError, json.JSONDecodeError) as e:
             fail(f"--runs: cannot read {log_path} (run eval.py --out_dir={run} first): {e}")
-        curves = [c for c in map(lambda r: budget_curve(r, metric), records) if c]
+        curves = [c for c in map(lambda r: budget_curve(r, metric, key), records) if c]
+        if not curves and key not in (None, "kl"):  # (a run with too few loops for this lens panel: past L, say)
+            continue
         if not curves:
             fail(f"--runs: {log_path} has no '{metric}' at two budgets or more: run eval.py --out_dir={run} "
                  f"--tasks={metric}, or choose another --metric")
         line, L = curves[-1]
+        if key not in (None, "changed"):
+            line = [(x, y) for x, y in line if y > 0]
         ax.plot(*zip(*line), "o-", label=f"{os.path.basename(os.path.normpath(run))} (L={L})")
         ax.axvline(L, color=ax.lines[-1].get_color(), alpha=0.15)
     ax.set(xlabel="loop budget M at inference", ylabel="bits per byte" if metric in TEXT_TASKS else metric,
            title=f"{metric} against the loop budget (faint lines: the train budget L)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if ax.lines:
+        ax.legend(fontsize=8)
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -879,9 +1016,10 @@ def main():
     meta = dict(what["data_meta"])
     tc = what["train_config"]
     if args["init_from"]:
-        if "bpb" in [t.strip() for t in args["tasks"].split(",")]:
-            fail(f"--tasks=bpb scores a checkpoint's own held-out data; {args['init_from']} has none here: "
-                 f"use --tasks=core, wikitext2 or a task by name")
+        for own in ("bpb", LENS):
+            if own in [t.strip() for t in args["tasks"].split(",")]:
+                fail(f"--tasks={own} reads a checkpoint's own held-out data; {args['init_from']} has none here: "
+                     f"use --tasks=core, wikitext2 or a task by name (and sample.py --lens for a prompt)")
         make_dir(args["out_dir"], "out_dir")
     else:
         meta["data_dir"] = tc.get("data_dir") or os.path.join(ROOT, "data", tc.get("dataset", "pydoc"))
@@ -893,12 +1031,16 @@ def main():
     try:  # one pass keeps every loop's state of a batch (and an exit route its KV cache)
         check_fits(deepest * args["batch_tokens"] * model.config.n_embd * 4, f"--budgets up to {deepest} "
                    f"(every loop's state for --batch_tokens={args['batch_tokens']})", device)
+        if LENS in [t.strip() for t in args["tasks"].split(",")]:  # + four (B, T, V) float32 log-probabilities
+            check_fits(deepest * args["batch_tokens"] * model.config.n_embd * 4 + 16 * args["batch_tokens"] *
+                       model.config.vocab_size, f"--tasks=lens up to {deepest} loops (the states and four "
+                       f"log-probabilities of --batch_tokens={args['batch_tokens']})", device)
         if args["exit"]:
             check_fits(kv_cache_bytes(model, max(1, args["batch_tokens"] // model.config.block_size), deepest),
                        f"--exit at {deepest} loops (the KV cache of a batch)", device)
     except ValueError as e:
         fail(f"{e}; choose smaller budgets or --batch_tokens")
-    tasks = resolve_tasks(args["tasks"], data_dir)
+    tasks = resolve_tasks(args["tasks"], data_dir, allow_lens=True)
     master = rank == 0
     if master:
         trained = "" if what["iter_num"] is None else f", trained {what['iter_num']} steps"
@@ -912,8 +1054,10 @@ def main():
     if master:
         L, sweep = model.config.n_loops, {}
         print(result_table(results, routes))
+        if LENS in results:
+            print(lens_line(results[LENS], routes, L))
         for label, res in results.items():  # the saturation over M = 1..L, and the grid's schedules
-            if label != "CORE":
+            if label not in ("CORE", LENS):
                 fit, line = saturation(res, routes, L, f"{label} loss")
                 schedules, table = schedule_table(res, routes + grid, L)
                 sweep[label] = {"fit": fit, "schedules": schedules}

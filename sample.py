@@ -10,6 +10,7 @@ engine that eval.py, bench.py and the tests import (as gpt-fast's generate.py an
     python sample.py --budgets=2,8 --schedule=3,2,2,1/0.5,0.5   # several, side by side
     python sample.py --budgets=16 --exit=kl:1e-3  # per-token early exit (also latent:0.03, gate:0.9)
     python sample.py --budgets=4,16 --kv_sharing=last   # K/V memory constant in the budget (also mean, first, window:N)
+    python sample.py --lens=True --budgets=8 --start="The for statement"   # what each loop would predict (+ lens.png)
 
 Every budget restarts the random generator from the same seed, so the differences
 between budgets come from the loops alone.
@@ -19,6 +20,8 @@ The engine (the model file keeps the exact cache and a plain generate):
 - StaticKVCache and graph_decode_step: a decoding step captured once as a CUDA graph, replayed.
 - decode_with_exit: per-token early exit (Huginn's KL and latent criteria, Ouro's gate,
   LoopUS's confidence head).
+- lens: what the model would predict at every position had it stopped after each loop, from
+  one forward (sample.py --lens, eval.py's lens task).
 - generate(model, ...): all of the above behind one call.
 """
 
@@ -30,8 +33,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from configs import (autocast_context, check_exit, detect_device, fail, parse_args, parse_exit, parse_kv_sharing,
-                     parse_schedule, print_table)
+from configs import (autocast_context, check_exit, detect_device, fail, make_dir, parse_args, parse_exit,
+                     parse_kv_sharing, parse_schedule, print_table)
 from loopgpt import (KVCache, MoRCache, check_fits, confidence_logit, exit_probability, load_checkpoint,
                      model_from_checkpoint, norm, sample_next, selective_update, summary)
 from data.tokenizer import load_tokenizer
@@ -265,6 +268,115 @@ def decode_with_exit(model, idx, steps, cache, exit, min_loops=1):
     return model.logits(model.norm_f(x)), used
 
 
+# ---- the lens: what each loop would predict ----------------------------------------------------
+
+def kl_div(logp, logq):
+    """KL(p || q) = Σ_v p(v) (log p(v) - log q(v)) over the last dimension, from log-probabilities
+    (>= 0; rounding can leave -1e-9, clamped)."""
+    return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
+
+
+@torch.no_grad()
+def lens(model, idx, loops=None, schedule=None, exit=None, min_loops=1, anchor=None):
+    """
+    What the model would predict at every position if it stopped after loop t, for every
+    t = 1..M, read off ONE forward at budget M (or `schedule`): each loop's recorded state x_t
+    goes through the coda, the final norm and the head, as LoopGPT.logits_at_budgets reads a
+    smaller budget (for models whose loop t does not depend on M, exactly the model run at
+    budget t; under LoopFormer's modulation, loop t of this M-step schedule). Returns a dict:
+      token    (M, B, T)  argmax of p_t, the next token had the model stopped at loop t
+      prob     (M, B, T)  p_t(token_t)
+      final    (M, B, T)  p_t(token_M): how much loop t already believes the last loop's answer
+      kl       (M, B, T)  KL(p_t || p_M), 0 at t = M
+      kl_prev  (M, B, T)  KL(p_{t-1} || p_t), p_0 uniform (what Huginn's KL exit reads)
+      move     (M, B, T)  ||x_t - x_{t-1}|| / ||x_t||, x_0 = h_0 (Huginn's latent exit reads it)
+    where the model has them: lam (exit_gate: Ouro's λ_t), conf (confidence_head: LoopUS's
+    σ(q_t)), depth (B, T) (routing='mor': the recursions each token got); with anchor = L,
+    kl_anchor KL(p_t || p_L) and move_anchor ||x_t - x_L|| / ||x_t|| (does the state settle
+    or drift past the train budget?); with exit = (kind, threshold), exit (B, T): the loop
+    at which decode_with_exit's rule would stop each token, the earlier tokens having run
+    all M loops (as generate runs a prompt): exactly decoding's choice for the latent, gate
+    and confidence exits; the KL exit reads p_t, whose coda here sees the earlier positions
+    at loop t too, where decoding's coda sees them at loop M (the same without a coda).
+    Only the states (which the forward keeps anyway) and four (B, T, V) log-probabilities
+    at a time are held, never M of them.
+    """
+    cfg = model.config
+    if model.training:  # (a random initial state is drawn afresh in training: h_0 would not be the forward's)
+        raise ValueError("the lens reads a model in eval mode: call model.eval() first")
+    if idx.dim() != 2 or idx.size(1) < 1:
+        raise ValueError(f"the lens reads a batch of token ids (B, T), T >= 1; got shape {tuple(idx.shape)}")
+    if idx.size(1) > cfg.block_size:
+        raise ValueError(f"a prompt of {idx.size(1)} tokens exceeds block_size={cfg.block_size}")
+    steps = model.steps(loops, schedule)
+    M = len(steps)
+    if exit is not None:
+        check_exit(exit, cfg)
+    if anchor is not None and not 1 <= anchor <= M:
+        raise ValueError(f"anchor loop {anchor} is not among the loops 1..{M}")
+    record = {}
+    h_last = model.trunk(idx, steps, record=record)
+    T = idx.size(1)
+    _, x_prev = model.loop_input(idx, (model.rope_cos[:T], model.rope_sin[:T]), None)  # h_0
+    states = record["states"]  # (MoR stops once no token is left in the loop: later loops keep the last state)
+
+    def log_probs(h):  # the head on a state after the coda, as logits_at_budgets reads it
+        return F.log_softmax(model.logits(model.norm_f(h)).float(), dim=-1)
+
+    # KL(p_t || p_M), the expectation under loop t's distribution: "how much is lost by
+    # predicting with the last loop's distribution instead of loop t's", the same order as
+    # Huginn's exit KL(p_{t-1} || p_t) (earlier loop first), and finite since p_M > 0 everywhere
+    logp_last = log_probs(h_last)
+    top_last = logp_last.argmax(-1, keepdim=True)
+    logp_anchor = x_anchor = None
+    if anchor is not None:
+        x_anchor = states[min(anchor, len(states)) - 1]
+        logp_anchor = logp_last if anchor == M else log_probs(model.run_coda(x_anchor))
+    logp_prev = torch.full_like(logp_last, -math.log(cfg.vocab_size))  # p_0 uniform (Huginn)
+    out = {}
+    used = torch.full(idx.shape, M, device=idx.device)
+    done = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
+    continue_prob = torch.ones(idx.shape, device=idx.device)  # gate: Π_{j<t} (1 - λ_j)
+    for t in range(M):
+        x = states[min(t, len(states) - 1)]
+        logp = logp_last if t == M - 1 else log_probs(model.run_coda(x))
+        token = logp.argmax(-1, keepdim=True)
+        row = {"token": token[..., 0], "prob": logp.gather(-1, token)[..., 0].exp(),
+               "final": logp.gather(-1, top_last)[..., 0].exp(), "kl": kl_div(logp, logp_last),
+               "kl_prev": kl_div(logp_prev, logp),
+               "move": (x - x_prev).float().norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-12)}
+        if cfg.exit_gate:
+            row["lam"] = exit_probability(model, x)[..., 0].float()
+        if cfg.confidence_head:  # on the loop's update f(h) - x, before the gate (record["updates"])
+            row["conf"] = torch.sigmoid(confidence_logit(model, record["updates"][min(t, len(states) - 1)])).float()
+        if anchor is not None:
+            row["kl_anchor"] = kl_div(logp, logp_anchor)
+            row["move_anchor"] = (x - x_anchor).float().norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-12)
+        if exit is not None and t < M - 1:  # decode_with_exit's rules, every position at once
+            kind, threshold = exit
+            if kind == "kl":
+                fire = row["kl_prev"] < threshold
+            elif kind == "latent":
+                fire = row["move"] < threshold
+            elif kind == "confidence":
+                fire = row["conf"] > threshold
+            else:  # gate, gate_all: stop once the exit CDF 1 - Π_{j<=t} (1 - λ_j) reaches q
+                continue_prob = continue_prob * (1 - row["lam"])
+                fire = 1 - continue_prob >= threshold
+            newly = fire & ~done & (t + 1 >= min_loops)
+            used = torch.where(newly, t + 1, used)
+            done = done | newly
+        for key, value in row.items():
+            out.setdefault(key, []).append(value)
+        logp_prev, x_prev = logp, x
+    out = {key: torch.stack(values) for key, values in out.items()}
+    if cfg.routing == "mor":  # a token's depth: the recursions that kept it
+        out["depth"] = torch.stack([sel for _, _, sel in record["routes"]]).sum(0)
+    if exit is not None:
+        out["exit"] = used
+    return out
+
+
 # ---- generate ------------------------------------------------------------------------------------
 
 @torch.inference_mode()  # no autograd bookkeeping at all: measurably faster than no_grad
@@ -359,6 +471,159 @@ def open_model(out_dir, init_from=""):
                         "train_config": ckpt.get("train_config", {})}
 
 
+def token_text(enc, token, width=6):
+    """A token as a short printable cell: a space as ·, control characters escaped (\\n), a
+    part of a UTF-8 character as its bytes (\\xe2), an id with no text (the padded vocabulary)
+    as <id>, … where clipped to `width`."""
+    if token >= enc.n_vocab:
+        text = f"<{token}>"
+    elif hasattr(enc, "decode_single_token_bytes"):  # (tiktoken: the token's own bytes)
+        try:
+            text = enc.decode_single_token_bytes(token).decode("utf-8", errors="backslashreplace")
+        except KeyError:  # (a hole in a Hugging Face vocabulary)
+            text = f"<{token}>"
+    else:
+        text = enc.decode([token])
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text).replace(" ", "·") or "∅"
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def small(v):
+    """A number that may be tiny, readable: 4 decimals, or 2 significant digits below 1e-3."""
+    return "0" if v == 0 else f"{v:.4f}" if abs(v) >= 1e-3 else f"{v:.1e}"
+
+
+def lens_summary(out):
+    """Per loop (lists of M floats, means over every position of every row): prob, final,
+    kl, move (and lam, conf), and changed, the fraction of positions whose prediction
+    differs from the loop before (none at loop 1)."""
+    means = {key: out[key].float().mean(dim=(1, 2)).tolist()
+             for key in ("prob", "final", "kl", "move", "lam", "conf") if key in out}
+    tokens = out["token"]
+    means["changed"] = [float("nan")] + (tokens[1:] != tokens[:-1]).float().mean(dim=(1, 2)).tolist()
+    return means
+
+
+def lens_view(out, enc, prompt, positions=12, width=6, tty=False, exit_name=""):
+    """The lens of one prompt (lens() of a (1, T) batch) as text: a row per loop, the prompt's
+    last `positions` positions as columns, each cell the token predicted next had the model
+    stopped at that loop, a changed one highlighted (bold on a terminal, else marked *), and
+    per-loop means over all positions on the right."""
+    T, M = len(prompt), out["token"].size(0)
+    first = max(0, T - positions)
+    cols = range(first, T)
+    mark = lambda s: f"\033[1;33m{s}\033[0m"  # noqa: E731  bold yellow
+    pad = width + (1 if tty else 2)  # a column: the cell, its marker where there is no colour, a space
+
+    def cell(text, changed=False):
+        if not tty:
+            return (text + ("*" if changed else "")).ljust(pad)
+        return (mark(text.ljust(width)) if changed else text.ljust(width)) + " "
+
+    means = lens_summary(out)
+    heads = [("p", "prob", 3), ("p(last)", "final", 3), ("changed", "changed", 2), ("KL→last", "kl", None),
+             ("move", "move", None), ("λ_t", "lam", 3), ("conf", "conf", 3)]  # (decimals; None: small())
+    heads = [(h, k, d) for h, k, d in heads if k in means]
+    label = 9
+    window = f" (the last --lens_positions={positions})" if first else ""
+    extras = (", λ_t Ouro's exit probability" if "lam" in means else "") + (
+        ", conf LoopUS's confidence" if "conf" in means else "")
+    lines = [f"lens at M={M}, one forward: a cell is the next token if the model stopped after loop t (its state "
+             f"through the coda, norm and head); positions {first}..{T - 1} of {T}{window}",
+             ("highlighted" if tty else "*") + " = changed since the loop before; · = a space. On the right, means over all "
+             f"{T} positions: p the cell's probability, p(last) its probability of loop {M}'s token,",
+             f"changed the fraction whose token changed, KL→last KL(p_t || p_M), move ||x_t - x_(t-1)|| / ||x_t||{extras}",
+             ""]
+    stats = "  ".join(h.rjust(7) for h, _, _ in heads)
+    lines.append("position".ljust(label) + "".join(str(p).ljust(pad) for p in cols) + " | " + stats)
+    lines.append("input".ljust(label) + "".join(token_text(enc, prompt[p], width).ljust(pad) for p in cols) + " |")
+    tokens = out["token"][:, 0].tolist()
+    for t in range(M):
+        row = "".join(cell(token_text(enc, tokens[t][p], width), t > 0 and tokens[t][p] != tokens[t - 1][p])
+                      for p in cols)
+        values = "  ".join(("-" if means[k][t] != means[k][t] else small(means[k][t]) if d is None
+                            else f"{means[k][t]:.{d}f}").rjust(7) for _, k, d in heads)
+        lines.append(f"loop {t + 1}".ljust(label) + row + " | " + values)
+    for name, key, what in (("exit", "exit", f"the loop --exit={exit_name} stops at"), ("MoR depth", "depth",
+                                                                                      "recursions the router gave")):
+        if key in out:
+            lines.append(name.ljust(label) + "".join(str(v).ljust(pad) for v in out[key][0, first:].tolist())
+                         + f" | {what}, mean {out[key].float().mean().item():.2f} of {M}")
+    return "\n".join(lines)
+
+
+def lens_picture(out, enc, prompt, path, positions=12, color="prob", title="", train_loops=None):
+    """The lens of one prompt as a PNG heatmap: rows the loops, columns the last `positions`
+    positions (labelled with the input token), colour p_t of the last loop's prediction
+    (color='prob') or KL(p_t || p_M) (color='kl'), each cell's predicted token written in
+    it where they fit (bold where it changed since the loop before); a dashed line below
+    the train budget L = train_loops where the lens runs past it."""
+    import matplotlib  # (only for the picture, as eval.py's plots)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    T, M = len(prompt), out["token"].size(0)
+    first = max(0, T - positions)
+    n = T - first
+    values = out["final" if color == "prob" else "kl"][:, 0, first:].float().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(min(30, max(5, 0.75 * n + 2.5)), min(24, max(2.5, 0.38 * M + 1.8))))
+    image = ax.imshow(values, aspect="auto", cmap="viridis" if color == "prob" else "magma_r",
+                      vmin=0, vmax=1 if color == "prob" else max(float(values.max()), 1e-6))
+    ax.set_xticks(range(n), [token_text(enc, prompt[p], 8) for p in range(first, T)], rotation=90, fontsize=7)
+    ax.set_yticks(range(M), [str(t + 1) for t in range(M)], fontsize=7)
+    ax.set(xlabel="input token (the cell: the next token predicted there)", ylabel="loop t")
+    if n <= 40 and M <= 40:
+        tokens = out["token"][:, 0, first:].tolist()
+        for t in range(M):
+            for j in range(n):
+                bright = values[t, j] > 0.6 if color == "prob" else values[t, j] < 0.4 * values.max()
+                ax.text(j, t, token_text(enc, tokens[t][j], 6), ha="center", va="center", fontsize=6,
+                        color="black" if bright else "white",
+                        fontweight="bold" if t and tokens[t][j] != tokens[t - 1][j] else "normal")
+    if train_loops and train_loops < M:
+        ax.axhline(train_loops - 0.5, color="white", linestyle="--", linewidth=1)
+        ax.annotate(f"L={train_loops}", (1.0, train_loops - 0.5), xycoords=("axes fraction", "data"), fontsize=7,
+                    xytext=(3, 0), textcoords="offset points", va="center")
+    fig.colorbar(image, ax=ax, label="p_t(last loop's token)" if color == "prob" else "KL(p_t || p_M), nats")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def show_lens(model, enc, x, routes, exit, args, explicit, what, autocast):
+    """sample.py --lens: the lens of the prompt x (1, T) at the one route asked for, as text,
+    and its picture beside the checkpoint (--lens_png)."""
+    if len(routes) != 1:
+        fail(f"--lens shows one route: give one budget or one schedule, not {len(routes)} "
+             f"({', '.join(name for name, _, _ in routes)})")
+    name, route, M = routes[0]
+    try:
+        with autocast:
+            out = lens(model, x, exit=exit, min_loops=args["min_loops"], **route)
+    except ValueError as e:
+        fail(f"--lens: {e}")
+    prompt = x[0].tolist()
+    print(f"{what['source']}: {summary(model)} | {name}\n")
+    tty = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # (colour only on a terminal)
+    print(lens_view(out, enc, prompt, args["lens_positions"], tty=tty, exit_name=args["exit"]))
+    path = args["lens_png"]
+    if path == "none":
+        return
+    if not path:
+        out_dir = args["out_dir"]
+        if args["init_from"] and "out_dir" not in explicit:  # (eval.py's folder for a released model)
+            out_dir = "out-hf-" + args["init_from"].removeprefix("hf:").strip("/").replace("/", "--")
+        path = os.path.join(make_dir(out_dir), "lens.png")
+    else:
+        make_dir(os.path.dirname(os.path.abspath(path)), "lens_png's folder")
+    try:
+        lens_picture(out, enc, prompt, path, args["lens_positions"], args["lens_color"],
+                     f"{what['source']}, {name}: the next token if it stopped after loop t", model.config.n_loops)
+    except ImportError:
+        fail("the lens picture needs matplotlib: pip install matplotlib (or --lens_png=none)")
+    print(f"\nwrote {path}")
+
+
 def main():
     defaults = dict(
         out_dir="out",
@@ -379,8 +644,20 @@ def main():
         exit="",                 # per-token early exit, kind:threshold: kl:1e-3, latent:0.03, gate:0.9, gate_all:0.9
         min_loops=1,             # with exit: no token stops before this many loops
         kv_sharing="none",       # K/V shared across loops: none (exact) | last | mean | first | window:N
+        lens=False,              # instead of sampling: what each loop would predict at the prompt's positions, from
+                                 # one forward at one budget or schedule (with --exit: where it would stop each token)
+        lens_positions=12,       # the lens view's columns: the prompt's last N positions
+        lens_png="",             # the lens picture; "" = OUT_DIR/lens.png, none = no picture
+        lens_color="prob",       # the picture's colour: prob (p_t of the last loop's token) | kl (KL(p_t || p_M))
     )
-    args, _ = parse_args(sys.argv[1:], defaults, allow_config=False)
+    args, explicit = parse_args(sys.argv[1:], defaults, allow_config=False)
+    if args["lens"]:
+        if args["lens_positions"] < 1:
+            fail(f"--lens_positions={args['lens_positions']}: need lens_positions >= 1")
+        if args["lens_color"] not in ("prob", "kl"):
+            fail(f"--lens_color={args['lens_color']} (valid: prob, kl)")
+        if args["kv_sharing"] != "none":
+            fail("--lens reads one forward without a KV cache: it takes no --kv_sharing")
     for key, ok, need in (("num_samples", args["num_samples"] >= 1, ">= 1"),
                           ("max_new_tokens", args["max_new_tokens"] >= 1, ">= 1"),
                           ("temperature", 0 <= args["temperature"] < float("inf"), "finite and >= 0 (0 = greedy)"),
@@ -444,6 +721,8 @@ def main():
         print(f"note: the prompt has {len(start_ids)} tokens; keeping the last block_size={cfg.block_size}")
         start_ids = start_ids[-cfg.block_size:]
     x = torch.tensor([start_ids], dtype=torch.long, device=device)
+    if args["lens"]:
+        return show_lens(model, enc, x, routes, exit, args, explicit, what, autocast)
     cache_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     if args["use_cache"]:  # refuse a budget whose KV cache cannot fit before allocating it
         for name, route, M in routes:
