@@ -36,11 +36,11 @@ def assert_same_run(a_dir, b_dir, rel, norm_rel):
         assert vb[M]["loss"] == pytest.approx(va[M]["loss"], rel=rel)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_fsdp_matches_ddp_and_its_checkpoint_is_the_one_process_format(data_dir, tmp_path, optimizer):  # noqa: F811
-    # 4 global micro-steps: each rank accumulates 2 (FSDP reduce-scatters both); a depth sampled per step
+def test_fsdp_matches_ddp_and_its_checkpoint_is_the_one_process_format(data_dir, tmp_path):  # noqa: F811
+    # 4 global micro-steps: each rank accumulates 2 (FSDP reduce-scatters both); a depth sampled per step.
+    # Muon for the blocks' matrices, AdamW for the embedding, head and vectors: both optimizers' paths
     common = [f"--data_dir={data_dir}", "--max_iters=3", "--eval_interval=3", "--grad_accum_steps=4",
-              "--loop_sampling=poisson_lognormal", f"--optimizer={optimizer}", *FSDP_SMALL]
+              "--loop_sampling=poisson_lognormal", "--optimizer=muon", *FSDP_SMALL]
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     torchrun(ddp, *common)
     torchrun(fsdp, *common, "--fsdp=True")
